@@ -1,0 +1,1 @@
+"""Small pieces every stage shares: the offline default model, tokenizer checks, the shard format, logging."""

@@ -1,0 +1,16 @@
+"""One log format for every stage; only rank 0 speaks at INFO so multi-GPU logs stay readable."""
+from __future__ import annotations
+
+import logging
+import os
+
+_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+
+
+def setup_logging(rank: int | None = None) -> None:
+    """Configure the root logger once; non-zero ranks log warnings and errors only."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = _FORMAT if rank == 0 else f"%(asctime)s %(levelname)s [rank {rank}] [%(name)s] %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
