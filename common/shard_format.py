@@ -25,6 +25,21 @@ PRETRAIN_SCHEMA = pa.schema(
     ]
 )
 
+#: Fine-tuning data from `preprocessing.finetune_data`: three Arrow files beside one manifest (kind "finetune").
+#: Texts are tokenized without special tokens and cut at the job's max lengths; documents are title + " " + text.
+FINETUNE_CORPUS_FILE = "corpus.arrow"
+FINETUNE_QUERIES_FILE = "queries.arrow"
+FINETUNE_GROUPS_FILE = "groups.arrow"
+FINETUNE_CORPUS_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("input_ids", pa.list_(pa.int32()))])
+FINETUNE_QUERIES_SCHEMA = pa.schema([pa.field("query_id", pa.string()), pa.field("input_ids", pa.list_(pa.int32()))])
+FINETUNE_GROUPS_SCHEMA = pa.schema(
+    [
+        pa.field("query_id", pa.string()),
+        pa.field("positive_ids", pa.list_(pa.string())),  # qrels score > 0
+        pa.field("negative_ids", pa.list_(pa.string())),  # ranked hard negatives, positives removed
+    ]
+)
+
 
 def shard_name(index: int, num_shards: int) -> str:
     return f"shard-{index:05d}-of-{num_shards:05d}.arrow"
