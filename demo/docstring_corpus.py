@@ -76,7 +76,8 @@ def build(output_dir: str | Path, config: DocstringCorpusConfig = DocstringCorpu
     # A summary or body that occurs twice (copied docstrings) would make the relevance labels ambiguous.
     summary_counts = Counter(s for s, _ in pairs)
     body_counts = Counter(b for _, b in pairs)
-    pairs = [(s, b) for s, b in pairs if summary_counts[s] == 1 and body_counts[b] == 1]
+    # A body that repeats its summary (doctest output, "see above") would turn retrieval into copying.
+    pairs = [(s, b) for s, b in pairs if summary_counts[s] == 1 and body_counts[b] == 1 and s not in b]
 
     out = Path(output_dir)
     (out / "qrels").mkdir(parents=True, exist_ok=True)
