@@ -1,0 +1,161 @@
+"""common.representation against plain reference computations, and save/load round trips."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from common import representation as rep
+from common.representation import Encoder, Representation, RepresentationConfig, score, sparsify
+
+TEXTS = ["a tiny query", "", "the second document is a little longer than the first one", "x"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from common.tokenizer import load_tokenizer
+
+    return load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm_dir(tmp_path_factory, tokenizer):
+    """A tiny BERT with a (random, seeded) MLM head, saved like pre-training's export."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(1)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=len(tokenizer))
+    out = tmp_path_factory.mktemp("tiny_mlm")
+    BertForMaskedLM(cfg).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def batch(tokenizer, texts=TEXTS):
+    return tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="kind"):
+        RepresentationConfig(kind="max")
+    with pytest.raises(ValueError, match="dense_dim"):
+        RepresentationConfig(kind="dupmae", dense_dim=0)
+    with pytest.raises(ValueError, match="top_k"):
+        RepresentationConfig(top_k=-1)
+
+
+def test_sparsify_and_score_equal_reference_loop():
+    g = torch.Generator().manual_seed(0)
+    q = Representation(torch.randn(3, 8, generator=g), torch.randn(3, 50, generator=g))
+    d = Representation(torch.randn(5, 8, generator=g), torch.randn(5, 50, generator=g))
+    k = 7
+    indices, values = sparsify(d.vocab, k)
+    assert indices.shape == values.shape == (5, k)
+    expected = torch.zeros(3, 5)
+    for i in range(3):
+        for j in range(5):
+            kept = sorted(range(50), key=lambda t: -d.vocab[j, t].item())[:k]
+            assert set(indices[j].tolist()) == set(kept)
+            expected[i, j] = q.dense[i] @ d.dense[j] + sum(q.vocab[i, t] * d.vocab[j, t] for t in kept)
+    torch.testing.assert_close(score(q, d, k), expected)
+    torch.testing.assert_close(score(q, d, None), q.dense @ d.dense.T + q.vocab @ d.vocab.T)
+    dense_only = score(Representation(q.dense), Representation(d.dense), k)
+    torch.testing.assert_close(dense_only, q.dense @ d.dense.T)
+    with pytest.raises(ValueError, match="both"):
+        score(q, Representation(d.dense), k)
+
+
+def test_score_gradient_reaches_only_kept_doc_entries():
+    d_vocab = torch.randn(2, 20, requires_grad=True)
+    q = Representation(torch.randn(1, 4), torch.randn(1, 20))
+    score(q, Representation(torch.randn(2, 4), d_vocab), 3).sum().backward()
+    kept = torch.zeros(2, 20, dtype=torch.bool).scatter(1, sparsify(d_vocab.detach(), 3)[0], True)
+    assert torch.all(d_vocab.grad[~kept] == 0)
+    torch.testing.assert_close(d_vocab.grad[kept], q.vocab.expand(2, 20)[kept])
+
+
+def test_dupmae_forward_equals_reference(tiny_mlm_dir, tokenizer, monkeypatch):
+    from transformers import BertForMaskedLM
+
+    enc = Encoder.from_pretrained(str(tiny_mlm_dir), RepresentationConfig(kind="dupmae", dense_dim=16, top_k=5)).eval()
+    ref = BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval()
+    b = batch(tokenizer)
+    monkeypatch.setattr(rep, "HEAD_CHUNK_TOKENS", 7)  # several chunks: the running max must match one pass
+    with torch.no_grad():
+        out = enc(**b)
+        ref_out = ref(**b, output_hidden_states=True)
+    assert out.dense.shape == (4, 16) and out.vocab.shape == (4, len(tokenizer))
+    torch.testing.assert_close(out.dense, enc.projection(ref_out.hidden_states[-1][:, 0]))
+    for row, ids in enumerate(b["input_ids"]):
+        positions = [p for p, t in enumerate(ids.tolist()) if t not in tokenizer.all_special_ids]
+        if not positions:  # the empty text: no ordinary token, zero vector
+            assert torch.all(out.vocab[row] == 0)
+            continue
+        torch.testing.assert_close(out.vocab[row], ref_out.logits[row, positions].amax(0))
+
+
+def test_dupmae_save_load_round_trip(tiny_mlm_dir, tokenizer, tmp_path):
+    cfg = RepresentationConfig(kind="dupmae", dense_dim=16, top_k=5, normalize=True)
+    enc = Encoder.from_pretrained(str(tiny_mlm_dir), cfg).eval()
+    with torch.no_grad():
+        enc.projection.weight.add_(0.5)  # a "trained" projection must survive the round trip
+        before = enc(**batch(tokenizer))
+    enc.save_pretrained(tmp_path, tokenizer)
+    loaded = Encoder.from_pretrained(str(tmp_path)).eval()  # the saved config wins
+    assert loaded.config == cfg
+    assert not (tmp_path / "modules.json").exists()
+    with torch.no_grad():
+        after = loaded(**batch(tokenizer))
+    torch.testing.assert_close(after.dense, before.dense)
+    torch.testing.assert_close(after.vocab, before.vocab)
+
+
+def test_missing_head_and_projection_warn_and_are_deterministic(minilm_path, tokenizer, caplog):
+    cfg = RepresentationConfig(kind="dupmae", dense_dim=8)
+    with caplog.at_level(logging.WARNING, logger="common.representation"):
+        first = Encoder.from_pretrained(minilm_path, cfg).eval()
+    assert "no trained MLM head" in caplog.text and "projection" in caplog.text
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    second = Encoder.from_pretrained(minilm_path, cfg).eval()
+    assert torch.equal(torch.random.get_rng_state(), state)  # loading leaves the caller's RNG alone
+    b = batch(tokenizer, TEXTS[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(first(**b).vocab, second(**b).vocab, rtol=0, atol=0)
+        torch.testing.assert_close(first(**b).dense, second(**b).dense, rtol=0, atol=0)
+
+
+def test_sentence_transformers_folder_config(minilm_path):
+    enc = Encoder.from_pretrained(minilm_path)
+    assert enc.config.kind == "mean" and enc.config.normalize and enc.max_seq_length == 256
+    assert Encoder.from_pretrained(None).config == enc.config  # None -> the packaged model
+    assert Encoder.from_pretrained(minilm_path, RepresentationConfig(kind="cls")).config.kind == "cls"
+
+
+@pytest.mark.parametrize("kind,normalize", [("cls", False), ("mean", True)])
+def test_dense_save_load_matches_sentence_transformers(tiny_mlm_dir, tokenizer, tmp_path, kind, normalize):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = RepresentationConfig(kind=kind, normalize=normalize)
+    enc = Encoder.from_pretrained(str(tiny_mlm_dir), cfg).eval()
+    b = batch(tokenizer)
+    with torch.no_grad():
+        ours = enc(**b).dense
+        hidden = enc.model(**b).last_hidden_state
+    mask = b["attention_mask"].unsqueeze(-1).float()
+    expected = hidden[:, 0] if kind == "cls" else (hidden * mask).sum(1) / mask.sum(1)
+    if normalize:
+        expected = expected / expected.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(ours, expected)
+
+    enc.save_pretrained(tmp_path, tokenizer)
+    assert json.loads((tmp_path / "representation.json").read_text())["kind"] == kind
+    assert Encoder.from_pretrained(str(tmp_path)).config == cfg
+    (tmp_path / "representation.json").unlink()  # sentence-transformers modules alone give the same config
+    assert Encoder.from_pretrained(str(tmp_path)).config == cfg
+    st = SentenceTransformer(str(tmp_path), device="cpu")
+    st_emb = st.encode(TEXTS, convert_to_tensor=True, batch_size=4)
+    torch.testing.assert_close(st_emb, ours, atol=1e-5, rtol=1e-4)
