@@ -1,0 +1,216 @@
+"""DupMAE (RetroMAE v2) around a HF masked-LM encoder: one model, three losses (see ../shared/DUPMAE.md).
+
+    L = w_mlm · L_MLM(encoder, masked positions) + w_dec · L_dec([CLS] decoding) + w_bow · L_BoW(OT decoding)
+
+RetroMAE is the same model with bow_weight = 0 (the BoW branch is then skipped). The decoder's prediction
+head is the encoder's MLM head (shared weights, tied to the word embeddings as in BERT).
+
+Memory: no [B, L, V] tensor exists. MLM logits are computed only at the masked positions and decoder
+logits only at the positions with a target, both through `linear_cross_entropy` (row chunks, gradient
+formed in forward); the OT max-pool runs in vocabulary chunks keeping only arg-max indices
+(`ot_pooling`). Every softmax runs in fp32, so the model may be cast to bf16 as a whole (DeepSpeed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from common.defaults import resolve_model
+from pretrain.enhanced_decoder import EnhancedDecoderLayer
+from pretrain.linear_ce import linear_cross_entropy
+from pretrain.ot_pooling import bow_loss, vocab_max_pool
+
+logger = logging.getLogger(__name__)
+
+#: Files an export folder holds beside the HF model: the decoder (for continued pre-training) and our config.
+DECODER_FILE = "dupmae_decoder.safetensors"
+CONFIG_FILE = "dupmae_config.json"
+
+
+@dataclass
+class DupMAEConfig:
+    """Loss weights and memory knobs of the pre-training model."""
+
+    mlm_weight: float = 1.0  # weight of the encoder MLM loss
+    decoder_weight: float = 1.0  # weight of the [CLS]-decoding loss
+    bow_weight: float = 1.0  # weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)
+    bow_include_masked: bool = False  # max-pool over encoder-masked tokens too (official code) or not (paper)
+    vocab_chunk_size: int = 4096  # vocabulary columns scored at once in the OT max-pool
+    ce_chunk_size: int = 2048  # rows of [rows, V] logits materialized at once in the MLM / decoder losses
+
+    def __post_init__(self) -> None:
+        for name in ("mlm_weight", "decoder_weight", "bow_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"DupMAEConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.mlm_weight + self.decoder_weight + self.bow_weight == 0:
+            raise ValueError("DupMAEConfig: all loss weights are 0; nothing to train")
+        for name in ("vocab_chunk_size", "ce_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DupMAEConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class DupMAEOutput:
+    """Every loss term and metric as 0-dim fp32 tensors (bow_* are 0 when bow_weight is 0: not computed).
+
+    mlm_accuracy / decoder_accuracy: arg-max == label over the positions that have a target.
+    bow_recall: |top-k(μ) ∩ unique tokens| / k, k = the block's number of unique tokens, averaged over rows.
+    """
+
+    loss: Tensor
+    mlm_loss: Tensor
+    decoder_loss: Tensor
+    bow_loss: Tensor
+    mlm_accuracy: Tensor
+    decoder_accuracy: Tensor
+    bow_recall: Tensor
+
+
+def _split_mlm_head(mlm: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Linear]:
+    """(hidden -> transformed hidden, vocabulary projection) of a BERT-style or RoBERTa-style MLM head."""
+    projection = mlm.get_output_embeddings()
+    predictions = getattr(getattr(mlm, "cls", None), "predictions", None)
+    if predictions is not None and hasattr(predictions, "transform"):  # BERT family
+        return predictions.transform, projection
+    lm_head = getattr(mlm, "lm_head", None)
+    if lm_head is not None and hasattr(lm_head, "dense") and hasattr(lm_head, "layer_norm"):  # RoBERTa family
+        from transformers.activations import gelu
+
+        return lambda x: lm_head.layer_norm(gelu(lm_head.dense(x))), projection
+    raise ValueError(f"{type(mlm).__name__}: unsupported MLM head (expected BERT `cls.predictions` or RoBERTa "
+                     "`lm_head`)")
+
+
+def _config_from_file(path: str):
+    """A transformers config from a JSON file that names its model_type (random-init models for tests)."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model_config_file {path}: {exc}") from None
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"model_config_file {path}: no 'model_type' field")
+    return AutoConfig.for_model(model_type, **raw)
+
+
+class DupMAEModel(nn.Module):
+    """Encoder + MLM head (`self.mlm`, an AutoModelForMaskedLM) and the enhanced decoder layer."""
+
+    def __init__(self, mlm: nn.Module, config: DupMAEConfig):
+        super().__init__()
+        self.config = config
+        self.mlm = mlm
+        self.decoder = EnhancedDecoderLayer(mlm.config)
+        _split_mlm_head(mlm)  # fail at construction, not at the first step
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path: str | None, config: DupMAEConfig,
+                        model_config_overrides: str | None = None,
+                        model_config_file: str | None = None) -> "DupMAEModel":
+        """Load weights (None/"default": the packaged MiniLM), or build a random-init model from a config.
+
+        model_config_overrides ("hidden_size=32,num_hidden_layers=2"): the named model's config, edited, random
+        init; model_config_file: a config JSON, random init. An export folder of ours restores the decoder too.
+        """
+        from transformers import AutoConfig, AutoModelForMaskedLM
+
+        path = resolve_model(model_name_or_path)
+        if model_config_overrides and model_config_file:
+            raise ValueError("give model_config_overrides or model_config_file, not both")
+        try:
+            if model_config_file:
+                mlm = AutoModelForMaskedLM.from_config(_config_from_file(model_config_file))
+                logger.info("built %s from %s with random weights", type(mlm).__name__, model_config_file)
+            elif model_config_overrides:
+                hf_config = AutoConfig.from_pretrained(path)
+                hf_config.update_from_string(model_config_overrides)
+                mlm = AutoModelForMaskedLM.from_config(hf_config)
+                logger.info("built %s from %s's config with %s, random weights", type(mlm).__name__, path,
+                            model_config_overrides)
+            else:
+                mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+                head_missing = [k for k in info["missing_keys"] if not k.startswith(mlm.base_model_prefix + ".")]
+                if head_missing:
+                    logger.warning("%s has no MLM head: initialized %d head tensors (%s)", path, len(head_missing),
+                                   ", ".join(sorted(head_missing)))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot build model from {model_name_or_path!r} (resolved to {path!r}): "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        model = cls(mlm, config)
+        decoder_file = Path(path) / DECODER_FILE
+        if not (model_config_overrides or model_config_file) and decoder_file.is_file():
+            from safetensors.torch import load_file
+
+            model.decoder.load_state_dict(load_file(str(decoder_file)))
+            logger.info("restored the decoder from %s", decoder_file)
+        return model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, decoder_input_ids: Tensor,
+                decoder_attention_mask: Tensor, decoder_labels: Tensor, bow_ids: Tensor | None = None,
+                bow_weights: Tensor | None = None) -> DupMAEOutput:
+        """Batch from `pretrain.collator.DupMAECollator` (shapes there); returns every loss term."""
+        cfg = self.config
+        transform, projection = _split_mlm_head(self.mlm)
+        weight, bias = projection.weight, projection.bias  # [V, H], [V]
+        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+
+        # Encoder MLM: logits only at the masked positions.
+        masked = labels != -100  # [B, L]
+        mlm_sum, mlm_correct = linear_cross_entropy(transform(hidden[masked]), weight, bias, labels[masked],
+                                                    cfg.ce_chunk_size)
+        n_masked = masked.sum().clamp(min=1)
+        mlm_loss = mlm_sum / n_masked
+
+        # [CLS] decoding: every ordinary token predicted from h_CLS and a random visible context.
+        targets = decoder_labels != -100  # [B, L]
+        decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask.bool())  # [B, L, H]
+        dec_sum, dec_correct = linear_cross_entropy(transform(decoded[targets]), weight, bias,
+                                                    decoder_labels[targets], cfg.ce_chunk_size)
+        n_targets = targets.sum().clamp(min=1)
+        decoder_loss = dec_sum / n_targets
+
+        zero = mlm_loss.new_zeros(())
+        bow, recall = zero, zero
+        if cfg.bow_weight > 0:
+            if bow_ids is None or bow_weights is None:
+                raise ValueError("bow_weight > 0 needs bow_ids and bow_weights in the batch")
+            keep = targets if cfg.bow_include_masked else targets & ~masked  # [B, L]
+            pooled = vocab_max_pool(hidden, weight, bias, keep, cfg.vocab_chunk_size, transform)  # [B, V]
+            bow, recall = bow_loss(pooled, bow_ids.long(), bow_weights, keep.any(1))
+
+        loss = cfg.mlm_weight * mlm_loss + cfg.decoder_weight * decoder_loss
+        if cfg.bow_weight > 0:
+            loss = loss + cfg.bow_weight * bow
+        return DupMAEOutput(
+            loss=loss, mlm_loss=mlm_loss.detach(), decoder_loss=decoder_loss.detach(), bow_loss=bow.detach(),
+            mlm_accuracy=mlm_correct.float() / n_masked, decoder_accuracy=dec_correct.float() / n_targets,
+            bow_recall=recall)
+
+    def _decode(self, cls_hidden: Tensor, decoder_input_ids: Tensor, visible: Tensor) -> Tensor:
+        """cls_hidden [B, 1, H], decoder_input_ids [B, L] (unmasked), visible [B, L, L] -> decoder states [B, L, H]."""
+        embeddings = self.mlm.base_model.embeddings
+        length = decoder_input_ids.shape[1]
+        tokens = embeddings(input_ids=decoder_input_ids)  # [B, L, H]
+        kv_states = torch.cat([cls_hidden, tokens[:, 1:]], dim=1)  # [B, L, H]: h_CLS replaces position 0
+        query_states = embeddings(inputs_embeds=cls_hidden.expand(-1, length, -1))  # [B, L, H]
+        return self.decoder(query_states, kv_states, visible)
+
+    def save_export(self, out_dir: str, tokenizer) -> None:
+        """Encoder + MLM head as a HF / sentence-transformers ([CLS] pooling) folder, plus the decoder and config."""
+        from safetensors.torch import save_file
+
+        from common.representation import Encoder, RepresentationConfig
+
+        out = Path(out_dir)
+        Encoder(self.mlm, RepresentationConfig(kind="cls")).save_pretrained(out, tokenizer)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.decoder.state_dict().items()}
+        save_file(state, str(out / DECODER_FILE))
+        (out / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
