@@ -1,0 +1,159 @@
+"""pretrain.data: memory-mapped shards, disjoint per-rank shares, (seed, epoch) shuffling, exact resume, bad input.
+
+Tiny shards are written here with pyarrow and the real packaged tokenizer (no Beam), exactly as the
+preprocessing job lays them out (common.shard_format).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from common.shard_format import PRETRAIN_SCHEMA, Manifest, ShardInfo, shard_name
+from common.tokenizer import load_tokenizer, vocab_hash
+from pretrain.data import DataError, PretrainShards, RankBatchLoader
+
+WORDS = ("retrieval encoder decoder masked language model dense sparse vector token sentence passage query "
+         "document corpus training duplex bag words representation attention layer embedding").split()
+
+
+def make_texts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + f" number {i}" for i in range(count)]
+
+
+def write_shards(folder: Path, tokenizer, texts: list[str], *, num_shards: int = 3, max_seq_length: int = 64,
+                 hash_override: str | None = None) -> Path:
+    """Shards in the preprocessing job's layout: one row per text, no special tokens, uniform BoW weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, text in enumerate(texts):
+        encoded = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_seq_length - 2)
+        words = encoded.word_ids()
+        ids = encoded["input_ids"]
+        unique = sorted(set(ids))
+        rows.append({"doc_id": f"doc{i}", "input_ids": ids,
+                     "word_starts": [j == 0 or words[j] != words[j - 1] for j in range(len(ids))],
+                     "bow_ids": unique, "bow_weights": [1.0 / len(unique)] * len(unique)})
+    shards = []
+    for index in range(num_shards):
+        part = rows[index::num_shards]
+        name = shard_name(index, num_shards)
+        table = pa.Table.from_pylist(part, schema=PRETRAIN_SCHEMA)
+        with pa.ipc.new_file(str(folder / name), PRETRAIN_SCHEMA) as writer:
+            writer.write_table(table, max_chunksize=4)  # several record batches per shard
+        shards.append(ShardInfo(file=name, rows=len(part), sha256=""))
+    Manifest(kind="pretrain", tokenizer="test", vocab_hash=hash_override or vocab_hash(tokenizer),
+             max_seq_length=max_seq_length, shards=shards, counts={"blocks": len(rows)}, options={}).write(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    return load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, tokenizer) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), tokenizer, make_texts(50))
+
+
+def _plain_rows(folder: Path) -> list[dict]:
+    """Reference: read every shard fully into memory, in manifest order."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = []
+    for shard in manifest["shards"]:
+        with pa.OSFile(str(folder / shard["file"])) as handle:
+            rows += pa.ipc.open_file(handle).read_all().to_pylist()
+    return rows
+
+
+def test_rows_match_a_plain_read(shard_dir, tokenizer):
+    shards = PretrainShards(shard_dir, vocab_hash=vocab_hash(tokenizer))
+    reference = _plain_rows(shard_dir)
+    assert shards.num_rows == len(reference) == 50
+    picked = np.array([49, 0, 17, 17, 3])
+    assert shards.rows(picked) == [reference[i] for i in picked]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_rank_shares_are_disjoint_equal_and_cover_the_epoch(shard_dir, world_size):
+    shards = PretrainShards(shard_dir)
+    loaders = [RankBatchLoader(shards, batch_size=4, rank=r, world_size=world_size, seed=7) for r in range(world_size)]
+    for epoch in (0, 1):
+        shares = [set(loader.epoch_indices(epoch).tolist()) for loader in loaders]
+        assert all(len(share) == 50 // world_size for share in shares)
+        assert len(set().union(*shares)) == sum(len(share) for share in shares)  # pairwise disjoint
+    assert len({loader.batches_per_epoch for loader in loaders}) == 1  # same number of steps on every rank
+    # Whole epoch through next_batch: the batches are the share, in order, without repeats.
+    loader = loaders[-1]
+    seen = [i for b in range(loader.batches_per_epoch) for i in loader.batch_indices(b).tolist()]
+    assert len(seen) == len(set(seen)) == loader.batches_per_epoch * 4
+
+
+def test_shuffle_is_seeded_by_seed_and_epoch(shard_dir):
+    shards = PretrainShards(shard_dir)
+    a = RankBatchLoader(shards, batch_size=4, rank=0, world_size=2, seed=7)
+    b = RankBatchLoader(shards, batch_size=4, rank=0, world_size=2, seed=7)
+    c = RankBatchLoader(shards, batch_size=4, rank=0, world_size=2, seed=8)
+    assert np.array_equal(a.epoch_indices(0), b.epoch_indices(0))
+    assert not np.array_equal(a.epoch_indices(0), a.epoch_indices(1))
+    assert not np.array_equal(a.epoch_indices(0), c.epoch_indices(0))
+    # batch 6 of 6 per epoch wraps to epoch 1's first batch
+    assert a.batches_per_epoch == 6 and np.array_equal(a.batch_indices(6), a.epoch_indices(1)[:4])
+
+
+def test_resume_jumps_to_the_position_without_reading_seen_batches(shard_dir):
+    shards = PretrainShards(shard_dir)
+    straight = RankBatchLoader(shards, batch_size=4, rank=1, world_size=2, seed=3)
+    expected = [straight.next_batch() for _ in range(10)]  # crosses an epoch boundary (6 per epoch)
+    first = RankBatchLoader(shards, batch_size=4, rank=1, world_size=2, seed=3)
+    for _ in range(7):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))  # survives serialization
+
+    reads = []
+    resumed = RankBatchLoader(shards, batch_size=4, rank=1, world_size=2, seed=3)
+    original = shards.rows
+    shards.rows = lambda indices: reads.append(indices.tolist()) or original(indices)
+    try:
+        resumed.load_state_dict(state)
+        assert reads == []  # loading the position reads nothing
+        assert [resumed.next_batch() for _ in range(3)] == expected[7:]
+    finally:
+        del shards.rows
+    assert len(reads) == 3  # exactly the three new batches were read
+
+
+def test_resume_refuses_another_split(shard_dir):
+    shards = PretrainShards(shard_dir)
+    state = RankBatchLoader(shards, batch_size=4, rank=0, world_size=2, seed=3).state_dict()
+    with pytest.raises(DataError, match="world_size=2"):
+        RankBatchLoader(shards, batch_size=4, rank=0, world_size=3, seed=3).load_state_dict(state)
+
+
+def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, shard_dir, tokenizer):
+    with pytest.raises(DataError, match="no such folder"):
+        PretrainShards(tmp_path / "absent")
+    with pytest.raises(DataError, match="no manifest"):
+        PretrainShards(tmp_path)
+    other = write_shards(tmp_path / "other_vocab", tokenizer, make_texts(8), hash_override="0" * 64)
+    with pytest.raises(DataError, match="vocab_hash 000000000000.*differs") as info:
+        PretrainShards(other, vocab_hash=vocab_hash(tokenizer))
+    assert "\n" not in str(info.value)
+    broken = write_shards(tmp_path / "broken", tokenizer, make_texts(8), num_shards=2)
+    pa.ipc.new_file(str(broken / shard_name(1, 2)), pa.schema([("doc_id", pa.string())])).close()
+    with pytest.raises(DataError, match=r"shard-00001-of-00002.arrow: column 'input_ids' is missing"):
+        PretrainShards(broken)
+    (broken / shard_name(0, 2)).unlink()
+    with pytest.raises(DataError, match="shard-00000-of-00002.arrow: listed in manifest.json but missing"):
+        PretrainShards(broken)
+
+
+def test_too_little_data_for_one_batch_per_rank(shard_dir):
+    with pytest.raises(DataError, match="cannot fill one batch of 32 on each of 2 ranks"):
+        RankBatchLoader(PretrainShards(shard_dir), batch_size=32, rank=0, world_size=2, seed=0)
