@@ -1,0 +1,222 @@
+"""Typed configs of pre-training and the DeepSpeed JSON they complete.
+
+Every option is a dataclass field with a one-line help, settable on the command line (HF TrainingArguments
+names) or in one YAML/JSON file given with `--config FILE` (command-line flags override the file). The
+DeepSpeed JSON's "auto" fields are filled from the flags, so the data loader, the learning-rate schedule and
+DeepSpeed never disagree about batch sizes.
+
+    deepspeed pretrain/main.py --config run.yaml --output_dir OUT --max_steps 1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pretrain.collator import CollatorConfig
+from pretrain.modeling import DupMAEConfig
+
+
+class ConfigError(ValueError):
+    """An option or option combination that cannot work; raised before any training."""
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(**_help("HF model name or folder; 'default' = the packaged all-MiniLM-L6-v2", default="default"))
+    config_overrides: str | None = field(**_help("e.g. 'hidden_size=32,num_hidden_layers=2': random init from the modified config", default=None))
+    model_config: str | None = field(**_help("a model config JSON: random init from it (instead of pretrained weights)", default=None))
+    tokenizer_name: str | None = field(**_help("tokenizer name or folder; defaults to --model_name_or_path", default=None))
+
+
+@dataclass
+class DataArguments:
+    data_dir: str | None = field(**_help("folder of pre-training Arrow shards with a manifest.json (preprocessing output)", default=None))
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ConfigError("--data_dir is required (a folder written by preprocessing.pretrain_data)")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str | None = field(**_help("run folder: checkpoints/, metrics.jsonl, tensorboard/, export/", default=None))
+    deepspeed: str | None = field(**_help("DeepSpeed JSON (ds_configs/zero2.json); its \"auto\" fields come from these flags", default=None))
+    per_device_train_batch_size: int = field(**_help("blocks per micro-batch on each rank", default=8))
+    gradient_accumulation_steps: int = field(**_help("micro-batches per optimizer step", default=1))
+    learning_rate: float = field(**_help("peak AdamW learning rate", default=1e-4))
+    weight_decay: float = field(**_help("AdamW weight decay (not applied to biases and LayerNorm weights)", default=0.01))
+    adam_beta1: float = field(**_help("AdamW beta1", default=0.9))
+    adam_beta2: float = field(**_help("AdamW beta2", default=0.999))
+    adam_epsilon: float = field(**_help("AdamW epsilon", default=1e-8))
+    max_grad_norm: float = field(**_help("gradient clipping norm (0 disables)", default=1.0))
+    num_train_epochs: float = field(**_help("epochs over the shards when --max_steps is not set", default=1.0))
+    max_steps: int = field(**_help("optimizer steps in total (overrides --num_train_epochs when > 0)", default=-1))
+    lr_scheduler_type: Literal["linear", "cosine"] = field(**_help("decay after warm-up", default="linear"))
+    warmup_ratio: float = field(**_help("warm-up steps as a fraction of all steps (when --warmup_steps is 0)", default=0.1))
+    warmup_steps: int = field(**_help("warm-up steps (overrides --warmup_ratio when > 0)", default=0))
+    logging_steps: int = field(**_help("log metrics every N optimizer steps", default=10))
+    save_steps: int = field(**_help("checkpoint every N optimizer steps (0: only at the end and on preemption)", default=500))
+    save_total_limit: int | None = field(**_help("keep only the last K checkpoints", default=None))
+    seed: int = field(**_help("seed of shuffling, masks and dropout (each derived from seed, rank, step)", default=42))
+    bf16: bool = field(**_help("bf16 mixed precision (fills bf16.enabled when the DeepSpeed JSON says auto)", default=False))
+    fp16: bool = field(**_help("fp16 mixed precision (fills fp16.enabled when the DeepSpeed JSON says auto)", default=False))
+    resume: str | None = field(**_help("'auto': continue from OUT/checkpoints/latest if present; or a checkpoint folder", default=None))
+    stop_at_step: int | None = field(**_help("checkpoint and exit at this step without changing the --max_steps schedule", default=None))
+    disable_tqdm: bool = field(**_help("no progress bar", default=False))
+    local_rank: int = field(**_help("set by the deepspeed launcher; ranks are read from the environment", default=-1))
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("--output_dir is required")
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("set --max_steps > 0 or --num_train_epochs > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 are exclusive")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ConfigError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:
+            raise ConfigError(f"--stop_at_step must be >= 1, got {self.stop_at_step}")
+        if self.save_steps < 0 or self.warmup_steps < 0:
+            raise ConfigError("--save_steps and --warmup_steps must be >= 0")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise ConfigError(f"--deepspeed {self.deepspeed}: no such file")
+
+    def total_steps(self, steps_per_epoch: float) -> int:
+        """Optimizer steps of the whole schedule (what --stop_at_step never changes)."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
+
+    def warmup(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
+
+
+@dataclass
+class Arguments:
+    model: ModelArguments
+    data: DataArguments
+    collator: CollatorConfig
+    loss: DupMAEConfig
+    training: TrainingArguments
+
+
+_GROUPS = (ModelArguments, DataArguments, CollatorConfig, DupMAEConfig, TrainingArguments)
+
+
+def _load_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> Arguments:
+    """Parse `--config FILE` (optional) then the flags; a bad option raises ConfigError (one line)."""
+    from transformers import HfArgumentParser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(_GROUPS, description="DupMAE pre-training; --config FILE (YAML/JSON) sets defaults")
+    parser.add_argument("--config", default=None, help="YAML or JSON file with any of these options")
+    if known.config:
+        try:
+            values = _load_config_file(known.config)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--config {known.config}: {exc}") from None
+        valid = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ConfigError(f"--config {known.config}: unknown option(s) {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    try:
+        groups = parser.parse_args_into_dataclasses(rest)
+    except (TypeError, ValueError) as exc:  # __post_init__ of the other stages' configs
+        raise ConfigError(str(exc)) from None
+    return Arguments(*groups[: len(_GROUPS)])
+
+
+# DeepSpeed JSON keys filled from flags: (path in the JSON, function of args and world size).
+def _ds_fields(args: TrainingArguments, world_size: int, total_steps: int) -> dict[str, object]:
+    micro, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": args.max_grad_norm,
+        "optimizer.params.lr": args.learning_rate,
+        "optimizer.params.betas": [args.adam_beta1, args.adam_beta2],
+        "optimizer.params.eps": args.adam_epsilon,
+        "optimizer.params.weight_decay": args.weight_decay,
+        "scheduler.params.warmup_max_lr": args.learning_rate,
+        "scheduler.params.warmup_min_lr": 0.0,
+        "scheduler.params.warmup_num_steps": args.warmup(total_steps),
+        "scheduler.params.total_num_steps": total_steps,
+    }
+
+
+#: Keys whose explicit JSON value must equal the flags: the data loader and the schedule rely on them.
+_MUST_AGREE = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def deepspeed_config(args: TrainingArguments, world_size: int, total_steps: int) -> dict:
+    """The DeepSpeed JSON (or ZeRO-2 defaults) with every "auto" filled; any "auto" left is a ConfigError."""
+    if args.deepspeed:
+        try:
+            config = json.loads(Path(args.deepspeed).read_text())
+        except ValueError as exc:
+            raise ConfigError(f"--deepspeed {args.deepspeed}: invalid JSON: {exc}") from None
+    else:
+        config = {"zero_optimization": {"stage": 2}}
+    config.setdefault("steps_per_print", 10**9)  # our own logging reports progress
+    for path, value in _ds_fields(args, world_size, total_steps).items():
+        *parents, key = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part)
+            if not isinstance(node, dict):
+                break
+        if not isinstance(node, dict):
+            continue  # e.g. no "optimizer" section: our AdamW is used
+        if node.get(key, "auto") == "auto":
+            node[key] = value
+        elif path in _MUST_AGREE and node[key] != value:
+            raise ConfigError(f"--deepspeed {args.deepspeed}: {path}={node[key]} disagrees with the flags ({value})")
+    for name, flag in (("bf16", args.bf16), ("fp16", args.fp16)):
+        section = config.setdefault(name, {"enabled": flag})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = flag
+        elif flag and not section["enabled"]:
+            raise ConfigError(f"--deepspeed {args.deepspeed}: {name}.enabled is false but --{name} was given")
+    if config["bf16"]["enabled"] and config["fp16"]["enabled"]:
+        raise ConfigError(f"--deepspeed {args.deepspeed}: bf16 and fp16 are both enabled")
+    left = _auto_paths(config)
+    if left:
+        raise ConfigError(f"--deepspeed {args.deepspeed}: no flag fills {', '.join(left)}; set them in the JSON")
+    return config
+
+
+def _auto_paths(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for key, value in node.items() for p in _auto_paths(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "auto" else []

@@ -1,0 +1,74 @@
+"""DupMAE pre-training entry point: parse, validate, build, train, export.
+
+    deepspeed pretrain/main.py --deepspeed ds_configs/zero2.json --data_dir SHARDS \
+        --model_name_or_path bert-base-uncased --output_dir OUT --per_device_train_batch_size 32 \
+        --max_steps 100000 --save_steps 1000 --save_total_limit 3 --resume auto
+    # also: torchrun --nproc_per_node 8 pretrain/main.py ...; srun (one task per process) python pretrain/main.py ...
+    # CPU: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 pretrain/main.py --deepspeed ds_configs/zero2_cpu.json ...
+
+Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/, export/ (the encoder
+for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or
+preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the repository's packages, not this folder's modules
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from transformers import set_seed
+
+from common.logging_setup import setup_logging
+from common.tokenizer import load_tokenizer, vocab_hash
+from pretrain.arguments import ConfigError, parse_args
+from pretrain.collator import DupMAECollator
+from pretrain.data import PretrainShards, RankBatchLoader
+from pretrain.modeling import DupMAEModel
+from pretrain.trainer import Trainer, build_engine, init_distributed
+
+logger = logging.getLogger("pretrain.main")
+
+
+def build(argv: list[str] | None):
+    """Everything up to the first step; any problem here is a one-line error, before training starts."""
+    args = parse_args(argv)
+    model_args, training = args.model, args.training
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+    shards = PretrainShards(args.data.data_dir, vocab_hash=vocab_hash(tokenizer))
+    if shards.manifest.max_seq_length > args.collator.max_seq_length:
+        raise ConfigError(f"--max_seq_length {args.collator.max_seq_length} is below the shards' "
+                          f"max_seq_length {shards.manifest.max_seq_length} ({args.data.data_dir}/manifest.json)")
+    rank, _, world_size = init_distributed()
+    loader = RankBatchLoader(shards, batch_size=training.per_device_train_batch_size, rank=rank,
+                             world_size=world_size, seed=training.seed)
+    total_steps = training.total_steps(loader.batches_per_epoch / training.gradient_accumulation_steps)
+    logger.info("%d blocks, %d ranks, %d micro-batches per epoch per rank, %d optimizer steps",
+                shards.num_rows, world_size, loader.batches_per_epoch, total_steps)
+    set_seed(training.seed)  # the same random init (new MLM head, decoder, --config_overrides) on every run
+    model = DupMAEModel.from_pretrained(model_args.model_name_or_path, args.loss, model_args.config_overrides,
+                                        model_args.model_config)
+    engine = build_engine(model, training, world_size, total_steps)
+    trainer = Trainer(engine, DupMAECollator.from_tokenizer(tokenizer, args.collator), loader, training,
+                      rank=rank, world_size=world_size, total_steps=total_steps)
+    trainer.resume()
+    return trainer, model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
+    try:
+        trainer, model, tokenizer = build(argv)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, DataError, TokenizerError and model config errors
+        logger.error("%s", exc)
+        return 2
+    if trainer.train() == "finished":
+        trainer.export(model, tokenizer, os.path.join(trainer.args.output_dir, "export"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The pre-training loop on a DeepSpeed engine: deterministic per-step randomness, agreed preemption, resume.
+
+Every micro-batch's masks and dropout are seeded from (seed, rank, micro-batch number), so a run that stops,
+checkpoints and resumes computes the same losses as one that never stopped. SIGUSR1/SIGTERM on any rank
+set a flag that travels in the per-step all-reduce of the metrics; all ranks see it after the same step,
+checkpoint together and exit 0 ("preempted at step N").
+
+    deepspeed pretrain/main.py --deepspeed ds_configs/zero2.json --data_dir SHARDS --output_dir OUT ...
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config
+from pretrain.checkpoint import Checkpointer, resolve_resume, tag_for
+from pretrain.data import RankBatchLoader
+from pretrain.metrics import MetricsWriter, StepReducer
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun/deepspeed variables, else SLURM's; starts the process group."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env:  # srun, one task per process
+        env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NTASKS"]
+    rank, world_size = int(env.setdefault("RANK", "0")), int(env.setdefault("WORLD_SIZE", "1"))
+    local_rank = int(env.setdefault("LOCAL_RANK", "0"))
+    if world_size > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+        raise ConfigError(f"world size {world_size} needs MASTER_ADDR and MASTER_PORT in the environment")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    return rank, local_rank, world_size
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed mixing several integers (SeedSequence avoids the correlations of seed + rank + step)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
+    """Linear warm-up to 1, then linear or cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: biases and LayerNorm parameters are not decayed (BERT's recipe)."""
+    exempt = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, args: TrainingArguments, world_size: int, total_steps: int):
+    """DeepSpeed engine with our AdamW and schedule unless the JSON brings its own optimizer/scheduler."""
+    import deepspeed
+
+    config = deepspeed_config(args, world_size, total_steps)
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    scheduler = None
+    if "scheduler" not in config:
+        factor = functools.partial(lr_factor, warmup=args.warmup(total_steps), total=total_steps,
+                                   kind=args.lr_scheduler_type)
+        scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=factor)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+                                      model_parameters=None if optimizer else _param_groups(model, args.weight_decay))
+    return engine
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1/SIGTERM; read once per step. The handler only flips a bool (async-signal-safe)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.raised: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = signum
+
+
+class Trainer:
+    """Runs optimizer steps until the schedule ends, --stop_at_step, or an agreed preemption."""
+
+    def __init__(self, engine, collator, loader: RankBatchLoader, args: TrainingArguments, *, rank: int,
+                 world_size: int, total_steps: int):
+        self.engine, self.collator, self.loader, self.args = engine, collator, loader, args
+        self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
+        self.step = 0
+        self.checkpointer = Checkpointer(os.path.join(args.output_dir, "checkpoints"),
+                                         save_total_limit=args.save_total_limit, rank=rank)
+
+    def resume(self) -> None:
+        """Load --resume's checkpoint (if any): weights, optimizer, scheduler, step and loader position."""
+        found = resolve_resume(self.args.resume, self.checkpointer.dir)
+        if found is None:
+            if self.args.resume:
+                logger.info("no checkpoint in %s: starting fresh", self.checkpointer.dir)
+            return
+        state = self.checkpointer.load(self.engine, *found)
+        if state["world_size"] != self.world_size:
+            raise ConfigError(f"checkpoint {found[1]} was written by {state['world_size']} ranks, this run has {self.world_size}")
+        if state["total_steps"] != self.total_steps:
+            logger.warning("the schedule changed: checkpoint planned %d steps, this run %d", state["total_steps"], self.total_steps)
+        self.loader.load_state_dict(state["loader"])
+        self.step = state["step"]
+
+    def _train_state(self) -> dict:
+        return {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world_size,
+                "total_steps": self.total_steps}
+
+    def _micro_step(self, reducer: StepReducer) -> None:
+        micro = self.loader.state.micro_batches
+        rows = self.loader.next_batch()
+        batch = self.collator(rows, generator=torch.Generator().manual_seed(derived_seed(self.args.seed, self.rank, micro, 0)))
+        torch.manual_seed(derived_seed(self.args.seed, self.rank, micro, 1))  # dropout
+        batch = {key: value.to(self.engine.device) for key, value in batch.items()}
+        output = self.engine(**batch)
+        self.engine.backward(output.loss)
+        self.engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+        reducer.add(output, batch["attention_mask"])
+
+    def train(self) -> str:
+        """'finished' (schedule done), 'stopped' (--stop_at_step) or 'preempted'; a checkpoint exists for each."""
+        stop_at = min(self.total_steps, self.args.stop_at_step or self.total_steps)
+        flag = PreemptionFlag()
+        writer = MetricsWriter(self.args.output_dir, enabled=self.rank == 0, resume_step=self.step,
+                               total_steps=self.total_steps, disable_tqdm=self.args.disable_tqdm)
+        saved_at, outcome = (self.step or None), "finished"  # a resumed step is already on disk
+        window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+        self.engine.train()
+        while self.step < stop_at:
+            lr = self.engine.get_lr()[0]
+            reducer = StepReducer()
+            for _ in range(self.args.gradient_accumulation_steps):
+                self._micro_step(reducer)
+            self.step += 1
+            values, preempted = reducer.reduce(flag.raised is not None, self.engine.device)
+            window_samples, window_tokens = window_samples + values.pop("samples"), window_tokens + values.pop("tokens")
+            writer.advance()
+            if self.step % self.args.logging_steps == 0 or self.step == stop_at or preempted:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                writer.log({"step": self.step, "epoch": round(self.loader.epoch(), 4), "lr": lr, **values,
+                            "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                            "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed})
+                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            if self.args.save_steps and self.step % self.args.save_steps == 0:
+                self.checkpointer.save(self.engine, self.step, self._train_state())
+                saved_at = self.step
+            if preempted:
+                outcome = "preempted"
+                break
+        else:
+            if self.step < self.total_steps:
+                outcome = "stopped"
+        if saved_at != self.step:
+            self.checkpointer.save(self.engine, self.step, self._train_state())
+        writer.close()
+        messages = {"preempted": "preempted at step %d", "stopped": "stopped at step %d (--stop_at_step)",
+                    "finished": "finished training at step %d"}
+        logger.info(messages[outcome], self.step)
+        return outcome
+
+    def export(self, model: nn.Module, tokenizer, out_dir: str) -> None:
+        """Rank 0 writes OUT/export from the fp32 master weights of the last checkpoint (not bf16/fp16 copies)."""
+        if self.rank == 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpointer.dir), tag=tag_for(self.step))
+            model = model.float()
+            model.load_state_dict(state)
+            model.save_export(out_dir, tokenizer)
+            logger.info("exported the encoder and the full model to %s", out_dir)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def _as_float(value) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)
