@@ -1,0 +1,133 @@
+"""Pre-training preprocessing throughput: preprocessing.pretrain_data vs the official RetroMAE recipe.
+
+    python benchmarks/preprocess.py [--input ../shared/data/gutenberg/books-25MB.jsonl] [--max_docs 30]
+
+The baseline does what staoxiao/RetroMAE `examples/pretrain/preprocess.py` does for long documents
+(`create_wiki_data`): HF `datasets` `load_dataset` -> `map` sentence split -> batched `map` tokenize (no
+special tokens) -> batched `map` pack each document's sentences into blocks -> `save_to_disk`, every map
+with `num_proc` = cores; no BoW targets, no word starts. NLTK's punkt needs a download, so both sides split
+sentences with preprocessing.text (normalize + split_sentences): the same work on both sides.
+Each side runs as a fresh process on the same input (a prefix of --max_docs lines), timed end to end
+(imports, tokenizer loading and worker start-up included). Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_INPUT = REPO.parent / "shared" / "data" / "gutenberg" / "books-25MB.jsonl"
+
+
+def baseline(input_path: str, output_dir: str, tokenizer_path: str, max_seq_length: int, num_proc: int) -> int:
+    """The official recipe's create_wiki_data + save_to_disk; returns the number of tokens in its blocks."""
+    import random
+
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    from preprocessing.text import normalize, split_sentences
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    target_length = max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
+
+    def sentence_split(example):
+        return {"sentences": split_sentences(normalize(example["text"]))}
+
+    def tokenize(examples):
+        return {
+            "input_ids": [
+                tokenizer(s, add_special_tokens=False, truncation=False, return_attention_mask=False,
+                          return_token_type_ids=False)["input_ids"]
+                for s in examples["sentences"]
+            ]
+        }
+
+    def pad_each_line(examples):  # the official packing loop (short_seq_prob 0)
+        blocks = []
+        for sents in examples["input_ids"]:
+            curr_block = []
+            for sent in sents:
+                if len(curr_block) >= target_length:
+                    blocks.append(curr_block)
+                    curr_block = []
+                curr_block.extend(sent)
+            if curr_block:
+                blocks.append(curr_block)
+        return {"token_ids": blocks}
+
+    random.seed(0)
+    cache = os.path.join(output_dir, "cache")
+    data = load_dataset("json", data_files=input_path, split="train", cache_dir=cache)
+    data = data.map(sentence_split, num_proc=num_proc, remove_columns=data.column_names)
+    data = data.map(tokenize, num_proc=num_proc, batched=True, remove_columns=["sentences"])
+    data = data.map(pad_each_line, num_proc=num_proc, batched=True, remove_columns=["input_ids"])
+    data.save_to_disk(os.path.join(output_dir, "saved"))
+    return sum(len(ids) for ids in data["token_ids"])
+
+
+def timed(command: list[str], env: dict) -> tuple[float, str]:
+    start = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - start
+    if done.returncode != 0:
+        sys.exit(f"benchmark command failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", default=str(DEFAULT_INPUT), help="JSONL with a 'text' field per line")
+    parser.add_argument("--max_docs", type=int, default=0, help="use only the first N lines (0: all)")
+    parser.add_argument("--max_seq_length", type=int, default=512)
+    parser.add_argument("--tokenizer", default="default", help="tokenizer name or path for both sides")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="Beam workers and datasets num_proc")
+    parser.add_argument("--baseline_output", help=argparse.SUPPRESS)  # internal: run the baseline in this process
+    args = parser.parse_args()
+
+    from common.defaults import resolve_model
+
+    if args.baseline_output:
+        print(baseline(args.input, args.baseline_output, resolve_model(args.tokenizer), args.max_seq_length, args.cores))
+        return
+    if not Path(args.input).is_file():
+        sys.exit(f"input {args.input} not found (the benchmark needs ../shared/data or --input)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "input.jsonl"
+        with open(args.input, "rb") as src, open(data, "wb") as dst:
+            for n, line in enumerate(src):
+                if args.max_docs and n >= args.max_docs:
+                    break
+                dst.write(line)
+        ours_seconds, _ = timed(
+            [sys.executable, "-m", "preprocessing.pretrain_data", "--input", str(data), "--output_dir", f"{tmp}/ours",
+             "--tokenizer", args.tokenizer, "--max_seq_length", str(args.max_seq_length),
+             "--direct_num_workers", str(args.cores)],
+            env,
+        )
+        ours_tokens = json.loads((Path(tmp) / "ours" / "manifest.json").read_text())["counts"]["tokens"]
+        base_seconds, out = timed(
+            [sys.executable, __file__, "--input", str(data), "--baseline_output", f"{tmp}/baseline", "--tokenizer",
+             args.tokenizer, "--max_seq_length", str(args.max_seq_length), "--cores", str(args.cores)],
+            env,
+        )
+        base_tokens = int(out.strip().splitlines()[-1])
+        documents = n if args.max_docs and n >= args.max_docs else n + 1
+    ours, base = ours_tokens / ours_seconds, base_tokens / base_seconds
+    print(json.dumps({
+        "bench": "preprocess", "metric": "tokens_per_second", "unit": "tokens/s", "ours": round(ours),
+        "baseline": round(base), "ratio": round(ours / base, 3), "better": "higher", "input": args.input,
+        "documents": documents, "cores": args.cores, "ours_seconds": round(ours_seconds, 1),
+        "baseline_seconds": round(base_seconds, 1), "ours_tokens": ours_tokens, "baseline_tokens": base_tokens,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Fine-tuning data: a BEIR folder (+ optional mined negatives) -> tokenized corpus, queries and groups.
+
+    python -m preprocessing.finetune_data --data_dir data/scifact --output_dir ft/ --split train \
+        --tokenizer bert-base-uncased --query_max_length 32 --passage_max_length 144 \
+        [--negatives negatives.jsonl] [Beam pipeline options]
+
+Writes common.shard_format's corpus.arrow (doc_id, input_ids of title + " " + text), queries.arrow
+(query_id, input_ids) and groups.arrow (query_id, positive_ids with qrels score > 0, negative_ids: the
+negatives file's ranked list minus the positives) beside manifest.json (kind "finetune") and
+dead_letter/. The negatives file is JSONL {"query_id": str, "negatives": [doc ids, best first]}, as
+finetune.mine_negatives writes it. Rows are sorted by their input line, so the bytes do not depend on the
+runner. A qrels or negatives line naming an unknown query or document is a dead letter, not a crash later.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import typing
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from common.logging_setup import setup_logging
+from common.shard_format import (
+    FINETUNE_CORPUS_FILE, FINETUNE_CORPUS_SCHEMA, FINETUNE_GROUPS_FILE, FINETUNE_GROUPS_SCHEMA, FINETUNE_QUERIES_FILE,
+    FINETUNE_QUERIES_SCHEMA, Manifest, ShardInfo,
+)
+from common.tokenizer import TokenizerError, load_tokenizer, vocab_hash
+from preprocessing.records import (
+    DEAD_LETTER_TAG, InputError, ParseRecords, ReadRecords, RecordError, RecordSpec, WriteDeadLetters, dead_letter,
+    decode_line, expand_inputs, json_object,
+)
+from preprocessing.runner import GatherAll, Progress, log_summary, make_pipeline, parse_config, quiet_beam_logging
+from preprocessing.shards import OutputDirError, list_array, prepare_output_dir, read_manifest, write_arrow, write_manifest
+from preprocessing.tokenize import BatchEncoder, tokenizer_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneDataConfig:
+    data_dir: str = field(metadata={"help": "BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv"})
+    output_dir: str = field(metadata={"help": "folder for the three Arrow files, manifest.json and dead_letter/"})
+    split: str = field(default="train", metadata={"help": "qrels file qrels/SPLIT.tsv giving the positives"})
+    negatives: str = field(default="", metadata={"help": "optional JSONL of ranked hard negatives per query"})
+    tokenizer: str = field(default="default", metadata={"help": "HF fast tokenizer name or path; 'default' = packaged all-MiniLM-L6-v2"})
+    query_max_length: int = field(default=32, metadata={"help": "query tokens kept (no special tokens)"})
+    passage_max_length: int = field(default=144, metadata={"help": "document tokens kept (no special tokens)"})
+    tokenize_batch_size: int = field(default=1024, metadata={"help": "texts per tokenizer call"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
+
+    def __post_init__(self):
+        if self.query_max_length < 1 or self.passage_max_length < 1 or self.tokenize_batch_size < 1:
+            raise ValueError("--query_max_length, --passage_max_length and --tokenize_batch_size must be positive")
+
+
+class TokenizeTexts(beam.DoFn):
+    """Document -> (sort key, id, input_ids), many texts per tokenizer call, cut at max_length tokens."""
+
+    def __init__(self, serialized_tokenizer: str, max_length: int, batch_size: int):
+        self.serialized_tokenizer = serialized_tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.tokens = Metrics.counter("preprocessing", "tokens")
+
+    def setup(self):
+        self.encoder = BatchEncoder(self.serialized_tokenizer, self.max_length)
+        self.progress = Progress("finetune_data")
+
+    def start_bundle(self):
+        self.pending = []
+
+    def process(self, document):
+        self.pending.append(document)
+        if len(self.pending) >= self.batch_size:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for output in self._flush():
+            yield beam.transforms.window.GlobalWindows.windowed_value(output)
+
+    def _flush(self):
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        encoded = self.encoder.encode_ids([d.text for d in pending])
+        self.tokens.inc(sum(map(len, encoded)))
+        self.progress.add(len(pending), sum(map(len, encoded)))
+        for document, ids in zip(pending, encoded):
+            yield document.key, document.doc_id, np.asarray(ids, dtype=np.int32)
+
+
+class WriteTokenized(beam.DoFn):
+    """(None, rows) -> one Arrow file of (id, input_ids) rows in input order; outputs (ShardInfo, tokens)."""
+
+    def __init__(self, output_dir: str, file_name: str, schema: pa.Schema):
+        self.output_dir, self.file_name, self.schema = output_dir, file_name, schema
+
+    def process(self, keyed):
+        rows = sorted(keyed[1], key=lambda row: row[0])
+        table = pa.Table.from_arrays(
+            [pa.array([r[1] for r in rows], type=pa.string()), list_array([r[2] for r in rows], pa.int32())], schema=self.schema
+        )
+        sha = write_arrow(FileSystems.join(self.output_dir, self.file_name), table)
+        yield ShardInfo(self.file_name, len(rows), sha), sum(len(r[2]) for r in rows)
+
+
+def parse_qrel(payload: bytes, line: int) -> tuple[str, str, int] | None:
+    """(query_id, doc_id, score) of a qrels TSV line; None for the BEIR header; RecordError if malformed."""
+    columns = decode_line(payload).rstrip("\r\n").split("\t")
+    if line == 1 and columns[0] == "query-id":
+        return None
+    if len(columns) != 3 or not columns[0] or not columns[1]:
+        raise RecordError("invalid_qrel", f"expected 3 tab-separated columns, got {len(columns)}")
+    try:
+        return columns[0], columns[1], int(columns[2])
+    except ValueError:
+        raise RecordError("invalid_qrel", f"score {columns[2]!r} is not an integer") from None
+
+
+class ParseQrels(beam.DoFn):
+    """qrels TSV line -> (query_id, (line, doc_id, score))."""
+
+    def process(self, record):
+        try:
+            qrel = parse_qrel(record.payload, record.line)
+        except RecordError as exc:
+            yield dead_letter(record.file.name, record.line, exc.reason, str(exc), record.payload)
+        else:
+            if qrel is not None:
+                yield qrel[0], (record.line, qrel[1], qrel[2])
+
+
+class ParseNegatives(beam.DoFn):
+    """negatives JSONL line -> (query_id, (line, [doc ids]))."""
+
+    def process(self, record):
+        try:
+            value = json_object(record.payload)
+            query_id, negatives = value.get("query_id"), value.get("negatives")
+            if not isinstance(query_id, str) or not isinstance(negatives, list) or not all(isinstance(d, str) for d in negatives):
+                raise RecordError("invalid_negatives", 'expected {"query_id": str, "negatives": [str, ...]}')
+            yield query_id, (record.line, negatives)
+        except RecordError as exc:
+            yield dead_letter(record.file.name, record.line, exc.reason, str(exc), record.payload)
+
+
+class BuildGroups(beam.DoFn):
+    """CoGroupByKey by query -> (doc_id, (group key, query_id, role, rank)) references to check against the
+    corpus; unknown queries, repeated negatives lines and queries without a positive are dead letters."""
+
+    def __init__(self, qrels_name: str, negatives_name: str):
+        self.qrels_name, self.negatives_name = qrels_name, negatives_name
+
+    def process(self, joined):
+        query_id, grouped = joined
+        qrels, negative_lines = sorted(grouped["qrels"]), sorted(grouped["negatives"])
+        for line, _ in negative_lines[1:]:
+            yield dead_letter(self.negatives_name, line, "duplicate_query", f"second negatives line for {query_id!r}", query_id)
+        if qrels:  # negatives for a query outside this split are not part of the training set
+            yield from self._group(query_id, qrels, negative_lines[0][1] if negative_lines else [], bool(grouped["query"]))
+
+    def _group(self, query_id, qrels, ranked_negatives, known_query):
+        first = qrels[0][0]
+        positives = list(dict.fromkeys(doc for _, doc, score in qrels if score > 0))
+        if not known_query:
+            yield dead_letter(self.qrels_name, first, "unknown_query", f"query {query_id!r} is not in queries.jsonl", query_id)
+        elif not positives:
+            yield dead_letter(self.qrels_name, first, "no_positive", f"query {query_id!r} has no qrels score > 0", query_id)
+        else:
+            negatives = [d for d in dict.fromkeys(ranked_negatives) if d not in set(positives)]
+            yield (None, (first, query_id, "positive", -1))  # every group reaches the writer, even with no refs left
+            for role, docs in (("positive", positives), ("negative", negatives)):
+                for rank, doc in enumerate(docs):
+                    yield doc, (first, query_id, role, rank)
+
+
+@beam.typehints.with_output_types(tuple[typing.Any, typing.Any])  # a KV for GroupRefs; dead letters are tagged
+class CheckDocuments(beam.DoFn):
+    """CoGroupByKey by doc_id -> the references whose document exists; the others are dead letters."""
+
+    def __init__(self, qrels_name: str, negatives_name: str):
+        self.qrels_name, self.negatives_name = qrels_name, negatives_name
+
+    def process(self, joined):
+        doc_id, grouped = joined
+        for first, query_id, role, rank in grouped["refs"]:
+            if doc_id is None or grouped["corpus"]:
+                yield (first, query_id), (role, rank, doc_id)
+            else:
+                file = self.qrels_name if role == "positive" else self.negatives_name
+                yield dead_letter(file, first, "unknown_document", f"{role} {doc_id!r} of query {query_id!r} is not in the corpus", doc_id)
+
+
+class WriteGroups(beam.DoFn):
+    """(None, [((first line, query_id), refs)]) -> groups.arrow in qrels order; groups left without a
+    positive are dead letters."""
+
+    def __init__(self, output_dir: str, qrels_name: str):
+        self.output_dir, self.qrels_name = output_dir, qrels_name
+
+    def process(self, keyed):
+        rows = []
+        for (first, query_id), refs in sorted(keyed[1]):
+            refs = sorted(r for r in refs if r[2] is not None)
+            positives = [doc for role, _, doc in refs if role == "positive"]
+            if not positives:
+                yield dead_letter(self.qrels_name, first, "no_positive", f"no positive of {query_id!r} is in the corpus", query_id)
+                continue
+            rows.append({"query_id": query_id, "positive_ids": positives, "negative_ids": [doc for role, _, doc in refs if role == "negative"]})
+        table = pa.Table.from_pylist(rows, schema=FINETUNE_GROUPS_SCHEMA)
+        sha = write_arrow(FileSystems.join(self.output_dir, FINETUNE_GROUPS_FILE), table)
+        yield ShardInfo(FINETUNE_GROUPS_FILE, len(rows), sha), sum(len(r["positive_ids"]) + len(r["negative_ids"]) for r in rows)
+
+
+def _tokenized_table(pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str):
+    """Read, parse, tokenize and write one of corpus / queries; returns (file info, dead letters, ids)."""
+    parsed = (
+        pipeline
+        | f"{name}File" >> beam.Create([file])
+        | f"Read{name}" >> beam.ParDo(ReadRecords("jsonl", ()))
+        | f"Reshuffle{name}" >> beam.Reshuffle()
+        | f"Parse{name}" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
+    )
+    rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size))
+    info = rows | f"Gather{name}" >> GatherAll() | f"Write{name}" >> beam.ParDo(WriteTokenized(cfg.output_dir, out_file, schema))
+    ids = rows | f"{name}Ids" >> beam.MapTuple(lambda key, row_id, ids: (row_id, True))
+    return info, parsed[DEAD_LETTER_TAG], ids
+
+
+def _lines(pipeline, name: str, file, parser: beam.DoFn):
+    return (
+        pipeline
+        | f"{name}File" >> beam.Create([file])
+        | f"Read{name}" >> beam.ParDo(ReadRecords("jsonl", ()))
+        | f"Parse{name}" >> beam.ParDo(parser).with_outputs(DEAD_LETTER_TAG, main="rows")
+    )
+
+
+def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict, tokenizer, pipeline_args) -> None:
+    serialized = tokenizer_json(tokenizer)
+    corpus_info, corpus_dead, corpus_ids = _tokenized_table(
+        pipeline, "Corpus", files["corpus"], RecordSpec(("title", "text"), ("title",), "_id", True), cfg.passage_max_length,
+        cfg, serialized, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE,
+    )
+    query_info, query_dead, query_ids = _tokenized_table(
+        pipeline, "Queries", files["queries"], RecordSpec(("text",), (), "_id", True), cfg.query_max_length,
+        cfg, serialized, FINETUNE_QUERIES_SCHEMA, FINETUNE_QUERIES_FILE,
+    )
+    qrels = _lines(pipeline, "Qrels", files["qrels"], ParseQrels())
+    dead = [corpus_dead, query_dead, qrels[DEAD_LETTER_TAG]]
+    negatives_name = files["negatives"].name if "negatives" in files else ""
+    if "negatives" in files:
+        negatives = _lines(pipeline, "Negatives", files["negatives"], ParseNegatives())
+        dead.append(negatives[DEAD_LETTER_TAG])
+        negative_rows = negatives.rows
+    else:
+        negative_rows = pipeline | "NoNegatives" >> beam.Create([])
+    refs = (
+        {"qrels": qrels.rows, "negatives": negative_rows, "query": query_ids}
+        | "JoinByQuery" >> beam.CoGroupByKey()
+        | "BuildGroups" >> beam.ParDo(BuildGroups(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
+    )
+    checked = (
+        {"refs": refs.refs, "corpus": corpus_ids}
+        | "JoinByDocument" >> beam.CoGroupByKey()
+        | "CheckDocuments" >> beam.ParDo(CheckDocuments(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
+    )
+    groups = (
+        checked.refs
+        | "GroupRefs" >> beam.GroupByKey()
+        | "GatherGroups" >> GatherAll()
+        | "WriteGroups" >> beam.ParDo(WriteGroups(cfg.output_dir, files["qrels"].name)).with_outputs(DEAD_LETTER_TAG, main="info")
+    )
+    dead += [refs[DEAD_LETTER_TAG], checked[DEAD_LETTER_TAG], groups[DEAD_LETTER_TAG]]
+    reasons = tuple(dead) | "FlattenDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(cfg.output_dir)
+    manifest_fields = {
+        "tokenizer": cfg.tokenizer, "vocab_hash": vocab_hash(tokenizer), "max_seq_length": cfg.passage_max_length,
+        "options": {**asdict(cfg), "pipeline_args": list(pipeline_args)},
+    }
+    _ = (
+        (corpus_info, query_info, groups.info)
+        | "FlattenInfos" >> beam.Flatten()
+        | "CollectInfos" >> beam.combiners.ToList()
+        | "WriteManifest" >> beam.Map(_write_manifest, cfg.output_dir, manifest_fields, beam.pvalue.AsSingleton(reasons))
+    )
+
+
+def _write_manifest(infos, output_dir: str, manifest_fields: dict, reasons: dict) -> None:
+    rows = {info.file: (info, tokens) for info, tokens in infos}
+    corpus, queries, groups = (rows[f] for f in (FINETUNE_CORPUS_FILE, FINETUNE_QUERIES_FILE, FINETUNE_GROUPS_FILE))
+    counts = {
+        "documents": corpus[0].rows, "queries": queries[0].rows, "groups": groups[0].rows,
+        "tokens": corpus[1] + queries[1], "group_doc_ids": groups[1], "dead_letter": sum(reasons.values()),
+    }
+    extra = {"query_max_length": manifest_fields["options"]["query_max_length"], "dead_letter_reasons": dict(sorted(reasons.items()))}
+    shards = [corpus[0], queries[0], groups[0]]
+    write_manifest(output_dir, Manifest(kind="finetune", shards=shards, counts=counts, extra=extra, **manifest_fields))
+
+
+def input_files(cfg: FinetuneDataConfig) -> dict:
+    """The BEIR files (and negatives), checked readable before any work."""
+    paths = {
+        "corpus": FileSystems.join(cfg.data_dir, "corpus.jsonl"),
+        "queries": FileSystems.join(cfg.data_dir, "queries.jsonl"),
+        "qrels": FileSystems.join(cfg.data_dir, "qrels", f"{cfg.split}.tsv"),
+    }
+    if cfg.negatives:
+        paths["negatives"] = cfg.negatives
+    return {role: expand_inputs([path])[0] for role, path in paths.items()}
+
+
+def run(argv: Sequence[str] | None = None) -> Manifest:
+    """Parse flags, check inputs, tokenizer and output folder (one-line errors), run the job, return its manifest."""
+    cfg, pipeline_args = parse_config(FinetuneDataConfig, argv, __doc__.split("\n")[0])
+    files = input_files(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    start = time.monotonic()
+    with make_pipeline(pipeline_args) as pipeline:
+        build_pipeline(pipeline, cfg, files, tokenizer, pipeline_args)
+    manifest = read_manifest(cfg.output_dir)
+    log_summary("finetune_data", manifest.counts, time.monotonic() - start)
+    return manifest
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    setup_logging()
+    quiet_beam_logging()
+    try:
+        run(argv)
+    except (TokenizerError, InputError, OutputDirError) as exc:  # checked before any work: one line, no traceback
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

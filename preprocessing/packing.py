@@ -1,0 +1,101 @@
+"""From a document's tokenized sentences to training blocks: packing, whole-word starts, bag-of-words targets.
+
+Everything here is plain numpy on one document, so tests can recompute it and any runner gives the same
+bytes. Packing follows BERT / the official RetroMAE `preprocess.py` (consecutive sentences of one document,
+a random shorter target with probability `short_seq_prob`) with one fix: the official loop appends a
+sentence before checking the length, so its blocks can exceed the limit and the trainer truncates them;
+here no block exceeds the limit and a sentence longer than a block is split across blocks, never dropped.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BOW_WEIGHTINGS = ("uniform", "tf")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One packed block of a document, ready for a shard row (no special tokens)."""
+
+    key: tuple[int, int, int]  # (input file index, line, block index): the global sort order of rows
+    doc_id: str
+    input_ids: np.ndarray  # int32
+    word_starts: np.ndarray  # bool
+    bow_ids: np.ndarray  # int32, ascending unique ids of input_ids
+    bow_weights: np.ndarray  # float32, aligned with bow_ids, sum 1
+
+
+def pack_sentences(lengths: Sequence[int], limit: int, short_seq_prob: float, rng: random.Random) -> list[tuple[int, int]]:
+    """Token spans [start, end) of the blocks: greedy over consecutive sentences, each block <= limit tokens.
+
+    A block ends before the sentence that would overflow its target; the target is `limit`, or with
+    probability `short_seq_prob` a random length in [min(3, limit), limit] (BERT's short sequences).
+    """
+
+    def draw_target() -> int:
+        return limit if rng.random() >= short_seq_prob else rng.randint(min(3, limit), limit)
+
+    spans: list[tuple[int, int]] = []
+    start = end = 0
+    target = draw_target()
+    for length in lengths:
+        if end > start and end - start + length > target:
+            spans.append((start, end))
+            start, target = end, draw_target()
+        end += length
+        while end - start > target:  # only when the sentence alone is longer than the target
+            spans.append((start, start + target))
+            start, target = start + target, draw_target()
+    if end > start:
+        spans.append((start, end))
+    return spans
+
+
+def word_starts_of(word_ids: np.ndarray, sentence_starts: np.ndarray) -> np.ndarray:
+    """True where a token begins a word: its word id differs from the previous token's, or a sentence starts.
+
+    `word_ids` are the tokenizer's per-sentence word indices concatenated over the document's sentences.
+    """
+    starts = np.ones(len(word_ids), dtype=bool)
+    starts[1:] = word_ids[1:] != word_ids[:-1]
+    starts[sentence_starts] = True
+    return starts
+
+
+def bow_target(input_ids: np.ndarray, weighting: str) -> tuple[np.ndarray, np.ndarray]:
+    """The block's bag-of-words target: its unique ids (ascending) and weights summing to 1.
+
+    "uniform" gives every unique token 1/|unique| (the paper's target); "tf" weighs by term frequency.
+    """
+    ids, counts = np.unique(input_ids, return_counts=True)
+    if weighting == "uniform":
+        weights = np.full(len(ids), 1.0 / len(ids), dtype=np.float32)
+    else:
+        weights = (counts / counts.sum()).astype(np.float32)
+    return ids.astype(np.int32), weights
+
+
+def make_blocks(
+    doc_key: tuple[int, int],
+    doc_id: str,
+    input_ids: np.ndarray,
+    word_starts: np.ndarray,
+    sentence_lengths: Sequence[int],
+    limit: int,
+    short_seq_prob: float,
+    rng: random.Random,
+    weighting: str,
+) -> list[Block]:
+    """Pack one tokenized document; a block's first token always counts as a word start."""
+    blocks = []
+    for index, (start, end) in enumerate(pack_sentences(sentence_lengths, limit, short_seq_prob, rng)):
+        ids = input_ids[start:end]
+        starts = word_starts[start:end].copy()
+        starts[0] = True
+        bow_ids, bow_weights = bow_target(ids, weighting)
+        blocks.append(Block((*doc_key, index), doc_id, ids, starts, bow_ids, bow_weights))
+    return blocks

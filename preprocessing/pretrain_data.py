@@ -1,0 +1,214 @@
+"""Pre-training data: corpora -> packed token blocks with whole-word starts and bag-of-words targets.
+
+    python -m preprocessing.pretrain_data --input 'data/*.jsonl' --output_dir shards/ \
+        --tokenizer bert-base-uncased --max_seq_length 512 [Beam pipeline options]
+
+Read (JSONL, plain text, Parquet; any Beam filesystem) -> normalize -> split sentences -> tokenize in
+batches -> pack consecutive sentences of a document into blocks of at most max_seq_length - 2 tokens ->
+BoW target per block -> Arrow IPC shards + manifest.json (common.shard_format). Without --runner it runs
+on the DirectRunner in multi-processing mode over all local cores; every Beam option passes through.
+Output bytes do not depend on the runner: each block is keyed by (file, line, block index), documents go
+to shards by a hash of that key, and each shard is sorted by it before writing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
+
+from common.logging_setup import setup_logging
+from common.shard_format import Manifest
+from common.tokenizer import TokenizerError, load_tokenizer, vocab_hash
+from preprocessing.packing import BOW_WEIGHTINGS, make_blocks, word_starts_of
+from preprocessing.records import (
+    DEAD_LETTER_TAG, INPUT_FORMATS, InputError, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
+)
+from preprocessing.runner import Progress, log_summary, make_pipeline, parse_config, quiet_beam_logging
+from preprocessing.shards import OutputDirError, WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest
+from preprocessing.text import split_sentences
+from preprocessing.tokenize import BatchEncoder, tokenizer_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainDataConfig:
+    input: list[str] = field(metadata={"help": "input files or globs (local, gs://, s3://, hdfs://)"})
+    output_dir: str = field(metadata={"help": "folder for shards, manifest.json and dead_letter/"})
+    tokenizer: str = field(default="default", metadata={"help": "HF fast tokenizer name or path; 'default' = packaged all-MiniLM-L6-v2"})
+    max_seq_length: int = field(default=512, metadata={"help": "model sequence length; blocks hold at most this - 2 tokens"})
+    short_seq_prob: float = field(default=0.0, metadata={"help": "probability of a random shorter block target (BERT)"})
+    text_fields: list[str] = field(default_factory=lambda: ["text"], metadata={"help": "record fields joined with ' ' into the document (e.g. title text)"})
+    id_field: str = field(default="", metadata={"help": "record field holding the document id (default: file:line)"})
+    input_format: str = field(default="auto", metadata={"help": "by extension when auto: .parquet, .txt, else JSONL", "choices": INPUT_FORMATS})
+    bow_weighting: str = field(default="uniform", metadata={"help": "BoW target: uniform over unique tokens (paper) or tf", "choices": BOW_WEIGHTINGS})
+    shard_size_mb: float = field(default=256.0, metadata={"help": "approximate shard size; sets the shard count from the input size"})
+    num_shards: int = field(default=0, metadata={"help": "exact shard count (0: from --shard_size_mb)"})
+    tokenize_batch_sentences: int = field(default=4096, metadata={"help": "sentences per tokenizer call"})
+    seed: int = field(default=42, metadata={"help": "seeds the short-block draws (per document, so runner-independent)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
+
+    def __post_init__(self):
+        if self.max_seq_length < 3:
+            raise ValueError(f"--max_seq_length {self.max_seq_length} leaves no room for tokens besides [CLS]/[SEP]")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ValueError(f"--short_seq_prob {self.short_seq_prob} is not a probability")
+        if self.shard_size_mb <= 0 or self.num_shards < 0 or self.tokenize_batch_sentences < 1:
+            raise ValueError("--shard_size_mb and --tokenize_batch_sentences must be positive, --num_shards >= 0")
+
+
+class TokenizeAndPack(beam.DoFn):
+    """Documents -> (shard, Block); tokenizes the sentences of many documents per tokenizer call."""
+
+    def __init__(self, serialized_tokenizer: str, config: PretrainDataConfig, num_shards: int):
+        self.serialized_tokenizer = serialized_tokenizer
+        self.config = config
+        self.num_shards = num_shards
+        self.counters = {n: Metrics.counter("preprocessing", n) for n in ("documents", "blocks", "tokens", "sentences")}
+
+    def setup(self):
+        self.encoder = BatchEncoder(self.serialized_tokenizer)
+        self.progress = Progress("pretrain_data")
+
+    def start_bundle(self):
+        self.pending, self.pending_sentences = [], 0
+
+    def process(self, document):
+        sentences = split_sentences(document.text)
+        self.pending.append((document, sentences))
+        self.pending_sentences += len(sentences)
+        if self.pending_sentences >= self.config.tokenize_batch_sentences:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        for output in self._flush():
+            yield GlobalWindows.windowed_value(output)
+
+    def _flush(self):
+        pending, self.pending, self.pending_sentences = self.pending, [], 0
+        if not pending:
+            return
+        encoded = self.encoder.encode_documents([sentences for _, sentences in pending])
+        cfg, tokens = self.config, 0
+        for (document, _), enc in zip(pending, encoded):
+            name = f"{document.key[0]}:{document.key[1]}"
+            if len(enc.input_ids) == 0:
+                yield dead_letter(document.file, document.key[1], "no_tokens", "the tokenizer produced no tokens", document.text)
+                continue
+            sentence_starts = np.cumsum([0] + enc.sentence_lengths[:-1])
+            starts = word_starts_of(enc.word_ids, sentence_starts[sentence_starts < len(enc.input_ids)])
+            rng = random.Random(f"{cfg.seed}:{name}")
+            blocks = make_blocks(document.key, document.doc_id, enc.input_ids, starts, enc.sentence_lengths,
+                                 cfg.max_seq_length - 2, cfg.short_seq_prob, rng, cfg.bow_weighting)
+            shard = shard_of(name, self.num_shards)
+            for block in blocks:
+                yield shard, block
+            tokens += len(enc.input_ids)
+            self.counters["blocks"].inc(len(blocks))
+            self.counters["sentences"].inc(len(enc.sentence_lengths))
+        self.counters["documents"].inc(len(pending))
+        self.counters["tokens"].inc(tokens)
+        self.progress.add(len(pending), tokens)
+
+
+class WritePretrainManifest(beam.DoFn):
+    """Runs once, after every shard and the dead-letter file exist: sums their stats into manifest.json."""
+
+    def __init__(self, output_dir: str, manifest_fields: dict):
+        self.output_dir = output_dir
+        self.manifest_fields = manifest_fields
+
+    def process(self, all_stats, dead_letter_reasons):
+        stats = sorted(all_stats, key=lambda s: s.info.file)
+        counts = {
+            "documents": sum(s.documents for s in stats),
+            "blocks": sum(s.info.rows for s in stats),
+            "tokens": sum(s.tokens for s in stats),
+            "dead_letter": sum(dead_letter_reasons.values()),
+        }
+        extra = {"dead_letter_reasons": dict(sorted(dead_letter_reasons.items()))}
+        write_manifest(self.output_dir, Manifest(kind="pretrain", shards=[s.info for s in stats], counts=counts, extra=extra, **self.manifest_fields))
+        yield counts
+
+
+def build_pipeline(pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, tokenizer, num_shards: int, pipeline_args) -> None:
+    parsed = (
+        pipeline
+        | "InputFiles" >> beam.Create(files)
+        | "ReadRecords" >> beam.ParDo(ReadRecords(cfg.input_format, cfg.text_fields))
+        | "Reshuffle" >> beam.Reshuffle()
+        | "Parse" >> beam.ParDo(ParseRecords(RecordSpec(tuple(cfg.text_fields), id_field=cfg.id_field or None))).with_outputs(DEAD_LETTER_TAG, main="documents")
+    )
+    packed = parsed.documents | "TokenizeAndPack" >> beam.ParDo(
+        TokenizeAndPack(tokenizer_json(tokenizer), cfg, num_shards)
+    ).with_outputs(DEAD_LETTER_TAG, main="blocks")
+    every_shard = pipeline | "ShardIndices" >> beam.Create([(i, None) for i in range(num_shards)])
+    shard_stats = (
+        (packed.blocks, every_shard)
+        | "FlattenBlocks" >> beam.Flatten()
+        | "GroupByShard" >> beam.GroupByKey()
+        | "WriteShards" >> beam.ParDo(WriteShard(cfg.output_dir, num_shards))
+    )
+    dead = (parsed[DEAD_LETTER_TAG], packed[DEAD_LETTER_TAG]) | "FlattenDeadLetters" >> beam.Flatten()
+    reasons = dead | "WriteDeadLetters" >> WriteDeadLetters(cfg.output_dir)
+    manifest_fields = {
+        "tokenizer": cfg.tokenizer, "vocab_hash": vocab_hash(tokenizer), "max_seq_length": cfg.max_seq_length,
+        "options": {**asdict(cfg), "pipeline_args": list(pipeline_args), "num_shards": num_shards},
+    }
+    _ = (
+        shard_stats
+        | "CollectShardStats" >> beam.combiners.ToList()
+        | "WriteManifest" >> beam.ParDo(WritePretrainManifest(cfg.output_dir, manifest_fields), beam.pvalue.AsSingleton(reasons))
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> Manifest:
+    """Parse flags, check inputs, tokenizer and output folder (one-line errors), run the job, return its manifest."""
+    cfg, pipeline_args = parse_config(PretrainDataConfig, argv, __doc__.split("\n")[0])
+    files = expand_inputs(cfg.input)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    input_bytes = sum(m.size_in_bytes for m in FileSystems.match([f.path for f in files])[0].metadata_list) if files else 0
+    num_shards = cfg.num_shards or estimate_num_shards(input_bytes, cfg.shard_size_mb)
+    logger.info("pretrain_data: %d input files, %d shards -> %s", len(files), num_shards, cfg.output_dir)
+    start = time.monotonic()
+    with make_pipeline(pipeline_args) as pipeline:
+        build_pipeline(pipeline, cfg, files, tokenizer, num_shards, pipeline_args)
+    manifest = read_manifest(cfg.output_dir)
+    log_summary("pretrain_data", manifest.counts, time.monotonic() - start)
+    return manifest
+
+
+def shards_from_texts(texts: Sequence[str], output_dir: str | Path, *args: str) -> Manifest:
+    """Test helper: shards from a list of documents, in-process (DirectRunner, in_memory). `args` are extra
+    flags, e.g. "--max_seq_length", "64", "--tokenizer", path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "texts.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        argv = ["--input", str(path), "--output_dir", str(output_dir), "--direct_running_mode", "in_memory", "--direct_num_workers", "1", *args]
+        return run(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    setup_logging()
+    quiet_beam_logging()
+    try:
+        run(argv)
+    except (TokenizerError, InputError, OutputDirError) as exc:  # checked before any work: one line, no traceback
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Reading input records (JSONL, plain text, Parquet) with their file and line, and the dead-letter output.
+
+Every record carries (file index, line) from the start: that pair is its identity for sorting, seeding and
+error reports, which is what makes the output independent of how a runner splits and orders the work.
+Bad records are not dropped: they become `DeadLetter`s, counted and written to DIR/dead_letter/.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from preprocessing.runner import GatherAll
+from preprocessing.text import normalize
+
+INPUT_FORMATS = ("auto", "jsonl", "text", "parquet")
+DEAD_LETTER_TAG = "dead_letter"
+DEAD_LETTER_FILE = "dead_letter/dead_letter.jsonl"
+_RAW_CHARS = 1000  # how much of a bad record the dead letter keeps
+
+
+class InputError(ValueError):
+    """An input glob matches nothing or a matched file cannot be read: raised before any work."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    index: int  # position in the sorted list of all matched files
+    path: str
+    name: str  # path relative to the inputs' common folder: stable across machines, used in ids and reports
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    file: InputFile
+    line: int  # 1-based line (JSONL), first line of the document (text) or row number (Parquet)
+    payload: bytes | dict  # the line's bytes, or the Parquet row's fields
+
+
+@dataclass(frozen=True)
+class Document:
+    key: tuple[int, int]  # (file index, line)
+    file: str  # InputFile.name, for error reports
+    doc_id: str
+    text: str  # normalized
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    file: str
+    line: int
+    reason: str  # invalid_utf8 | invalid_json | not_an_object | missing_field | not_a_string | empty_document ...
+    detail: str
+    record: str  # the raw record, truncated
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True)
+
+
+class RecordError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
+    """All files matching the globs, sorted and checked readable; a one-line InputError otherwise."""
+    paths = set()
+    for pattern in patterns:
+        try:
+            matched = FileSystems.match([pattern])[0].metadata_list
+        except Exception as exc:  # Beam raises BeamIOError with a nested exception map
+            raise InputError(f"cannot list input {pattern!r}: {exc}") from None
+        if not matched:
+            raise InputError(f"input {pattern!r} matches no file")
+        paths.update(m.path for m in matched)
+    ordered = sorted(paths)
+    for path in ordered:
+        try:
+            with FileSystems.open(path) as handle:
+                handle.read(1)
+        except Exception as exc:
+            raise InputError(f"cannot read input {path}: {exc}") from None
+    root = posixpath.dirname(ordered[0]) if len(ordered) == 1 else posixpath.commonpath(ordered)
+    return [InputFile(i, p, posixpath.relpath(p, root) if root else p) for i, p in enumerate(ordered)]
+
+
+def input_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    stem = path[: -len(".gz")] if path.endswith(".gz") else path
+    if stem.endswith(".parquet"):
+        return "parquet"
+    if stem.endswith(".txt"):
+        return "text"
+    return "jsonl"
+
+
+class ReadRecords(beam.DoFn):
+    """One input file to its raw records; plain text holds one document per blank-line-separated paragraph
+    group (BERT's pre-training text format)."""
+
+    def __init__(self, declared_format: str, fields: Sequence[str]):
+        self.declared_format = declared_format
+        self.fields = list(fields)
+
+    def process(self, file: InputFile) -> Iterator[RawRecord]:
+        fmt = input_format(file.path, self.declared_format)
+        if fmt == "parquet":
+            yield from self._parquet(file)
+            return
+        with FileSystems.open(file.path) as handle:
+            if fmt == "jsonl":
+                for line, raw in enumerate(iter(handle.readline, b""), start=1):
+                    yield RawRecord(file, line, raw)
+            else:
+                yield from self._text(file, handle)
+
+    def _text(self, file: InputFile, handle) -> Iterator[RawRecord]:
+        lines: list[bytes] = []
+        first = 0
+        for line, raw in enumerate(iter(handle.readline, b""), start=1):  # compressed files lack __iter__
+            if raw.strip():
+                first = first or line
+                lines.append(raw)
+            elif lines:
+                yield RawRecord(file, first, b"".join(lines))
+                lines, first = [], 0
+        if lines:
+            yield RawRecord(file, first, b"".join(lines))
+
+    def _parquet(self, file: InputFile) -> Iterator[RawRecord]:
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(file.path) as handle:
+            parquet = pq.ParquetFile(handle)
+            available = set(parquet.schema_arrow.names)
+            columns = [f for f in self.fields if f in available]
+            row = 0
+            for batch in parquet.iter_batches(columns=columns or None):
+                for values in batch.to_pylist():
+                    row += 1
+                    yield RawRecord(file, row, values)
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """Which fields of a record make its text and id."""
+
+    text_fields: tuple[str, ...]  # joined with " " in this order
+    optional_fields: tuple[str, ...] = ()  # text fields that may be absent (e.g. a BEIR title)
+    id_field: str | None = None  # None: the id is "file:line"
+    id_required: bool = False
+
+
+def decode_line(payload: bytes) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError("invalid_utf8", str(exc)) from None
+
+
+def json_object(payload: bytes) -> dict:
+    """A JSONL line as a dict, or a RecordError (invalid_utf8, invalid_json, not_an_object)."""
+    try:
+        value = json.loads(decode_line(payload))
+    except json.JSONDecodeError as exc:
+        raise RecordError("invalid_json", str(exc)) from None
+    if not isinstance(value, dict):
+        raise RecordError("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_record(record: RawRecord, spec: RecordSpec) -> Document:
+    """A normalized Document, or a RecordError saying why not."""
+    payload = record.payload
+    if isinstance(payload, bytes):
+        if input_format(record.file.path, "auto") == "text":
+            payload = {spec.text_fields[0]: decode_line(payload)}
+        else:
+            payload = json_object(payload)
+    parts = []
+    for name in spec.text_fields:
+        value = payload.get(name)
+        if value is None and name in spec.optional_fields:
+            continue
+        if value is None:
+            raise RecordError("missing_field", f"no field {name!r}")
+        if not isinstance(value, str):
+            raise RecordError("not_a_string", f"field {name!r} is {type(value).__name__}, not a string")
+        parts.append(value)
+    text = normalize(" ".join(p for p in parts if p.strip()))
+    if not text:
+        raise RecordError("empty_document", f"no text in {', '.join(spec.text_fields)}")
+    doc_id = payload.get(spec.id_field) if spec.id_field else None
+    if doc_id is None or doc_id == "":
+        if spec.id_required:
+            raise RecordError("missing_field", f"no field {spec.id_field!r}")
+        doc_id = f"{record.file.name}:{record.line}"
+    return Document((record.file.index, record.line), record.file.name, str(doc_id), text)
+
+
+def dead_letter(file: str, line: int, reason: str, detail: str, raw: bytes | str | dict) -> beam.pvalue.TaggedOutput:
+    """A DeadLetter on the tagged output, counted in Beam metrics (in total and per reason)."""
+    Metrics.counter("preprocessing", "dead_letter").inc()
+    Metrics.counter("preprocessing", f"dead_letter_{reason}").inc()
+    if isinstance(raw, dict):
+        raw = json.dumps(raw, default=str)
+    if isinstance(raw, bytes):
+        raw = raw[: _RAW_CHARS * 4].decode("utf-8", errors="replace")
+    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(file, line, reason, detail, raw[:_RAW_CHARS].rstrip("\n")))
+
+
+class ParseRecords(beam.DoFn):
+    """RawRecord -> Document, or a DeadLetter on the tagged output (counted per reason in Beam metrics)."""
+
+    def __init__(self, spec: RecordSpec):
+        self.spec = spec
+
+    def process(self, record: RawRecord):
+        try:
+            yield parse_record(record, self.spec)
+        except RecordError as exc:
+            yield dead_letter(record.file.name, record.line, exc.reason, str(exc), record.payload)
+
+
+class _WriteDeadLetterFile(beam.DoFn):
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def process(self, keyed):
+        _, letters = keyed
+        letters = sorted(letters, key=lambda d: (d.file, d.line, d.reason))
+        path = FileSystems.join(self.output_dir, DEAD_LETTER_FILE)
+        with FileSystems.create(path) as handle:
+            handle.write("".join(d.to_json() + "\n" for d in letters).encode("utf-8"))
+        reasons: dict[str, int] = {}
+        for letter in letters:
+            reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
+        yield reasons
+
+
+class WriteDeadLetters(beam.PTransform):
+    """All dead letters into DIR/dead_letter/dead_letter.jsonl, sorted by (file, line); outputs {reason: count}.
+
+    The file is written even when empty, so a run's output folder always looks the same.
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self.output_dir = output_dir
+
+    def expand(self, letters):
+        return (
+            letters
+            | "GatherDeadLetters" >> GatherAll()
+            | "WriteDeadLetterFile" >> beam.ParDo(_WriteDeadLetterFile(self.output_dir))
+        )

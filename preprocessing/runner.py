@@ -1,0 +1,139 @@
+"""What both Beam jobs share around the pipeline: typed configs from the command line, runner defaults,
+progress lines, and the end-of-run summary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import time
+import typing
+from collections.abc import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_SECONDS = 10.0
+
+
+def parse_config(cls, argv: Sequence[str] | None, description: str):
+    """A `cls` dataclass from --field flags (help = each field's metadata["help"]) plus the unknown args,
+    which are Beam pipeline options (--runner, --project, --direct_num_workers, ...)."""
+    parser = argparse.ArgumentParser(description=description)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint, kwargs = hints[f.name], {"help": f.metadata.get("help", "")}
+        if hint is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(hint) is list:
+            kwargs.update(nargs="+", type=typing.get_args(hint)[0])
+        else:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            kwargs["type"] = args[0] if args else hint
+        if f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs["default"] = f.default_factory()
+        else:
+            kwargs["required"] = True
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+    known, pipeline_args = parser.parse_known_args(argv)
+    try:
+        return cls(**vars(known)), pipeline_args
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _given(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def make_pipeline(pipeline_args: Sequence[str]) -> beam.Pipeline:
+    """A pipeline with the user's Beam options; without --runner (or with DirectRunner), the DirectRunner's
+    engine in multi-processing mode over all local cores unless --direct_running_mode/_num_workers say else."""
+    args = list(pipeline_args)
+    options = PipelineOptions(args)
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
+        return beam.Pipeline(options=options)
+    if not _given(args, "--direct_running_mode"):
+        args += ["--direct_running_mode", "multi_processing"]
+    if not _given(args, "--direct_num_workers"):
+        args += ["--direct_num_workers", str(os.cpu_count() or 1)]
+    options = PipelineOptions(args)
+    return beam.Pipeline(runner=_local_runner(options), options=options)
+
+
+class GatherAll(beam.PTransform):
+    """Every element under one key: (None, [elements]), emitted even when the input is empty, so that
+    single-file outputs (dead letters, fine-tuning tables) are always written."""
+
+    def expand(self, pcoll):
+        marker = pcoll.pipeline | "Marker" >> beam.Create([(None, None)])
+        keyed = pcoll | "KeyNone" >> beam.Map(lambda x: (None, x))
+        return (
+            (marker, keyed)
+            | "Flatten" >> beam.Flatten()
+            | "Group" >> beam.GroupByKey()
+            | "DropMarker" >> beam.MapTuple(lambda key, values: (key, [v for v in values if v is not None]))
+        )
+
+
+class Progress:
+    """Logs documents/s and tokens/s of this worker at most every PROGRESS_SECONDS (local runs' progress)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.start = self.last = time.monotonic()
+        self.documents = self.tokens = 0
+
+    def add(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            elapsed = now - self.start
+            logger.info(
+                "%s (pid %d): %d documents (%.1f/s), %d tokens (%.0f/s)",
+                self.what, os.getpid(), self.documents, self.documents / elapsed, self.tokens, self.tokens / elapsed,
+            )
+
+
+class _WorkerProgressOnly(logging.Filter):
+    """Of the log lines multi-process workers forward to the runner, keep errors and our own lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "/preprocessing/" in record.getMessage()
+
+
+def quiet_beam_logging() -> None:
+    """Beam logs every worker's start-up and type-hint conversion at INFO; keep warnings and our progress."""
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    forwarded = logging.getLogger("apache_beam.runners.portability.local_job_service")
+    forwarded.setLevel(logging.INFO)
+    forwarded.addFilter(_WorkerProgressOnly())
+
+
+def log_summary(what: str, counts: dict[str, int], seconds: float) -> None:
+    logger.info(
+        "%s done in %.1f s: %d documents (%.1f/s), %d tokens (%.0f/s), %d dead letters",
+        what, seconds, counts["documents"], counts["documents"] / seconds, counts["tokens"],
+        counts["tokens"] / seconds, counts["dead_letter"],
+    )
+
+
+def _local_runner(options: PipelineOptions):
+    """The DirectRunner's FnApiRunner, built as the DirectRunner builds it. The DirectRunner itself first
+    tries the Prism runner, which downloads a binary from GitHub: no use offline, and slow to fail."""
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=provision)
