@@ -94,7 +94,10 @@ class TokenizeAndPack(beam.DoFn):
 
     def finish_bundle(self):
         for output in self._flush():
-            yield GlobalWindows.windowed_value(output)
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+            else:
+                yield GlobalWindows.windowed_value(output)
 
     def _flush(self):
         pending, self.pending, self.pending_sentences = self.pending, [], 0
@@ -147,7 +150,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, toke
     parsed = (
         pipeline
         | "InputFiles" >> beam.Create(files)
-        | "ReadRecords" >> beam.ParDo(ReadRecords(cfg.input_format, cfg.text_fields))
+        | "ReadRecords" >> beam.ParDo(ReadRecords(cfg.input_format, [*cfg.text_fields, cfg.id_field]))
         | "Reshuffle" >> beam.Reshuffle()
         | "Parse" >> beam.ParDo(ParseRecords(RecordSpec(tuple(cfg.text_fields), id_field=cfg.id_field or None))).with_outputs(DEAD_LETTER_TAG, main="documents")
     )

@@ -107,7 +107,7 @@ class ReadRecords(beam.DoFn):
 
     def __init__(self, declared_format: str, fields: Sequence[str]):
         self.declared_format = declared_format
-        self.fields = list(fields)
+        self.fields = list(fields)  # the Parquet columns to read (text and id fields)
 
     def process(self, file: InputFile) -> Iterator[RawRecord]:
         fmt = input_format(file.path, self.declared_format)
