@@ -151,9 +151,19 @@ class ParseNegatives(beam.DoFn):
             yield dead_letter(record.file.name, record.line, exc.reason, str(exc), record.payload)
 
 
+class Ref(typing.NamedTuple):
+    """One document a training group names, on its way to the corpus check."""
+
+    group_line: int  # first qrels line of the query: the group's place in groups.arrow
+    query_id: str
+    role: str  # "positive" | "negative"
+    rank: int  # position in the group's list
+    line: int  # the qrels or negatives line naming the document, for dead letters
+
+
 class BuildGroups(beam.DoFn):
-    """CoGroupByKey by query -> (doc_id, (group key, query_id, role, rank)) references to check against the
-    corpus; unknown queries, repeated negatives lines and queries without a positive are dead letters."""
+    """CoGroupByKey by query -> (doc_id, Ref) for the corpus check; unknown queries, repeated negatives
+    lines and queries without a positive are dead letters."""
 
     def __init__(self, qrels_name: str, negatives_name: str):
         self.qrels_name, self.negatives_name = qrels_name, negatives_name
@@ -164,38 +174,45 @@ class BuildGroups(beam.DoFn):
         for line, _ in negative_lines[1:]:
             yield dead_letter(self.negatives_name, line, "duplicate_query", f"second negatives line for {query_id!r}", query_id)
         if qrels:  # negatives for a query outside this split are not part of the training set
-            yield from self._group(query_id, qrels, negative_lines[0][1] if negative_lines else [], bool(grouped["query"]))
+            yield from self._group(query_id, qrels, negative_lines[0] if negative_lines else (0, []), bool(grouped["query"]))
 
-    def _group(self, query_id, qrels, ranked_negatives, known_query):
+    def _group(self, query_id, qrels, negative_line, known_query):
         first = qrels[0][0]
-        positives = list(dict.fromkeys(doc for _, doc, score in qrels if score > 0))
+        positives: dict[str, int] = {}
+        for line, doc, score in qrels:
+            if score > 0:
+                positives.setdefault(doc, line)
         if not known_query:
             yield dead_letter(self.qrels_name, first, "unknown_query", f"query {query_id!r} is not in queries.jsonl", query_id)
         elif not positives:
             yield dead_letter(self.qrels_name, first, "no_positive", f"query {query_id!r} has no qrels score > 0", query_id)
         else:
-            negatives = [d for d in dict.fromkeys(ranked_negatives) if d not in set(positives)]
-            yield (None, (first, query_id, "positive", -1))  # every group reaches the writer, even with no refs left
-            for role, docs in (("positive", positives), ("negative", negatives)):
-                for rank, doc in enumerate(docs):
-                    yield doc, (first, query_id, role, rank)
+            line, ranked = negative_line
+            negatives = [d for d in dict.fromkeys(ranked) if d not in positives]
+            yield None, Ref(first, query_id, "positive", -1, first)  # every group reaches the writer, even with no refs left
+            for rank, (doc, doc_line) in enumerate(positives.items()):
+                yield doc, Ref(first, query_id, "positive", rank, doc_line)
+            for rank, doc in enumerate(negatives):
+                yield doc, Ref(first, query_id, "negative", rank, line)
 
 
 @beam.typehints.with_output_types(tuple[typing.Any, typing.Any])  # a KV for GroupRefs; dead letters are tagged
 class CheckDocuments(beam.DoFn):
-    """CoGroupByKey by doc_id -> the references whose document exists; the others are dead letters."""
+    """CoGroupByKey by doc_id -> ((group line, query_id), (role, rank, doc_id)) for the documents that exist;
+    the others are dead letters."""
 
     def __init__(self, qrels_name: str, negatives_name: str):
         self.qrels_name, self.negatives_name = qrels_name, negatives_name
 
     def process(self, joined):
         doc_id, grouped = joined
-        for first, query_id, role, rank in grouped["refs"]:
+        for ref in grouped["refs"]:
             if doc_id is None or grouped["corpus"]:
-                yield (first, query_id), (role, rank, doc_id)
+                yield (ref.group_line, ref.query_id), (ref.role, ref.rank, doc_id)
             else:
-                file = self.qrels_name if role == "positive" else self.negatives_name
-                yield dead_letter(file, first, "unknown_document", f"{role} {doc_id!r} of query {query_id!r} is not in the corpus", doc_id)
+                file = self.qrels_name if ref.role == "positive" else self.negatives_name
+                detail = f"{ref.role} {doc_id!r} of query {ref.query_id!r} is not in the corpus"
+                yield dead_letter(file, ref.line, "unknown_document", detail, doc_id)
 
 
 class WriteGroups(beam.DoFn):

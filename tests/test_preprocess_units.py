@@ -1,0 +1,103 @@
+"""The pure parts of preprocessing: sentence splitting, normalization, greedy packing, record parsing."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from preprocessing.packing import pack_sentences, word_starts_of
+from preprocessing.records import InputFile, RawRecord, RecordError, RecordSpec, parse_record
+from preprocessing.text import normalize, split_sentences
+
+
+def test_normalize_keeps_paragraphs_and_drops_control_characters():
+    assert normalize("  a\u00a0 b\t\tc \r\n\r\n\r\n\n d\x00e\u200b  \n f ") == "a b c\n\nde\nf"
+    assert normalize("Cafe\u0301") == "Caf\u00e9"  # NFC
+
+
+@pytest.mark.parametrize(
+    "text, sentences",
+    [
+        ('He said "Stop." Then he left! Did he? Yes.', ['He said "Stop."', "Then he left!", "Did he?", "Yes."]),
+        ("Mr. Smith met Dr. Jones. J. R. R. Tolkien wrote e.g. This.", ["Mr. Smith met Dr. Jones.", "J. R. R. Tolkien wrote e.g. This."]),
+        ("A heading\n\nA line\ncontinues here. 3 items follow.", ["A heading", "A line continues here.", "3 items follow."]),
+        ("lower case after a period. stays together", ["lower case after a period. stays together"]),
+        ("", []),
+    ],
+)
+def test_split_sentences(text, sentences):
+    assert split_sentences(normalize(text)) == sentences
+
+
+def check_greedy_packing(lengths: list[int], spans: list[tuple[int, int]], limit: int) -> None:
+    """Spans tile the document, none exceeds the limit, and each block ends only where the next sentence
+    would not fit (or inside a sentence longer than the limit)."""
+    total = sum(lengths)
+    assert spans[0][0] == 0 and spans[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(0 < end - start <= limit for start, end in spans)
+    boundaries = set(np.cumsum([0] + lengths).tolist())
+    sentence_at = {}  # token position of a sentence start -> that sentence's length
+    position = 0
+    for length in lengths:
+        sentence_at[position] = length
+        position += length
+    for start, end in spans[:-1]:
+        if end in boundaries:
+            next_length = next(sentence_at[p] for p in sorted(sentence_at) if p >= end and sentence_at[p] > 0)
+            assert end - start + next_length > limit or end - start == limit
+        else:  # inside a sentence: only when that sentence alone is longer than a block
+            sentence_start = max(b for b in boundaries if b < end)
+            assert end - start == limit and sentence_at[sentence_start] > limit
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pack_sentences_is_greedy_and_loses_nothing(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([0, 1, 3, 7, 12, 30, 45]) for _ in range(rng.randint(1, 40))]
+    if sum(lengths) == 0:
+        lengths.append(5)
+    limit = rng.choice([5, 16, 22])
+    check_greedy_packing(lengths, pack_sentences(lengths, limit, 0.0, random.Random(0)), limit)
+
+
+def test_short_seq_prob_draws_shorter_blocks():
+    lengths = [1] * 2000
+    full = pack_sentences(lengths, 50, 0.0, random.Random(0))
+    short = pack_sentences(lengths, 50, 1.0, random.Random(0))
+    assert all(end - start == 50 for start, end in full)
+    assert len(short) > len(full) and all(3 <= end - start <= 50 for start, end in short[:-1])
+    assert short == pack_sentences(lengths, 50, 1.0, random.Random(0))  # seeded
+
+
+def test_word_starts_restart_at_every_sentence():
+    word_ids = np.array([0, 0, 1, 0, 1, 1, 0, 0], dtype=np.int32)  # sentences of 3, 3 and 2 tokens
+    expected = [True, False, True, True, True, False, True, False]
+    assert word_starts_of(word_ids, np.array([0, 3, 6])).tolist() == expected
+
+
+def record(payload, name="x.jsonl") -> RawRecord:
+    return RawRecord(InputFile(0, f"/data/{name}", name), 7, payload)
+
+
+def test_parse_record_fields_ids_and_reasons():
+    beir = RecordSpec(("title", "text"), ("title",), "_id", True)
+    document = parse_record(record(b'{"_id": "d1", "title": "A  title", "text": "Body."}'), beir)
+    assert (document.key, document.file, document.doc_id, document.text) == ((0, 7), "x.jsonl", "d1", "A title Body.")
+    assert parse_record(record(b'{"_id": "d2", "text": "No title."}'), beir).text == "No title."
+    assert parse_record(record({"text": "parquet row"}, "y.parquet"), RecordSpec(("text",))).doc_id == "y.parquet:7"
+    assert parse_record(record(b"Plain\ntext.\n", "z.txt"), RecordSpec(("text",))).text == "Plain\ntext."
+    cases = [
+        (b'{"title": "t", "text": "x"}', "missing_field"),  # no _id though required
+        (b'{"_id": "d", "title": "t"}', "missing_field"),
+        (b'{"_id": "d", "text": ["x"]}', "not_a_string"),
+        (b'{"_id": "d", "text": "\\u200b "}', "empty_document"),
+        (b"{bad", "invalid_json"),
+        (b'"just a string"', "not_an_object"),
+        (b'{"text": "\xc3"}', "invalid_utf8"),
+    ]
+    for payload, reason in cases:
+        with pytest.raises(RecordError) as exc:
+            parse_record(record(payload), beir)
+        assert exc.value.reason == reason, payload
