@@ -14,6 +14,11 @@ job_setup() {
     mkdir -p "$LOG_DIR"
     echo "logs: $LOG_DIR"
     exec >>"$LOG_DIR/batch.log" 2>&1
+    # srun one task per slot of the allocation, each with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables (the
+    # stages read them as under torchrun), rank r writing to LOG_DIR/rank-r.log; one failing rank ends all.
+    # An array, not a function, so that `"${SRUN_RANKS[@]}" cmd &` makes $! the pid of srun itself.
+    SRUN_RANKS=(srun --kill-on-bad-exit=1 --output="$LOG_DIR/rank-%t.log" --open-mode=append
+        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank)
     # torch starts one thread per core in every process unless told how many cores the task owns.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     echo "=== $(date -Is) job ${SLURM_JOB_ID:-} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-$(hostname)}:" \
@@ -40,17 +45,15 @@ _on_term() {
     echo "=== $(date -Is) batch shell got TERM: waiting for the step to checkpoint"
 }
 
-# srun one task per slot of the allocation, each with RANK/LOCAL_RANK/WORLD_SIZE from SLURM's variables,
-# rank r writing to LOG_DIR/rank-r.log. When USR1 arrives (--signal=B:USR1@120, or `scancel --signal=USR1
-# --batch`), the tasks get it, checkpoint and exit; then the job requeues itself, and the next run resumes
-# from the checkpoint (the command must carry --resume auto). Returns the step's exit status otherwise.
+# SRUN_RANKS for a command that checkpoints and exits 0 on USR1 and resumes by itself (--resume auto). When USR1
+# arrives (--signal=B:USR1@120, or `scancel --signal=USR1 --batch JOBID`), the tasks get it, checkpoint and
+# exit; then the job requeues itself and its next run resumes. Returns the step's exit status otherwise.
 run_preemptible_step() {
     PREEMPTED=0
     STEP_PID=
     trap _on_usr1 USR1
     trap _on_term TERM
-    srun --kill-on-bad-exit=1 --output="$LOG_DIR/rank-%t.log" --open-mode=append \
-        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank "$@" &
+    "${SRUN_RANKS[@]}" "$@" &
     STEP_PID=$!
     ((PREEMPTED)) && kill -USR1 "$STEP_PID"
     local rc
