@@ -120,10 +120,9 @@ def _sentence_transformers_config(folder: Path) -> RepresentationConfig | None:
     return RepresentationConfig(kind=mode, normalize="Normalize" in types)
 
 
-def _resolve_config(folder: Path, config: RepresentationConfig | None) -> RepresentationConfig:
-    """Explicit config > the folder's representation.json > its sentence-transformers modules > defaults."""
-    if config is not None:
-        return config
+def saved_config(name_or_path: str | None) -> RepresentationConfig:
+    """A model folder's own config: representation.json, else its sentence-transformers modules, else defaults."""
+    folder = Path(resolve_model(name_or_path))
     if (folder / CONFIG_NAME).is_file():
         return RepresentationConfig.from_file(folder / CONFIG_NAME)
     return _sentence_transformers_config(folder) or RepresentationConfig()
@@ -146,7 +145,7 @@ class Encoder(nn.Module):
 
         path = resolve_model(name_or_path)
         folder = Path(path)
-        config = _resolve_config(folder, config)
+        config = config or saved_config(path)  # an explicit config wins over the folder's
         # Weights missing from the checkpoint are initialized from a fixed seed without touching the caller's RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)

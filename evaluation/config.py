@@ -1,0 +1,72 @@
+"""Options of `python -m evaluation.beir`, one dataclass parsed by HfArgumentParser (HF flag names where they exist)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.representation import KINDS, RepresentationConfig
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[str] = field(metadata=_help("BEIR folders or bare BEIR names (looked up in --data_dir)"))
+    output_dir: str = field(metadata=_help("where results.json, results.md, the run files and the cache go"))
+    model_name_or_path: str | None = field(
+        default=None, metadata=_help("HF / sentence-transformers / DupMAE folder; None: packaged MiniLM",
+                                     aliases=["--model"]))
+    representation: str | None = field(
+        default=None, metadata=_help("cls, mean or dupmae; None: the model's saved config", choices=list(KINDS)))
+    normalize: bool | None = field(default=None, metadata=_help("L2-normalize the dense part; None: the model's"))
+    dense_dim: int | None = field(default=None, metadata=_help("dupmae projection dim; None: the model's / 384"))
+    sparse_top_k: int | None = field(default=None, metadata=_help("dupmae document top-k; None: the model's / 384"))
+    split: str = field(default="test", metadata=_help("qrels split (qrels/SPLIT.tsv); MS MARCO: dev"))
+    batch_size: int = field(default=128, metadata=_help("most texts per batch", aliases=["--per_device_eval_batch_size"]))
+    max_tokens: int = field(default=2048, metadata=_help("token budget per batch (rows x longest row)"))
+    max_length: int | None = field(
+        default=None, metadata=_help("truncation length; None: the model's max_seq_length, else 512",
+                                     aliases=["--max_seq_length"]))
+    depth: int = field(default=1000, metadata=_help("documents retrieved per query"))
+    index_factory: str | None = field(default=None, metadata=_help("faiss index factory (e.g. HNSW32); None: exact"))
+    cache_dir: str | None = field(default=None, metadata=_help("embedding cache; None: OUTPUT_DIR/cache"))
+    no_cache: bool = field(default=False, metadata=_help("neither read nor write the embedding cache"))
+    shard_index: int | None = field(default=None, metadata=_help("encode only this corpus shard into the cache, then stop"))
+    num_shards: int = field(default=1, metadata=_help("corpus shards; without --shard_index: merge (encode missing)"))
+    data_dir: str = field(default=os.environ.get("BEIR_DATA_DIR", str(Path.home() / ".cache" / "dupmae" / "beir")),
+                          metadata=_help("where bare BEIR names live and are downloaded to"))
+    offline: bool = field(default=os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"),
+                          metadata=_help("never download datasets (default: on when HF_HUB_OFFLINE is set)"))
+    bf16: bool = field(default=False, metadata=_help("bf16 autocast for encoding (fast only with native bf16)"))
+    device: str = field(default="auto", metadata=_help("cpu, cuda, cuda:N; auto: cuda when available"))
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise ValueError("EvalConfig.datasets: give at least one dataset")
+        for name in ("batch_size", "max_tokens", "depth", "num_shards"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"EvalConfig.max_length must be >= 2, got {self.max_length}")
+        if self.shard_index is not None:
+            if not 0 <= self.shard_index < self.num_shards:
+                raise ValueError(f"EvalConfig.shard_index {self.shard_index} not in [0, {self.num_shards})")
+            if self.no_cache:
+                raise ValueError("EvalConfig: --shard_index writes its shard to the cache; it cannot go with --no_cache")
+        self.representation_config()  # validates dense_dim / sparse_top_k
+
+    def representation_config(self, saved: RepresentationConfig | None = None) -> RepresentationConfig | None:
+        """The model's saved config with the given options applied; None when no option overrides it."""
+        overrides = {k: v for k, v in (("kind", self.representation), ("normalize", self.normalize),
+                                       ("dense_dim", self.dense_dim), ("top_k", self.sparse_top_k)) if v is not None}
+        if not overrides:
+            return None
+        base = saved or RepresentationConfig()
+        return RepresentationConfig(**{**base.__dict__, **overrides})
+
+    @property
+    def cache_path(self) -> Path | None:
+        return None if self.no_cache else Path(self.cache_dir or Path(self.output_dir) / "cache")

@@ -1,0 +1,142 @@
+"""BEIR folders (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv) read the way the `beir` package reads them.
+
+Conventions kept so numbers compare with published ones: a document is (title + " " + text).strip() (text alone
+without a title), the evaluated queries are exactly those with qrels in the split, qrels scores are integers.
+A bad line is an error naming file and line: an evaluation on a silently shortened corpus would be wrong.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class BeirData:
+    name: str
+    folder: Path
+    doc_ids: list[str]  # corpus order of corpus.jsonl
+    doc_texts: list[str]  # title + " " + text
+    query_ids: list[str]  # the split's queries, in queries.jsonl order
+    query_texts: list[str]
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+
+
+def resolve_dataset(spec: str, data_dir: str | Path, allow_download: bool) -> Path:
+    """A BEIR folder path as given, or a bare BEIR name under data_dir (downloaded when allowed and reachable)."""
+    path = Path(spec)
+    if (path / "corpus.jsonl").is_file():
+        return path
+    if os.sep in spec or "/" in spec or path.exists():
+        raise DatasetError(f"{spec}: not a BEIR folder (no corpus.jsonl)")
+    target = Path(data_dir) / spec
+    if (target / "corpus.jsonl").is_file():
+        return target
+    url = BEIR_URL.format(name=spec)
+    hint = f"download {url}, unzip it and put the folder at {target} (or pass the folder's path)"
+    if not allow_download:
+        raise DatasetError(f"dataset {spec!r} is not at {target} and downloads are off (offline): {hint}")
+    try:
+        _download(url, Path(data_dir))
+    except OSError as exc:  # URLError, timeouts, bad zip all derive from OSError or are wrapped below
+        raise DatasetError(f"dataset {spec!r}: download of {url} failed ({exc}): {hint}") from None
+    if not (target / "corpus.jsonl").is_file():
+        raise DatasetError(f"dataset {spec!r}: {url} did not contain {spec}/corpus.jsonl: {hint}")
+    return target
+
+
+def _download(url: str, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = data_dir / (url.rsplit("/", 1)[-1] + ".part")
+    logger.info("downloading %s to %s", url, data_dir)
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, archive.open("wb") as out:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(data_dir)
+    except zipfile.BadZipFile as exc:
+        raise OSError(f"bad zip archive: {exc}") from None
+    finally:
+        archive.unlink()
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]):
+    """(line number, record) for every line; a non-JSON line or a missing/non-string field is an error."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DatasetError(f"{path}:{lineno}: expected a JSON object")
+            for key in required:
+                if not isinstance(record.get(key), str):
+                    raise DatasetError(f"{path}:{lineno}: field {key!r} is missing or not a string")
+            yield lineno, record
+
+
+def _read_texts(path: Path, with_title: bool) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    for lineno, record in _read_jsonl(path, ("_id", "text")):
+        if record["_id"] in texts:
+            raise DatasetError(f"{path}:{lineno}: duplicate _id {record['_id']!r}")
+        title = record.get("title")
+        if with_title and title is not None and not isinstance(title, str):
+            raise DatasetError(f"{path}:{lineno}: field 'title' is not a string")
+        text = (title + " " + record["text"]) if with_title and title is not None else record["text"]
+        texts[record["_id"]] = text.strip()
+    return texts
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """query-id <TAB> corpus-id <TAB> score, after one header line."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found (is the split name right?)")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 or not line.strip():
+                continue
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) != 3:
+                raise DatasetError(f"{path}:{lineno}: expected 3 tab-separated fields, got {len(fields)}")
+            try:
+                relevance = int(fields[2])
+            except ValueError:
+                raise DatasetError(f"{path}:{lineno}: score {fields[2]!r} is not an integer") from None
+            qrels.setdefault(fields[0], {})[fields[1]] = relevance
+    return qrels
+
+
+def load_beir(folder: str | Path, split: str) -> BeirData:
+    folder = Path(folder)
+    corpus = _read_texts(folder / "corpus.jsonl", with_title=True)
+    queries = _read_texts(folder / "queries.jsonl", with_title=False)
+    qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
+    missing = [qid for qid in qrels if qid not in queries]
+    if missing:
+        raise DatasetError(f"{folder / 'qrels' / f'{split}.tsv'}: {len(missing)} query ids not in queries.jsonl "
+                           f"(first: {missing[0]!r})")
+    query_ids = [qid for qid in queries if qid in qrels]
+    logger.info("%s: %d documents, %d %s queries", folder.name, len(corpus), len(query_ids), split)
+    return BeirData(folder.name, folder, list(corpus), list(corpus.values()), query_ids,
+                    [queries[q] for q in query_ids], qrels)

@@ -1,0 +1,238 @@
+"""evaluation: metrics by hand, data errors, exact search vs brute force, cache identity, shard merge, end to end."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.representation import Representation, score
+from evaluation import encode as encode_mod
+from evaluation import search as search_mod
+from evaluation.config import EvalConfig
+from evaluation.data import DatasetError, load_beir, resolve_dataset
+from evaluation.encode import Encoded, token_budget_batches
+from evaluation.metrics import evaluate, markdown_table
+from evaluation.pipeline import run
+
+WORDS = "protein cell gene cancer brain heart virus drug blood liver bone skin lung kidney muscle".split()
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+def write_beir(folder, docs, queries, qrels, split="test"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qrels").mkdir(exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    rows = "".join(f"{q}\t{d}\t{r}\n" for q, rel in qrels.items() for d, r in rel.items())
+    (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory):
+    """40 documents and 6 queries of medical words; query q3 shares its id with a document (must be skipped)."""
+    rng = np.random.default_rng(0)
+    docs = [{"_id": f"d{i}", "title": f"{WORDS[i % 15]} study", "text": " ".join(rng.choice(WORDS, 5 + i % 30))}
+            for i in range(40)]
+    docs.append({"_id": "q3", "text": "heart heart heart"})
+    queries = [{"_id": f"q{j}", "text": " ".join(rng.choice(WORDS, 3))} for j in range(6)]
+    queries.append({"_id": "unjudged", "text": "not in the qrels"})
+    qrels = {f"q{j}": {f"d{(7 * j) % 40}": 1, f"d{(7 * j + 3) % 40}": 2, f"d{(7 * j + 5) % 40}": 0} for j in range(6)}
+    return write_beir(tmp_path_factory.mktemp("beir") / "tiny", docs, queries, qrels)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm_path):
+    """A tiny BERT with an MLM head and the MiniLM tokenizer, as pre-training exports it."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from common.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(minilm_path)
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=len(tokenizer))
+    out = tmp_path_factory.mktemp("tiny_model")
+    BertForMaskedLM(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def config(tiny_model, tiny_beir, out, **kw):
+    options = dict(representation="dupmae", dense_dim=16, sparse_top_k=8, max_length=24, max_tokens=64, offline=True)
+    return EvalConfig(datasets=[str(tiny_beir)], output_dir=str(out), model_name_or_path=tiny_model, **{**options, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metrics_match_hand_computation():
+    qrels = {"a": {"d1": 1, "d3": 2, "d9": 0}, "b": {"d2": 1}, "c": {"d5": 1}}
+    ranking = {"a": {"d2": 0.9, "d1": 0.8, "d3": 0.7, "d4": 0.6, "d9": 0.5},
+               "b": {f"x{i}": 1.0 - i / 100 for i in range(10)} | {"d2": 0.5}}  # d2 at rank 11; "c" not retrieved
+    got = evaluate(qrels, ranking)
+    log2 = math.log2
+    dcg_a = {k: sum(g / log2(r + 2) for r, g in enumerate([0, 1, 2, 0, 0][:k])) for k in (1, 3, 5, 10, 100)}
+    ideal_a = {k: sum(g / log2(r + 2) for r, g in enumerate([2, 1][:k])) for k in (1, 3, 5, 10, 100)}
+    ndcg_b100 = 1 / log2(12)  # one relevant document at rank 11, ideal at rank 1
+    expected = {
+        "nDCG@1": 0.0, "nDCG@3": dcg_a[3] / ideal_a[3] / 3, "nDCG@5": dcg_a[5] / ideal_a[5] / 3,
+        "nDCG@10": dcg_a[10] / ideal_a[10] / 3, "nDCG@100": (dcg_a[100] / ideal_a[100] + ndcg_b100) / 3,
+        "MRR@10": (1 / 2) / 3,  # b's hit is below rank 10
+        "Recall@10": 1.0 / 3, "Recall@100": 2.0 / 3, "Recall@1000": 2.0 / 3,
+        "MAP@1000": ((1 / 2 + 2 / 3) / 2 + 1 / 11) / 3,
+    }
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-4), name
+    assert "| a |" not in markdown_table({"x": got}) and "| x | 0.0000 |" in markdown_table({"x": got})
+
+
+# --------------------------------------------------------------------------------------------------- data
+def test_beir_conventions(tiny_beir):
+    data = load_beir(tiny_beir, "test")
+    assert data.doc_texts[0].startswith(f"{WORDS[0]} study ") and data.doc_texts[-1] == "heart heart heart"
+    assert data.query_ids == [f"q{j}" for j in range(6)]  # "unjudged" has no qrels: not evaluated
+    assert data.qrels["q1"] == {"d7": 1, "d10": 2, "d12": 0}
+
+
+@pytest.mark.parametrize("file,line,content,message", [
+    ("corpus.jsonl", 2, "{not json", "not valid JSON"),
+    ("corpus.jsonl", 3, '{"title": "t", "text": "x"}', "'_id' is missing"),
+    ("queries.jsonl", 1, '["a list"]', "expected a JSON object"),
+    ("qrels/test.tsv", 2, "q0\td0", "expected 3 tab-separated fields"),
+    ("qrels/test.tsv", 3, "q0\td0\thigh", "not an integer"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, file, line, content, message):
+    folder = write_beir(tmp_path / "bad", [{"_id": f"d{i}", "text": "t"} for i in range(3)],
+                        [{"_id": "q0", "text": "q"}], {"q0": {"d0": 1, "d1": 1}})
+    lines = (folder / file).read_text().splitlines()
+    lines[line - 1] = content
+    (folder / file).write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=rf"{file}:{line}: .*{message}"):
+        load_beir(folder, "test")
+
+
+def test_bare_name_offline_says_where_to_put_it(tmp_path):
+    with pytest.raises(DatasetError, match=rf"nfcorpus.zip.*{tmp_path / 'nfcorpus'}"):
+        resolve_dataset("nfcorpus", tmp_path, allow_download=False)
+    write_beir(tmp_path / "nfcorpus", [{"_id": "d", "text": "t"}], [{"_id": "q", "text": "q"}], {"q": {"d": 1}})
+    assert resolve_dataset("nfcorpus", tmp_path, allow_download=False) == tmp_path / "nfcorpus"
+    with pytest.raises(DatasetError, match="not a BEIR folder"):
+        resolve_dataset(str(tmp_path / "missing" / "x"), tmp_path, allow_download=False)
+
+
+# ------------------------------------------------------------------------------------------------- search
+def random_encoded(n, prefix, g, vocab=50, k=None):
+    dense = torch.randn(n, 8, generator=g)
+    full = torch.randn(n, vocab, generator=g)
+    ids = [f"{prefix}{i}" for i in range(n)]
+    if k is None:
+        return Encoded(ids, dense.numpy(), vocab=full.numpy()), full
+    values, indices = torch.topk(full, k, dim=1)
+    return Encoded(ids, dense.numpy(), indices.int().numpy(), values.numpy()), full
+
+
+def test_dupmae_search_equals_dense_recomputation(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    queries, q_vocab = random_encoded(5, "q", g)
+    corpus, d_vocab = random_encoded(37, "d", g, k=6)
+    monkeypatch.setattr(search_mod, "DOC_CHUNK", 10)  # several corpus chunks and their top-k merge
+    monkeypatch.setattr(search_mod, "QUERY_BATCH", 2)
+    scores, rows = search_mod.dupmae_search(queries, corpus, depth=7)
+    reference = score(Representation(torch.from_numpy(queries.dense), q_vocab),
+                      Representation(torch.from_numpy(corpus.dense), d_vocab), top_k=6)  # [5, 37]
+    ref_scores, ref_rows = torch.topk(reference, 7, dim=1)
+    np.testing.assert_allclose(scores, ref_scores.numpy(), rtol=1e-5, atol=1e-5)
+    assert (rows == ref_rows.numpy()).all()
+
+
+def test_dense_search_is_exact_and_skips_own_id():
+    g = torch.Generator().manual_seed(1)
+    queries, _ = random_encoded(4, "d", g)  # query ids d0..d3 equal document ids
+    corpus, _ = random_encoded(30, "d", g)
+    corpus.dense[:4] = queries.dense * 10  # each query's own document would be its best hit
+    ranking = search_mod.search(Encoded(queries.ids, queries.dense), Encoded(corpus.ids, corpus.dense), depth=5)
+    brute = queries.dense @ corpus.dense.T
+    for q, qid in enumerate(queries.ids):
+        expected = [corpus.ids[r] for r in np.argsort(-brute[q]) if corpus.ids[r] != qid][:5]
+        assert list(ranking[qid]) == expected
+        assert list(ranking[qid].values()) == pytest.approx(sorted(brute[q][[int(e[1:]) for e in expected]])[::-1],
+                                                            rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- encode
+def test_token_budget_batches_cover_every_row_longest_first():
+    lengths = np.array([5, 60, 17, 60, 3, 9, 33, 1, 8])
+    batches = token_budget_batches(lengths, max_tokens=70, batch_size=4)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    flat = np.concatenate(batches)
+    assert (np.diff(lengths[flat]) <= 0).all()
+    for b in batches:
+        assert len(b) <= 4 and (len(b) == 1 or len(b) * lengths[b].max() <= 70)
+
+
+def test_batched_encoding_equals_one_text_at_a_time(tiny_model):
+    from common.representation import Encoder, RepresentationConfig
+    from common.tokenizer import load_tokenizer
+
+    enc = Encoder.from_pretrained(tiny_model, RepresentationConfig(kind="dupmae", dense_dim=16, top_k=8)).eval()
+    tok = load_tokenizer(tiny_model)
+    texts = ["", "one", "a much longer text about the heart and the brain and a virus", "gene drug"]
+    kw = dict(max_length=16, max_tokens=32, batch_size=8)
+    batched = encode_mod.encode_texts(enc, tok, list("abcd"), texts, documents=False, **kw)
+    docs = encode_mod.encode_texts(enc, tok, list("abcd"), texts, documents=True, **kw)
+    for i, text in enumerate(texts):
+        single = encode_mod.encode_texts(enc, tok, ["x"], [text], documents=False, **kw)
+        np.testing.assert_allclose(batched.dense[i], single.dense[0], atol=1e-5)
+        np.testing.assert_allclose(batched.vocab[i], single.vocab[0], atol=1e-4)
+        top = np.sort(single.vocab[0])[::-1][:8]
+        np.testing.assert_allclose(docs.sparse_values[i], top, atol=1e-4)
+    assert docs.vocab is None and batched.sparse_indices is None
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def test_end_to_end_outputs_and_cache_identity(tiny_model, tiny_beir, tmp_path, monkeypatch):
+    results = run(config(tiny_model, tiny_beir, tmp_path))
+    assert set(results) == {"tiny"} and 0 <= results["tiny"]["nDCG@10"] <= 1
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert (tmp_path / "results.md").read_text().startswith("| dataset | nDCG@1 |")
+    run_lines = (tmp_path / "tiny.run").read_text().splitlines()
+    assert len(run_lines) == 6 * 41 - 1  # depth 1000 > corpus: every document, but q3 is not in q3's list
+    assert not any(line.split()[0] == line.split()[2] for line in run_lines)
+    first = run_lines[0].split()
+    assert first[1] == "Q0" and first[3] == "1"
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a cached run must not encode")
+
+    monkeypatch.setattr("evaluation.pipeline.encode_texts", no_encoding)
+    again = tmp_path / "again"
+    assert run(config(tiny_model, tiny_beir, again, cache_dir=str(tmp_path / "cache"))) == results
+    assert (again / "tiny.run").read_text() == (tmp_path / "tiny.run").read_text()
+    with pytest.raises(AssertionError, match="must not encode"):  # another max length is another cache entry
+        run(config(tiny_model, tiny_beir, again, cache_dir=str(tmp_path / "cache"), max_length=20))
+
+
+def test_sharded_encoding_merges_to_the_unsharded_result(tiny_model, tiny_beir, tmp_path):
+    whole = run(config(tiny_model, tiny_beir, tmp_path / "whole", representation="mean", normalize=True))
+    sharded = tmp_path / "sharded"
+    for shard in (2, 0):  # shard 1 is left for the merging run to encode itself
+        assert run(config(tiny_model, tiny_beir, sharded, representation="mean", normalize=True,
+                          num_shards=3, shard_index=shard)) is None
+    assert not (sharded / "results.json").exists()
+    merged = run(config(tiny_model, tiny_beir, sharded, representation="mean", normalize=True, num_shards=3))
+    assert merged["tiny"] == pytest.approx(whole["tiny"])
+    rankings = [[line.split()[:3] for line in (d / "tiny.run").read_text().splitlines()] for d in
+                (tmp_path / "whole", sharded)]
+    assert rankings[0] == rankings[1]
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="shard_index"):
+        EvalConfig(datasets=["x"], output_dir=str(tmp_path), num_shards=2, shard_index=2)
+    with pytest.raises(ValueError, match="no_cache"):
+        EvalConfig(datasets=["x"], output_dir=str(tmp_path), num_shards=2, shard_index=0, no_cache=True)
+    with pytest.raises(ValueError, match="top_k"):
+        EvalConfig(datasets=["x"], output_dir=str(tmp_path), sparse_top_k=0)
