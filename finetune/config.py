@@ -1,0 +1,68 @@
+"""Every fine-tuning option in one typed dataclass; flag names follow HF TrainingArguments where one exists."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def arg(default, help: str):
+    """A dataclass field whose help text `HfArgumentParser` shows in --help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of `finetune/main.py` (and the parts of `finetune.mine_negatives` it shares)."""
+
+    # Model and representation
+    model_name_or_path: str = arg("default", "HF / sentence-transformers / DupMAE folder; 'default' = packaged MiniLM")
+    representation: Literal["cls", "mean", "dupmae"] = arg("cls", "cls / mean pooling, or DupMAE dense + sparse")
+    normalize: bool = arg(False, "L2-normalize the dense part (cosine scores), as sentence-transformers models do")
+    dense_dim: int = arg(384, "dupmae: output dim of the [CLS] projection")
+    top_k: int = arg(384, "dupmae: vocabulary entries a passage keeps (in training as at search time)")
+    untie_encoders: bool = arg(False, "separate query and passage encoders (both start from the same weights)")
+    # Data
+    data_dir: str = arg("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or preprocessing output")
+    qrels_split: str = arg("train", "BEIR folders: the qrels file qrels/<split>.tsv to train on")
+    negatives: str | None = arg(None, "BEIR folders: JSONL {query_id, negatives: [ranked doc ids]} from mining")
+    train_group_size: int = arg(8, "passages per query in a batch: 1 positive + (n - 1) sampled hard negatives")
+    query_max_length: int = arg(32, "query tokens, [CLS]/[SEP] included")
+    passage_max_length: int = arg(144, "passage tokens (title + text), [CLS]/[SEP] included")
+    # Loss
+    temperature: float = arg(0.02, "InfoNCE temperature: scores are divided by it")
+    cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
+    # Optimization
+    deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")
+    output_dir: str = arg("", "checkpoints/, model/ (export), metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl")
+    per_device_train_batch_size: int = arg(16, "queries per rank per micro-batch")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    learning_rate: float = arg(2e-5, "peak learning rate (linear warm-up, then linear decay to 0)")
+    weight_decay: float = arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
+    warmup_ratio: float = arg(0.1, "fraction of the optimizer steps spent warming up")
+    num_train_epochs: int = arg(1, "passes over the training queries (ignored when max_steps > 0)")
+    max_steps: int = arg(-1, "optimizer steps to run; > 0 overrides num_train_epochs")
+    logging_steps: int = arg(10, "log loss / accuracy / lr every N optimizer steps")
+    save_steps: int = arg(500, "checkpoint every N optimizer steps (and at the end)")
+    seed: int = arg(42, "seeds model dropout, the query order and the negatives drawn each epoch")
+    resume_from_checkpoint: str | None = arg(None, "a checkpoint folder (output_dir/checkpoints/step-N) to resume")
+    local_rank: int = arg(-1, "set by the deepspeed launcher")
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            raise ValueError("--data_dir is required")
+        if not self.output_dir:
+            raise ValueError("--output_dir is required")
+        if not self.deepspeed:
+            raise ValueError("--deepspeed is required (e.g. ds_configs/finetune_cpu.json)")
+        for name in ("train_group_size", "query_max_length", "passage_max_length", "per_device_train_batch_size",
+                     "gradient_accumulation_steps", "logging_steps", "save_steps", "dense_dim", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.query_max_length, self.passage_max_length) < 3:
+            raise ValueError("--query_max_length and --passage_max_length must leave room for [CLS] x [SEP] (>= 3)")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("need --learning_rate > 0, --weight_decay >= 0 and 0 <= --warmup_ratio < 1")
+        if self.max_steps <= 0 and self.num_train_epochs < 1:
+            raise ValueError("set --max_steps > 0 or --num_train_epochs >= 1")

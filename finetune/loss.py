@@ -1,0 +1,52 @@
+"""InfoNCE over in-batch, hard and (optionally) cross-device negatives.
+
+For query i with passages laid out in groups of G (positive first, then its hard negatives):
+    L = -(1/Bq) Σ_i log( exp(s(q_i, p_{o + i·G}) / τ) / Σ_j exp(s(q_i, p_j) / τ) )
+where j runs over every passage of the batch (every rank's with cross-device negatives) and o is the index of
+this rank's first passage in the gathered list (rank · B · G). References: sentence-transformers
+`MultipleNegativesRankingLoss(gather_across_devices=True)`, tevatron `_dist_gather_tensor`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the gathered tensor and returns this rank's slice.
+
+    So a passage's gradient includes the terms from other ranks' queries, and after DeepSpeed averages parameter
+    gradients over ranks, training equals one process with the whole batch and the mean loss.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # [B, ...] -> [W*B, ...]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # [W*B, ...] -> [B, ...]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(tensor: Tensor) -> Tensor:
+    """Concatenate every rank's tensor (equal shapes) in rank order; gradients flow back to the owning rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+def positive_labels(num_queries: int, group_size: int, offset: int = 0, device=None) -> Tensor:
+    """[Bq] index of each query's positive among the passages: offset + i * group_size."""
+    return offset + torch.arange(num_queries, device=device) * group_size
+
+
+def info_nce(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Mean InfoNCE of scores [Bq, Bp] with positives at labels [Bq]."""
+    return F.cross_entropy(scores / temperature, labels)

@@ -1,0 +1,67 @@
+"""The bi-encoder trained by fine-tuning: a query encoder and a passage encoder (one shared module by default)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from common.representation import Encoder, Representation, RepresentationConfig, score
+from finetune.config import FinetuneConfig
+from finetune.loss import gather_with_grad, info_nce, positive_labels
+
+
+@dataclass
+class BiEncoderOutput:
+    loss: Tensor  # scalar InfoNCE of this rank's queries
+    accuracy: Tensor  # scalar: fraction of this rank's queries whose positive scores highest
+    scores: Tensor  # [Bq, Bp] (Bp counts every rank's passages with cross-device negatives)
+
+
+class BiEncoder(nn.Module):
+    """Scores queries against passages with `common.representation.score` and returns the InfoNCE loss."""
+
+    def __init__(self, query_encoder: Encoder, passage_encoder: Encoder | None, temperature: float,
+                 group_size: int, cross_device_negatives: bool):
+        super().__init__()
+        self.query_encoder = query_encoder
+        self.passage_encoder = passage_encoder  # None: tied, the query encoder encodes passages too
+        self.temperature, self.group_size = temperature, group_size
+        self.cross_device_negatives = cross_device_negatives
+
+    @classmethod
+    def from_config(cls, cfg: FinetuneConfig) -> "BiEncoder":
+        rep = RepresentationConfig(cfg.representation, cfg.normalize, cfg.dense_dim, cfg.top_k)
+        query_encoder = Encoder.from_pretrained(cfg.model_name_or_path, rep)
+        passage_encoder = copy.deepcopy(query_encoder) if cfg.untie_encoders else None
+        return cls(query_encoder, passage_encoder, cfg.temperature, cfg.train_group_size, cfg.cross_device_negatives)
+
+    @property
+    def passage_side(self) -> Encoder:
+        return self.passage_encoder if self.passage_encoder is not None else self.query_encoder
+
+    def forward(self, query: dict[str, Tensor], passage: dict[str, Tensor]) -> BiEncoderOutput:
+        q = self.query_encoder(**query)  # dense [Bq, D], vocab [Bq, V] | None
+        p = self.passage_side(**passage)  # dense [Bq*G, D], vocab [Bq*G, V] | None
+        offset = 0
+        if self.cross_device_negatives and dist.is_initialized() and dist.get_world_size() > 1:
+            offset = dist.get_rank() * p.dense.shape[0]
+            p = Representation(gather_with_grad(p.dense), None if p.vocab is None else gather_with_grad(p.vocab))
+        top_k = self.query_encoder.config.top_k if p.vocab is not None else None
+        scores = score(q, p, top_k)  # [Bq, Bp]
+        labels = positive_labels(scores.shape[0], self.group_size, offset, scores.device)  # [Bq]
+        loss = info_nce(scores, labels, self.temperature)
+        accuracy = (scores.argmax(-1) == labels).float().mean()
+        return BiEncoderOutput(loss, accuracy.detach(), scores.detach())
+
+    def export(self, out_dir: str | Path, tokenizer) -> list[Path]:
+        """Tied: one model in out_dir. Untied: out_dir/query and out_dir/passage. Returns the folders written."""
+        out = Path(out_dir)
+        if self.passage_encoder is None:
+            self.query_encoder.save_pretrained(out, tokenizer)
+            return [out]
+        self.query_encoder.save_pretrained(out / "query", tokenizer)
+        self.passage_encoder.save_pretrained(out / "passage", tokenizer)
+        return [out / "query", out / "passage"]

@@ -1,0 +1,173 @@
+"""The DeepSpeed training loop: batches from `GroupSampler`, metrics (metrics.jsonl + TensorBoard), checkpoints
+that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every rank's RNG), and the export."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from finetune.config import FinetuneConfig
+from finetune.data import Collator, FinetuneData, GroupSampler
+from finetune.model import BiEncoder
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+EXPORT = "model"
+METRICS = "metrics.jsonl"
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
+
+
+def deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int) -> dict:
+    """The --deepspeed JSON with its "auto" values filled from the flags (the HF Trainer convention)."""
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such DeepSpeed config")
+    raw = json.loads(path.read_text())
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
+        "lr": cfg.learning_rate, "warmup_max_lr": cfg.learning_rate, "weight_decay": cfg.weight_decay,
+        "total_num_steps": total_steps, "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)),  # DeepSpeed needs >= 1
+    }
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        given = raw.setdefault(key, "auto")
+        if given not in ("auto", values[key]):
+            raise ValueError(f"{path}: {key} is {given} but the flags give {values[key]}; set it to \"auto\"")
+
+    def fill(node, where: str):
+        if isinstance(node, dict):
+            return {k: fill(v, f"{where}.{k}") if v != "auto" else _auto(k, where) for k, v in node.items()}
+        return node
+
+    def _auto(key: str, where: str):
+        if key not in values:
+            raise ValueError(f"{path}: {where}.{key} is \"auto\" but no flag sets it")
+        return values[key]
+
+    return fill(raw, path.name)
+
+
+class Trainer:
+    """Runs `BiEncoder` under DeepSpeed; every rank calls train(), rank 0 writes logs and the export."""
+
+    def __init__(self, cfg: FinetuneConfig, model: BiEncoder, tokenizer, data: FinetuneData):
+        import deepspeed
+
+        self.cfg, self.tokenizer, self.data = cfg, tokenizer, data
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.out = Path(cfg.output_dir)
+        self.sampler = GroupSampler(data.groups, list(data.corpus), cfg.train_group_size,
+                                    cfg.per_device_train_batch_size, self.rank, self.world_size, cfg.seed)
+        self.collator = Collator(tokenizer, cfg.query_max_length, cfg.passage_max_length)
+        per_epoch = self.sampler.steps_per_epoch // cfg.gradient_accumulation_steps
+        if cfg.max_steps <= 0 and per_epoch == 0:
+            raise ValueError(f"one epoch is {self.sampler.steps_per_epoch} micro-batches, fewer than "
+                             f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.num_train_epochs
+        self.epochs = math.ceil(self.total_steps * cfg.gradient_accumulation_steps / self.sampler.steps_per_epoch)
+        decay = [p for n, p in model.named_parameters() if not n.endswith(NO_DECAY)]
+        no_decay = [p for n, p in model.named_parameters() if n.endswith(NO_DECAY)]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                               config=deepspeed_config(cfg, self.world_size, self.total_steps))
+        self.position = (0, 0)  # (epoch, next micro-batch in it)
+        if cfg.resume_from_checkpoint:
+            self._load(Path(cfg.resume_from_checkpoint))
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "runs"))
+
+    def train(self) -> Path | None:
+        """Train to total_steps; returns the export folder on rank 0 (None elsewhere)."""
+        engine, cfg = self.engine, self.cfg
+        engine.train()
+        sums = torch.zeros(3)  # loss, accuracy, micro-batches since the last log
+        start = time.time()
+        bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc="fine-tune", disable=self.rank != 0)
+        epoch, step = self.position
+        while engine.global_steps < self.total_steps:
+            if step == self.sampler.steps_per_epoch:
+                epoch, step = epoch + 1, 0
+            batch = self.sampler.batch(epoch, step)
+            query, passage = self.collator([self.data.queries[q] for q, _ in batch],
+                                           [self.data.corpus[p] for _, ids in batch for p in ids])
+            output = engine(query, passage)
+            engine.backward(output.loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            step += 1
+            sums += torch.tensor([output.loss.item(), output.accuracy.item(), 1.0])
+            if not boundary:
+                continue
+            bar.update(1)
+            self.position = (epoch, step)
+            global_step = engine.global_steps
+            if global_step % cfg.logging_steps == 0 or global_step == self.total_steps:
+                self._log(global_step, epoch, sums, time.time() - start)
+                sums.zero_()
+            if global_step % cfg.save_steps == 0 or global_step == self.total_steps:
+                self._save(global_step)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.rank != 0:
+            return None
+        export = self.out / EXPORT
+        folders = engine.module.export(export, self.tokenizer)
+        logger.info("exported %s", ", ".join(map(str, folders)))
+        return export
+
+    def _log(self, step: int, epoch: int, sums: torch.Tensor, seconds: float) -> None:
+        dist.all_reduce(sums)  # every rank's loss / accuracy sums and micro-batch counts
+        loss, accuracy = (sums[:2] / sums[2]).tolist()
+        if self.rank != 0:
+            return
+        record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy,
+                  "lr": self.engine.get_lr()[0], "seconds": round(seconds, 2)}
+        with open(self.out / METRICS, "a") as out:
+            out.write(json.dumps(record) + "\n")
+        for name in ("loss", "accuracy", "lr"):
+            self.writer.add_scalar(f"train/{name}", record[name], step)
+        logger.info("step %d/%d epoch %d loss %.4f accuracy %.3f lr %.2e", step, self.total_steps, epoch, loss,
+                    accuracy, record["lr"])
+
+    def _save(self, step: int) -> None:
+        """DeepSpeed state + data position (client state) + this rank's RNG states (one file per rank)."""
+        tag = f"step-{step}"
+        epoch, micro = self.position
+        self.engine.save_checkpoint(str(self.out / CHECKPOINTS), tag=tag,
+                                    client_state={"epoch": epoch, "micro_step": micro, "world_size": self.world_size})
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save(rng, self.out / CHECKPOINTS / tag / f"rng-rank{self.rank}.pt")
+        dist.barrier()
+
+    def _load(self, folder: Path) -> None:
+        rng_file = folder / f"rng-rank{self.rank}.pt"
+        if not rng_file.is_file():
+            raise FileNotFoundError(f"{rng_file}: not a fine-tuning checkpoint of this world size "
+                                    f"({self.world_size} ranks)")
+        path, state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint there")
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"{folder} was written by {state['world_size']} ranks; resume needs the same number "
+                             f"(now {self.world_size}) for the same batches")
+        self.position = (state["epoch"], state["micro_step"])
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, self.engine.global_steps,
+                    *self.position)

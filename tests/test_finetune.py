@@ -1,0 +1,296 @@
+"""finetune: the loss against a plain reference, cross-device negatives against one process, data sampling and
+bad input, mining, export round trips, the dupmae training score, and exact resume of a real (tiny) run."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.representation import Encoder, RepresentationConfig
+from finetune.config import FinetuneConfig
+from finetune.data import Collator, DeadLetter, GroupSampler, TrainGroup, load_beir, read_negatives
+from finetune.loss import info_nce, positive_labels
+from finetune.model import BiEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("mean", "dupmae")
+WORDS = ["protein", "cell", "gene", "virus", "cancer", "brain", "heart", "drug", "dose", "mouse", "risk", "blood"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    from common.tokenizer import load_tokenizer
+
+    return load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer) -> Path:
+    """A tiny BERT with an MLM head (dupmae needs one) and the packaged tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=len(tokenizer), max_position_embeddings=64)
+    out = tmp_path_factory.mktemp("tiny_model")
+    BertForMaskedLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def beir_dir(tmp_path_factory) -> Path:
+    """30 documents, 12 training queries with one or two positives each."""
+    rng = random.Random(0)
+    out = tmp_path_factory.mktemp("beir")
+    (out / "qrels").mkdir()
+    docs = [{"_id": f"d{i}", "title": f"title {i}", "text": " ".join(rng.choices(WORDS, k=12))} for i in range(30)]
+    (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    queries = [{"_id": f"q{i}", "text": " ".join(rng.choices(WORDS, k=4))} for i in range(12)]
+    (out / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    rows = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{2 * i}\t1" for i in range(12)] + ["q0\td1\t1", "q1\td5\t0"]
+    (out / "qrels" / "train.tsv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+def config(**overrides) -> FinetuneConfig:
+    return replace(FinetuneConfig(data_dir="x", output_dir="x", deepspeed="x"), **overrides)
+
+
+def test_info_nce_equals_reference_loop():
+    torch.manual_seed(0)
+    scores, group, tau, offset = torch.randn(3, 12), 2, 0.05, 4
+    expected = 0.0
+    for i in range(3):
+        logits = [s / tau for s in scores[i].tolist()]
+        expected -= logits[offset + i * group] - math.log(sum(math.exp(x) for x in logits))
+    loss = info_nce(scores, positive_labels(3, group, offset), tau)
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def _tiny_batch(tokenizer, n_queries: int, group: int, seed: int):
+    rng = random.Random(seed)
+    collator = Collator(tokenizer, 16, 24)
+    return collator([" ".join(rng.choices(WORDS, k=3)) for _ in range(n_queries)],
+                    [" ".join(rng.choices(WORDS, k=rng.randint(2, 10))) for _ in range(n_queries * group)])
+
+
+def _slice(batch: dict, start: int, stop: int) -> dict:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None:
+    """Rank `rank` of 2: its half of the batch with cross-device negatives; saves the rank-mean loss and gradients."""
+    import torch.distributed as dist
+
+    from common.tokenizer import load_tokenizer
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    query, passage = _tiny_batch(load_tokenizer(model_dir), 4, 2, seed=1)
+    results = {}
+    for kind in KINDS:
+        model = BiEncoder.from_config(config(model_name_or_path=model_dir, representation=kind, top_k=8,
+                                             train_group_size=2, cross_device_negatives=True)).eval()
+        output = model(_slice(query, 2 * rank, 2 * rank + 2), _slice(passage, 4 * rank, 4 * rank + 4))
+        output.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        for g in grads.values():  # what DeepSpeed does: average the ranks' gradients
+            dist.all_reduce(g)
+            g /= 2
+        loss = output.loss.detach().clone()
+        dist.all_reduce(loss)
+        results[kind] = {"loss": loss / 2, "grads": grads}
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_cross_device_negatives_equal_one_process(tiny_model, tokenizer, tmp_path):
+    out = tmp_path / "ranks.pt"
+    torch.multiprocessing.spawn(_cross_device_worker, args=(str(tiny_model), 29400 + os.getpid() % 500, str(out)),
+                                nprocs=2, join=True)
+    results = torch.load(out)
+    query, passage = _tiny_batch(tokenizer, 4, 2, seed=1)
+    for kind in KINDS:
+        model = BiEncoder.from_config(config(model_name_or_path=str(tiny_model), representation=kind, top_k=8,
+                                             train_group_size=2)).eval()
+        output = model(query, passage)
+        output.loss.backward()
+        ranks = results[kind]
+        assert ranks["loss"].item() == pytest.approx(output.loss.item(), rel=1e-5)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert grads.keys() == ranks["grads"].keys()
+        for name, grad in grads.items():
+            scale = grad.abs().max().item()  # float32 sums in another order: tolerance relative to the tensor's scale
+            torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-4 * scale + 1e-7,
+                                       msg=lambda m, kind=kind, name=name: f"{kind}: {name}: {m}")
+
+
+def test_dupmae_training_score_equals_dense_recomputation(tiny_model, tokenizer):
+    model = BiEncoder.from_config(config(model_name_or_path=str(tiny_model), representation="dupmae", top_k=5,
+                                         train_group_size=2, temperature=0.1)).eval()
+    query, passage = _tiny_batch(tokenizer, 3, 2, seed=2)
+    output = model(query, passage)
+    q, p = model.query_encoder(**query), model.query_encoder(**passage)
+    kept = torch.zeros_like(p.vocab)
+    for row in range(len(kept)):  # the document keeps its 5 largest vocabulary entries
+        top = sorted(range(p.vocab.shape[1]), key=lambda i: -p.vocab[row, i].item())[:5]
+        kept[row, top] = p.vocab[row, top]
+    expected = torch.cat([q.dense, q.vocab], 1) @ torch.cat([p.dense, kept], 1).T
+    torch.testing.assert_close(output.scores, expected.detach(), rtol=1e-5, atol=1e-5)
+    output.loss.backward()  # the loss trains the [CLS] projection and the MLM head too
+    assert model.query_encoder.projection.weight.grad.abs().sum() > 0
+    head = model.query_encoder.model.cls.predictions.transform.dense.weight
+    assert head.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,normalize", [("mean", True), ("cls", False), ("dupmae", False)])
+def test_export_round_trip(tiny_model, tokenizer, tmp_path, kind, normalize):
+    model = BiEncoder.from_config(config(model_name_or_path=str(tiny_model), representation=kind,
+                                         normalize=normalize, untie_encoders=True)).eval()
+    with torch.no_grad():  # make the two towers differ, as training would
+        next(model.passage_encoder.parameters()).add_(0.01)
+    folders = model.export(tmp_path / "model", tokenizer)
+    assert [f.name for f in folders] == ["query", "passage"]
+    query, passage = _tiny_batch(tokenizer, 3, 1, seed=3)
+    for folder, encoder, batch in zip(folders, (model.query_encoder, model.passage_encoder), (query, passage)):
+        loaded = Encoder.from_pretrained(str(folder)).eval()
+        assert loaded.config == RepresentationConfig(kind, normalize)
+        with torch.no_grad():
+            before, after = encoder(**batch), loaded(**batch)
+        torch.testing.assert_close(after.dense, before.dense)
+        if kind == "dupmae":
+            torch.testing.assert_close(after.vocab, before.vocab)
+    if kind != "dupmae":
+        from sentence_transformers import SentenceTransformer
+
+        texts = ["gene risk in mice", "blood dose"]
+        st = SentenceTransformer(str(folders[1]), device="cpu").encode(texts, convert_to_tensor=True)
+        with torch.no_grad():
+            ours = model.passage_encoder(**Collator(tokenizer, 32, 32).encode(texts, 32)).dense
+        torch.testing.assert_close(st, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_sampler_is_seeded_per_epoch_and_never_draws_positives():
+    groups = [TrainGroup(f"q{i}", [f"p{i}"], [f"n{i}-{j}" for j in range(i % 4)]) for i in range(12)]
+    corpus = [f"p{i}" for i in range(12)] + [f"n{i}-{j}" for i in range(12) for j in range(i % 4)]
+    whole = GroupSampler(groups, corpus, 3, 4, rank=0, world_size=1, seed=7)
+    ranks = [GroupSampler(groups, corpus, 3, 2, rank=r, world_size=2, seed=7) for r in range(2)]
+    assert whole.steps_per_epoch == 3
+    for epoch in range(2):
+        for step in range(3):
+            batch = whole.batch(epoch, step)
+            assert batch == ranks[0].batch(epoch, step) + ranks[1].batch(epoch, step)
+            assert batch == GroupSampler(groups, corpus, 3, 4, 0, 1, seed=7).batch(epoch, step)
+            for query_id, passages in batch:
+                index = int(query_id[1:])
+                assert passages[0] == f"p{index}" and len(passages) == 3
+                assert all(p != f"p{index}" for p in passages[1:])  # random fallback never draws the positive
+                if index % 4:
+                    assert all(p.startswith(f"n{index}-") for p in passages[1:])
+    assert whole.batch(0, 0) != whole.batch(1, 0)
+    assert whole.batch(0, 0) != GroupSampler(groups, corpus, 3, 4, 0, 1, seed=8).batch(0, 0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        GroupSampler(groups, corpus, 3, 8, rank=0, world_size=2, seed=0)
+
+
+def test_bad_input_goes_to_dead_letter(beir_dir, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "qrels").mkdir()
+    lines = (beir_dir / "corpus.jsonl").read_text().splitlines()
+    (folder / "corpus.jsonl").write_text("\n".join(lines[:3] + ['{"_id": "x"', '{"_id": 5, "text": "t"}']) + "\n")
+    (folder / "queries.jsonl").write_text((beir_dir / "queries.jsonl").read_text())
+    (folder / "qrels" / "train.tsv").write_text("q0\td0\t1\nq1\td1\tyes\nq2\tmissing\t1\nq3\td2\t1\n")
+    negatives = tmp_path / "negs.jsonl"
+    negatives.write_text('{"query_id": "q0", "negatives": ["d0", "d1", "nope", "d1", "d2"]}\n'
+                         '{"query_id": "q3", "negatives": "d1"}\n')
+    dead = DeadLetter(tmp_path / "dead.jsonl")
+    data = load_beir(folder, "train", str(negatives), dead)
+    assert [(g.query_id, g.positives, g.negatives) for g in data.groups] == [("q0", ["d0"], ["d1", "d2"]),
+                                                                             ("q3", ["d2"], [])]
+    records = [json.loads(line) for line in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert dead.count == len(records) == 5
+    reasons = {(Path(r["source"]).name, r["line"]): r["reason"] for r in records}
+    assert reasons[("corpus.jsonl", 4)].startswith("invalid JSON")
+    assert reasons[("corpus.jsonl", 5)] == "field '_id' must be str"
+    assert reasons[("train.tsv", 2)].startswith("expected 'query-id")
+    assert "'missing'" in reasons[("train.tsv", 3)]
+    assert reasons[("negs.jsonl", 2)] == "field 'negatives' must be a list of strings"
+
+
+def test_deepspeed_auto_values(tmp_path):
+    from finetune.trainer import deepspeed_config
+
+    path = REPO / "ds_configs" / "finetune_cpu.json"
+    filled = deepspeed_config(config(deepspeed=str(path), per_device_train_batch_size=4, learning_rate=3e-5,
+                                     gradient_accumulation_steps=2), world_size=2, total_steps=50)
+    assert filled["train_batch_size"] == 16 and filled["optimizer"]["params"]["lr"] == 3e-5
+    assert filled["scheduler"]["params"]["total_num_steps"] == 50
+    assert "auto" not in json.dumps(filled)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu is 3"):
+        deepspeed_config(config(deepspeed=str(bad)), world_size=1, total_steps=1)
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_mined_negatives_are_ranked_and_never_positive(tiny_model, tokenizer, beir_dir, tmp_path):
+    from finetune.mine_negatives import encode
+
+    out = tmp_path / "negs.jsonl"
+    subprocess.run([sys.executable, "-m", "finetune.mine_negatives", "--model", str(tiny_model), "--data_dir",
+                    str(beir_dir), "--out", str(out), "--representation", "mean", "--depth", "10", "--skip_top", "2"],
+                   check=True, env=_env(), cwd=REPO)
+    mined = read_negatives(out, DeadLetter(None))
+    data = load_beir(beir_dir, "train", None, DeadLetter(None))
+    assert set(mined) == {g.query_id for g in data.groups}
+    encoder = Encoder.from_pretrained(str(tiny_model), RepresentationConfig("mean"))
+    collator = Collator(tokenizer, 32, 144)
+    doc_ids = list(data.corpus)
+    docs = encode(encoder, collator, [data.corpus[d] for d in doc_ids], 144, 7).dense
+    for group in data.groups:
+        query = encode(encoder, collator, [data.queries[group.query_id]], 32, 1).dense[0]
+        ranked = [doc_ids[i] for i in (docs @ query).argsort(descending=True)[:10].tolist()]
+        expected = [d for d in ranked if d not in group.positives][2:]
+        assert mined[group.query_id] == expected
+        assert not set(mined[group.query_id]) & set(group.positives)
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tiny_model, beir_dir, tmp_path):
+    negatives = tmp_path / "negs.jsonl"
+    negatives.write_text("".join(json.dumps({"query_id": f"q{i}", "negatives": [f"d{j}" for j in range(30)]}) + "\n"
+                                 for i in range(12)))
+
+    def run(out: Path, *extra: str) -> list[dict]:
+        subprocess.run([sys.executable, "finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json",
+                        "--model_name_or_path", str(tiny_model), "--data_dir", str(beir_dir), "--output_dir",
+                        str(out), "--negatives", str(negatives), "--train_group_size", "3",
+                        "--per_device_train_batch_size", "4", "--max_steps", "5", "--save_steps", "2",
+                        "--logging_steps", "1", "--learning_rate", "1e-3", "--representation", "dupmae", "--top_k",
+                        "16", "--passage_max_length", "24", *extra], check=True, env=_env(), cwd=REPO)
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full")
+    assert [m["step"] for m in full] == [1, 2, 3, 4, 5] and [m["epoch"] for m in full] == [0, 0, 0, 1, 1]
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full/checkpoints/step-2"))
+    assert [m["step"] for m in resumed] == [3, 4, 5]
+    for a, b in zip(full[2:], resumed):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["lr"] == b["lr"]
+    before = Encoder.from_pretrained(str(tmp_path / "full/model")).state_dict()
+    after = Encoder.from_pretrained(str(tmp_path / "resumed/model")).state_dict()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6, msg=name)
