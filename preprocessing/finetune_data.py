@@ -14,6 +14,7 @@ runner. A qrels or negatives line naming an unknown query or document is a dead 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import typing
@@ -38,7 +39,7 @@ from preprocessing.records import (
 )
 from preprocessing.runner import GatherAll, Progress, log_summary, make_pipeline, parse_config, quiet_beam_logging
 from preprocessing.shards import OutputDirError, list_array, prepare_output_dir, read_manifest, write_arrow, write_manifest
-from preprocessing.tokenize import BatchEncoder, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -53,23 +54,26 @@ class FinetuneDataConfig:
     query_max_length: int = field(default=32, metadata={"help": "query tokens kept (no special tokens)"})
     passage_max_length: int = field(default=144, metadata={"help": "document tokens kept (no special tokens)"})
     tokenize_batch_size: int = field(default=1024, metadata={"help": "texts per tokenizer call"})
+    tokenizer_threads: int = field(default=2, metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"})
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
 
     def __post_init__(self):
-        if self.query_max_length < 1 or self.passage_max_length < 1 or self.tokenize_batch_size < 1:
-            raise ValueError("--query_max_length, --passage_max_length and --tokenize_batch_size must be positive")
+        if min(self.query_max_length, self.passage_max_length, self.tokenize_batch_size, self.tokenizer_threads) < 1:
+            raise ValueError("--query_max_length, --passage_max_length, --tokenize_batch_size, --tokenizer_threads must be positive")
 
 
 class TokenizeTexts(beam.DoFn):
     """Document -> (sort key, id, input_ids), many texts per tokenizer call, cut at max_length tokens."""
 
-    def __init__(self, serialized_tokenizer: str, max_length: int, batch_size: int):
+    def __init__(self, serialized_tokenizer: str, max_length: int, batch_size: int, threads: int):
         self.serialized_tokenizer = serialized_tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
+        self.threads, self.launcher_pid = threads, os.getpid()
         self.tokens = Metrics.counter("preprocessing", "tokens")
 
     def setup(self):
+        set_worker_threads(self.threads, self.launcher_pid)
         self.encoder = BatchEncoder(self.serialized_tokenizer, self.max_length)
         self.progress = Progress("finetune_data")
 
@@ -245,7 +249,7 @@ def _tokenized_table(pipeline, name: str, file, spec: RecordSpec, max_length: in
         | f"Reshuffle{name}" >> beam.Reshuffle()
         | f"Parse{name}" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
     )
-    rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size))
+    rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads))
     info = rows | f"Gather{name}" >> GatherAll() | f"Write{name}" >> beam.ParDo(WriteTokenized(cfg.output_dir, out_file, schema))
     ids = rows | f"{name}Ids" >> beam.MapTuple(lambda key, row_id, ids: (row_id, True))
     return info, parsed[DEAD_LETTER_TAG], ids

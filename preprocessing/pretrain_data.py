@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from preprocessing.records import (
 from preprocessing.runner import Progress, log_summary, make_pipeline, parse_config, quiet_beam_logging
 from preprocessing.shards import OutputDirError, WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest
 from preprocessing.text import split_sentences
-from preprocessing.tokenize import BatchEncoder, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class PretrainDataConfig:
     shard_size_mb: float = field(default=256.0, metadata={"help": "approximate shard size; sets the shard count from the input size"})
     num_shards: int = field(default=0, metadata={"help": "exact shard count (0: from --shard_size_mb)"})
     tokenize_batch_sentences: int = field(default=4096, metadata={"help": "sentences per tokenizer call"})
+    tokenizer_threads: int = field(default=2, metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"})
     seed: int = field(default=42, metadata={"help": "seeds the short-block draws (per document, so runner-independent)"})
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
 
@@ -65,8 +67,8 @@ class PretrainDataConfig:
             raise ValueError(f"--max_seq_length {self.max_seq_length} leaves no room for tokens besides [CLS]/[SEP]")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise ValueError(f"--short_seq_prob {self.short_seq_prob} is not a probability")
-        if self.shard_size_mb <= 0 or self.num_shards < 0 or self.tokenize_batch_sentences < 1:
-            raise ValueError("--shard_size_mb and --tokenize_batch_sentences must be positive, --num_shards >= 0")
+        if self.shard_size_mb <= 0 or self.num_shards < 0 or self.tokenize_batch_sentences < 1 or self.tokenizer_threads < 1:
+            raise ValueError("--shard_size_mb, --tokenize_batch_sentences and --tokenizer_threads must be positive, --num_shards >= 0")
 
 
 class TokenizeAndPack(beam.DoFn):
@@ -76,9 +78,11 @@ class TokenizeAndPack(beam.DoFn):
         self.serialized_tokenizer = serialized_tokenizer
         self.config = config
         self.num_shards = num_shards
+        self.launcher_pid = os.getpid()
         self.counters = {n: Metrics.counter("preprocessing", n) for n in ("documents", "blocks", "tokens", "sentences")}
 
     def setup(self):
+        set_worker_threads(self.config.tokenizer_threads, self.launcher_pid)
         self.encoder = BatchEncoder(self.serialized_tokenizer)
         self.progress = Progress("pretrain_data")
 

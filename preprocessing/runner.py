@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import time
 import typing
 from collections.abc import Sequence
@@ -105,10 +106,19 @@ class Progress:
 
 
 class _WorkerProgressOnly(logging.Filter):
-    """Of the log lines multi-process workers forward to the runner, keep errors and our own lines."""
+    """Of the log lines multi-process workers forward to the runner, keep errors and our own lines, and
+    shorten ours from the forwarded protobuf text to their message."""
+
+    _MESSAGE = re.compile(r'message: "(.*?)" (?:instruction_id|transform_id|log_location)')
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or "/preprocessing/" in record.getMessage()
+        text = record.getMessage()
+        if "/preprocessing/" not in text:
+            return record.levelno >= logging.ERROR
+        match = self._MESSAGE.search(text)
+        if match:
+            record.msg, record.args = f"worker: {match.group(1)}", ()
+        return True
 
 
 def quiet_beam_logging() -> None:
