@@ -5,7 +5,7 @@
 #   eval "$(slurm/local_cluster.sh env)"   # points sbatch/squeue/scontrol at this cluster (SLURM_CONF)
 #   sbatch --wrap hostname
 #   slurm/local_cluster.sh status   # exit 0 when all three daemons run and the node takes jobs
-#   slurm/local_cluster.sh stop     # ends exactly the daemons `start` started (by their pid files)
+#   slurm/local_cluster.sh stop     # cancels its jobs, then ends exactly the daemons `start` started (pid files)
 #
 # munged, slurmctld and slurmd run as root with their key, configuration, state, pid files and logs in
 # DUPMAE_SLURM_DIR (default /tmp/dupmae-slurm); nothing under /etc is used, so a system SLURM or munge is
@@ -137,8 +137,24 @@ start() {
     echo "cluster up in $DIR; run: export SLURM_CONF=$CONF"
 }
 
+# Cancel every job of this cluster and wait until the node has let them go, so no task outlives slurmd.
+cancel_jobs() {
+    running_pid slurmctld >/dev/null && running_pid slurmd >/dev/null || return 0
+    local jobs
+    jobs=$(squeue --noheader --format=%i 2>/dev/null) || return 0
+    [[ -n $jobs ]] || return 0
+    # shellcheck disable=SC2086
+    scancel $jobs
+    for _ in $(seq 120); do
+        [[ -z $(squeue --noheader --format=%i 2>/dev/null) ]] && return 0
+        sleep 0.5
+    done
+    echo "local_cluster.sh: jobs still ending after 60 s: $(squeue --noheader --format=%i | xargs)" >&2
+}
+
 stop() {
     local i name pid
+    cancel_jobs
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
         name=${DAEMONS[i]}
         pid=$(running_pid "$name") || { rm -f "$(pid_file "$name")"; continue; }
