@@ -13,6 +13,7 @@
 # database (use `scontrol show job`, not sacct). Every command is idempotent.
 # Environment: DUPMAE_SLURM_DIR, DUPMAE_SLURM_CTLD_PORT (6817), DUPMAE_SLURM_SLURMD_PORT (6818).
 set -euo pipefail
+umask 022  # munged refuses group- or world-writable key and socket folders
 
 DIR=${DUPMAE_SLURM_DIR:-/tmp/dupmae-slurm}
 CTLD_PORT=${DUPMAE_SLURM_CTLD_PORT:-6817}
