@@ -198,7 +198,7 @@ def deepspeed_config(args: TrainingArguments, world_size: int, total_steps: int)
                 break
         if not isinstance(node, dict):
             continue  # e.g. no "optimizer" section: our AdamW is used
-        if node.get(key, "auto") == "auto":
+        if node.get(key, "auto" if not parents else None) == "auto":  # top-level keys are also filled when absent
             node[key] = value
         elif path in _MUST_AGREE and node[key] != value:
             raise ConfigError(f"--deepspeed {args.deepspeed}: {path}={node[key]} disagrees with the flags ({value})")

@@ -4,7 +4,7 @@
         --model_name_or_path bert-base-uncased --output_dir OUT --per_device_train_batch_size 32 \
         --max_steps 100000 --save_steps 1000 --save_total_limit 3 --resume auto
     # also: torchrun --nproc_per_node 8 pretrain/main.py ...; srun (one task per process) python pretrain/main.py ...
-    # CPU: DS_ACCELERATOR=cpu deepspeed --num_gpus 2 pretrain/main.py --deepspeed ds_configs/zero2_cpu.json ...
+    # CPU (gloo, bf16 works there too): DS_ACCELERATOR=cpu deepspeed --num_gpus 2 pretrain/main.py --deepspeed ds_configs/zero2.json ...
 
 Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/, export/ (the encoder
 for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or
@@ -20,6 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch.distributed
 from transformers import set_seed
 
 from common.logging_setup import setup_logging
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if trainer.train() == "finished":
         trainer.export(model, tokenizer, os.path.join(trainer.args.output_dir, "export"))
+    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -45,6 +45,12 @@ def init_distributed() -> tuple[int, int, int]:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
+    elif env.get("DUPMAE_CPU_SHM_COMM", "0") != "1":
+        # DeepSpeed's shared-memory all-reduce for CPU is a C++ op compiled at the first init (minutes on a small
+        # machine, and rebuilt whenever another environment built it last); plain gloo is enough for CPU runs.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     return rank, local_rank, world_size
 

@@ -1,0 +1,229 @@
+"""Pre-training end to end on CPU through the real launchers (`deepspeed`, torchrun): 2 ranks, ZeRO-2, bf16, gloo.
+
+One uninterrupted 4-step run is the reference; a run stopped at step 2 (--stop_at_step) and resumed
+(--resume auto) must log the very same per-step numbers; a rank signalled with SIGUSR1 must make both ranks
+stop at the same step with a checkpoint; the export must load with AutoModel and equal the fp32 master
+weights of the last checkpoint. Options and the DeepSpeed "auto" filling are tested in-process.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.tokenizer import load_tokenizer
+from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
+from test_pretrain_data import make_texts, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+STEPS = 4
+COMPARED = ("loss", "mlm_loss", "decoder_loss", "bow_loss", "mlm_accuracy", "decoder_accuracy", "bow_recall",
+            "grad_norm", "lr", "epoch")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_path):
+    return load_tokenizer(minilm_path)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, tokenizer) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), tokenizer, make_texts(48), max_seq_length=64)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _command(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> list[str]:
+    """The real launchers: `deepspeed --num_gpus 2` (CPU accelerator, gloo) or torchrun with 2 processes."""
+    if launcher == "deepspeed":
+        prefix = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2"]
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*prefix, "--master_port", str(_free_port()), "pretrain/main.py",
+            "--deepspeed", "ds_configs/zero2.json", "--data_dir", str(shard_dir), "--output_dir", str(out),
+            "--config_overrides", TINY, "--max_seq_length", "64", "--per_device_train_batch_size", "4",
+            "--max_steps", str(STEPS), "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "1",
+            "--disable_tqdm", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def launch(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> str:
+    """Run the launcher to completion; return its combined output (asserting exit 0)."""
+    done = subprocess.run(_command(shard_dir, out, *extra, launcher=launcher), cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    return log
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, shard_dir) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    launch(shard_dir, out)
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_run_finishes_and_logs(straight):
+    records = metrics(straight)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for record in records:
+        assert all(math.isfinite(record[key]) for key in COMPARED)
+        assert record["samples_per_s"] > 0 and record["tokens_per_s"] > record["samples_per_s"]
+    assert records[-1]["loss"] == pytest.approx(records[-1]["mlm_loss"] + records[-1]["decoder_loss"] + records[-1]["bow_loss"], rel=1e-5)
+    # warm-up ceil(0.1 * 4) = 1 step, then linear decay to 0 at step 4 (lr logged is the one each step used)
+    assert [r["lr"] for r in records] == pytest.approx([1e-4 * f for f in (1, 1, 2 / 3, 1 / 3)])
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoints = straight / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000004"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004"]  # --save_total_limit 1
+    # ZeRO-2 with 2 ranks: the optimizer state is partitioned, one file per rank
+    assert len(list((checkpoints / "step-00000004").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_stop_and_resume_logs_the_same_steps(tmp_path, shard_dir, straight):
+    out = tmp_path / "resumed"
+    # torchrun here (the deepspeed launcher made the reference): the same numbers whatever the launcher
+    log = launch(shard_dir, out, "--stop_at_step", "2", "--resume", "auto", launcher="torchrun")
+    assert "stopped at step 2" in log
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000002"
+    assert not (out / "export").exists()
+    log = launch(shard_dir, out, "--resume", "auto", launcher="torchrun")
+    assert "resumed from" in log and "step-00000002" in log
+    resumed, reference = metrics(out), metrics(straight)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicates after resume
+    for ours, theirs in zip(resumed, reference):
+        assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}, ours["step"]
+
+
+@pytest.mark.slow
+def test_export_loads_with_automodel_and_keeps_fp32_master_weights(straight, tokenizer):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    export = straight / "export"
+    encoder = AutoModel.from_pretrained(export).eval()
+    _, info = AutoModelForMaskedLM.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"]  # the MLM head is exported too
+    master = get_fp32_state_dict_from_zero_checkpoint(str(straight / "checkpoints"), tag="step-00000004")
+    reference = type(encoder)(encoder.config, add_pooling_layer=False).eval()  # the pooler is not trained
+    names = reference.state_dict().keys()
+    matched = {name: next(v for k, v in master.items() if k.endswith(f"bert.{name}")) for name in names}
+    reference.load_state_dict(matched)
+    batch = tokenizer(["dense retrieval with a duplex masked auto-encoder", "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours, theirs = encoder(**batch).last_hidden_state, reference(**batch).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # bf16 training: the exported weights are the fp32 masters, not the bf16 working copies
+    weight = encoder.embeddings.word_embeddings.weight
+    assert not torch.equal(weight, weight.bfloat16().float())
+
+
+@pytest.mark.slow
+def test_sigusr1_on_one_rank_stops_both_at_the_same_step(tmp_path, shard_dir):
+    """Under torchrun this time: rank 1 alone is signalled; both ranks must checkpoint the same step and exit 0."""
+    import psutil
+
+    out = tmp_path / "preempted"
+    command = _command(shard_dir, out, "--max_steps", "40", "--save_steps", "0", launcher="torchrun")
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").is_file() and metrics(out)):
+            assert process.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = psutil.Process(process.pid).children(recursive=True)
+        next(p for p in workers if p.environ().get("RANK") == "1").send_signal(signal.SIGUSR1)
+        log, _ = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 0, log[-4000:]
+    step = int(log.split("preempted at step ")[1].split()[0])
+    assert 1 <= step < 40
+    assert metrics(out)[-1]["step"] == step
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
+    assert len(list((out / "checkpoints" / f"step-{step:08d}").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
+    assert not (out / "export").exists()
+
+
+def test_config_file_then_flags(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data_dir: /data\noutput_dir: /out\nlearning_rate: 0.0003\nmax_steps: 7\nbow_weight: 0.1\n")
+    args = parse_args(["--config", str(config), "--max_steps", "9", "--max_seq_length", "128"])
+    assert args.training.learning_rate == 3e-4 and args.training.max_steps == 9
+    assert args.loss.bow_weight == 0.1 and args.collator.max_seq_length == 128 and args.data.data_dir == "/data"
+    config.write_text("data_dir: /data\noutput_dir: /out\nlearning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown option.*learning_rat"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(ConfigError, match="--data_dir is required"):
+        parse_args(["--output_dir", "/out"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be >= 1"):
+        parse_args(["--data_dir", "/d", "--output_dir", "/o", "--gradient_accumulation_steps", "0"])
+
+
+def test_deepspeed_auto_fields_come_from_the_flags(tmp_path):
+    args = TrainingArguments(output_dir="/o", deepspeed=str(REPO / "ds_configs" / "zero2.json"),
+                             per_device_train_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5)
+    config = deepspeed_config(args, world_size=2, total_steps=10)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"],
+            config["gradient_clipping"]) == (4, 3, 24, 0.5)
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    fp16 = deepspeed_config(TrainingArguments(output_dir="/o", deepspeed=str(REPO / "ds_configs" / "zero2_fp16.json")), 1, 10)
+    assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
+    custom = tmp_path / "ds.json"
+    custom.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}},
+                                  "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto",
+                                                                                    "warmup_num_steps": "auto"}}}))
+    config = deepspeed_config(TrainingArguments(output_dir="/o", deepspeed=str(custom), learning_rate=2e-4,
+                                                warmup_steps=3), 1, 10)
+    assert config["optimizer"]["params"] == {"lr": 2e-4, "betas": [0.9, 0.999]}
+    assert config["scheduler"]["params"] == {"total_num_steps": 10, "warmup_num_steps": 3}
+    custom.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16 disagrees with the flags"):
+        deepspeed_config(TrainingArguments(output_dir="/o", deepspeed=str(custom)), 1, 10)
+    custom.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ConfigError, match="no flag fills zero_optimization.reduce_bucket_size"):
+        deepspeed_config(TrainingArguments(output_dir="/o", deepspeed=str(custom)), 1, 10)
+
+
+def test_bad_data_and_vocab_mismatch_fail_before_training(tmp_path, shard_dir, tokenizer, caplog, monkeypatch):
+    import pretrain.main
+    from pretrain.main import main
+
+    monkeypatch.setattr(pretrain.main, "setup_logging", lambda rank: None)  # keep pytest's log capture
+
+    common = ["--output_dir", str(tmp_path / "out"), "--config_overrides", TINY]
+    assert main(["--data_dir", str(tmp_path / "absent"), *common]) == 2
+    assert "absent: no such folder" in caplog.text
+    other = write_shards(tmp_path / "other", tokenizer, make_texts(8), hash_override="f" * 64)
+    caplog.clear()
+    assert main(["--data_dir", str(other), *common]) == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "differs from the training tokenizer" in errors[0].getMessage()
+    caplog.clear()
+    assert main(["--data_dir", str(shard_dir), "--max_seq_length", "32", *common]) == 2
+    assert "below the shards' max_seq_length 64" in caplog.text
+    assert not (tmp_path / "out").exists()  # nothing was started
