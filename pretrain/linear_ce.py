@@ -4,7 +4,7 @@ Loss (summed, not averaged, so callers choose the normalizer):
     L = Σ_n [ logsumexp_v(z_nv) − z_n,y_n ],   z = h Wᵀ + b,   h [N, H], W [V, H], b [V]
 Its gradient is known in the forward pass: ∂L/∂z = softmax(z) − onehot(y). So each chunk of rows computes
 its logits (fp32 for the softmax whatever the weights' dtype), the loss, and the gradients w.r.t. h, W and b,
-and frees the logits; backward only scales the stored gradients by the incoming scalar. Peak memory is
+and frees the logits (three passes over the [chunk, V] block besides the two matmuls); backward only scales the stored gradients by the incoming scalar. Peak memory is
 one [chunk, V] block instead of the [N, V] logits plus their softmax that autograd would keep
 (same idea as Liger-Kernel's fused linear cross-entropy). FLOPs are those of the plain path.
 """
@@ -28,20 +28,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_size]  # [n, H]
             y = labels[start:start + chunk_size]  # [n]
             logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()  # [n, V]
-            lse = torch.logsumexp(logits, dim=-1)  # [n]
             target = logits.gather(1, y[:, None]).squeeze(1)  # [n]
-            loss += (lse - target).sum()
-            correct += (logits.argmax(-1) == y).sum()
+            row_max, predicted = logits.max(-1)  # [n], [n]
+            correct += (predicted == y).sum()
+            probs = logits.sub_(row_max[:, None]).exp_()  # unnormalized softmax, in place: one [n, V] buffer
+            total = probs.sum(-1)  # [n]
+            loss += (row_max + total.log() - target).sum()
             if with_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: [n, V]
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0  # ∂L/∂z
-                grad_bias += probs.sum(0)
-                g = probs.to(weight.dtype)
-                grad_hidden[start:start + chunk_size] = g @ weight
+                # ∂L/∂z = probs / total − onehot(y); the 1/total scaling and the one-hot part are applied to the
+                # small [n, H] / [V] operands instead of another pass over [n, V].
+                inv = total.reciprocal()  # [n]
+                g = probs.to(weight.dtype)  # [n, V]
+                grad_hidden[start:start + chunk_size] = (g @ weight) * inv[:, None].to(weight.dtype) - weight[y]
+                scaled = h * inv[:, None].to(h.dtype)  # [n, H]
                 if g.dtype == torch.float32:
-                    grad_weight.addmm_(g.T, h)
+                    grad_weight.addmm_(g.T, scaled)
                 else:  # bf16/fp16 product, accumulated in fp32 across chunks
-                    grad_weight += (g.T @ h).float()
+                    grad_weight += (g.T @ scaled).float()
+                grad_weight.index_add_(0, y, h.float(), alpha=-1.0)
+                grad_bias += inv @ probs
+                grad_bias.index_add_(0, y, torch.ones_like(inv), alpha=-1.0)
         ctx.has_bias = bias is not None
         ctx.dtype = weight.dtype
         if with_grad:

@@ -42,7 +42,7 @@ class DupMAEConfig:
     bow_weight: float = 1.0  # weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)
     bow_include_masked: bool = False  # max-pool over encoder-masked tokens too (official code) or not (paper)
     vocab_chunk_size: int = 4096  # vocabulary columns scored at once in the OT max-pool
-    ce_chunk_size: int = 2048  # rows of [rows, V] logits materialized at once in the MLM / decoder losses
+    ce_chunk_size: int = 1024  # rows of [rows, V] logits materialized at once in the MLM / decoder losses
 
     def __post_init__(self) -> None:
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from pretrain.collator import CollatorConfig, DupMAECollator
 from pretrain.linear_ce import linear_cross_entropy
 from pretrain.modeling import DECODER_FILE, DupMAEConfig, DupMAEModel
+from pretrain import ot_pooling
 from pretrain.ot_pooling import bow_loss, vocab_max_pool
 
 VOCAB = 97
@@ -184,7 +185,10 @@ def test_linear_cross_entropy_equals_plain():
             F.cross_entropy(hidden @ weight.T, labels, reduction="sum").item(), rel=1e-6)
 
 
-def test_chunked_max_pool_equals_plain_in_value_and_gradient():
+@pytest.mark.parametrize("sparse_backward", [True, False])
+def test_chunked_max_pool_equals_plain_in_value_and_gradient(sparse_backward, monkeypatch):
+    monkeypatch.setattr(ot_pooling, "_use_sparse", lambda hidden: sparse_backward)
+    monkeypatch.setattr(ot_pooling, "_BACKWARD_SLICE_ELEMENTS", 4 * 6 * 5)  # several slices
     torch.manual_seed(1)
     hidden = torch.randn(4, 9, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(29, 6, dtype=torch.float64, requires_grad=True)

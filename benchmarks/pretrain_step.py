@@ -1,0 +1,107 @@
+"""Seconds per optimizer step and peak memory: our DupMAEModel vs the full-logits (official-style) baseline.
+
+    python benchmarks/pretrain_step.py [--model_name_or_path M] [--seq_len 256] [--batch_size 8] [--steps 3]
+        [--device cpu|cuda]
+
+Each variant runs in its own subprocess so the peak-memory high-water marks do not mix: peak RSS
+(ru_maxrss) on CPU, peak allocated CUDA memory on GPU. Both variants load the same weights (the packaged
+all-MiniLM-L6-v2 by default; its missing MLM head is initialized from the same seed), see the same
+collated batches of Gutenberg text (random ids without ../shared/data) and take AdamW steps in fp32;
+one untimed warm-up step precedes the timed ones. Prints two JSON lines (time, memory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """Build the variant, take warm-up + timed steps, return {sec_per_step, peak_bytes, loss}."""
+    from benchmarks.collator import make_blocks
+    from benchmarks.full_logits import FullLogitsDupMAE
+    from common.tokenizer import load_tokenizer
+    from pretrain.collator import CollatorConfig, DupMAECollator
+    from pretrain.modeling import DupMAEConfig, DupMAEModel
+
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    torch.manual_seed(0)
+    model = DupMAEModel.from_pretrained(args.model_name_or_path, DupMAEConfig())
+    module = model if args.variant == "ours" else FullLogitsDupMAE(model)
+    module.to(device).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    collator = DupMAECollator.from_tokenizer(tokenizer, CollatorConfig(max_seq_length=args.seq_len))
+    rows = make_blocks(tokenizer, args.batch_size * (args.steps + 1), args.seq_len - 2, seed=0)
+    batches = [collator(rows[i:i + args.batch_size], torch.Generator().manual_seed(i))
+               for i in range(0, len(rows), args.batch_size)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(batch: dict) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        out = module(**{k: v.to(device) for k, v in batch.items()})
+        loss = out.loss if args.variant == "ours" else out
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    step(batches[0])
+    start = time.perf_counter()
+    losses = [step(batch) for batch in batches[1:]]
+    seconds = (time.perf_counter() - start) / args.steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"sec_per_step": seconds, "peak_bytes": peak, "loss": losses[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_name_or_path", default=None, help="default: the packaged all-MiniLM-L6-v2")
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # child process
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    results = {}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for variant in ("ours", "baseline"):
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], env=env,
+                               capture_output=True, text=True)
+        if child.returncode:
+            raise SystemExit(f"{variant} run failed:\n{child.stderr[-3000:]}")
+        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    common = {"model": args.model_name_or_path or "all-MiniLM-L6-v2 (packaged)", "seq_len": args.seq_len,
+              "batch_size": args.batch_size, "steps": args.steps, "device": args.device,
+              "loss_ours": round(results["ours"]["loss"], 4), "loss_baseline": round(results["baseline"]["loss"], 4)}
+    ours, base = results["ours"], results["baseline"]
+    print(json.dumps({"bench": "pretrain_step", "metric": "time_per_step", "unit": "s", "ours": round(ours["sec_per_step"], 3),
+                      "baseline": round(base["sec_per_step"], 3),
+                      "ratio": round(ours["sec_per_step"] / base["sec_per_step"], 3), "better": "lower", **common}))
+    memory = "peak_rss" if args.device == "cpu" else "peak_allocated"
+    print(json.dumps({"bench": "pretrain_step", "metric": memory, "unit": "MiB", "ours": round(ours["peak_bytes"] / 2**20),
+                      "baseline": round(base["peak_bytes"] / 2**20),
+                      "ratio": round(ours["peak_bytes"] / base["peak_bytes"], 3), "better": "lower", **common}))
+
+
+if __name__ == "__main__":
+    main()
