@@ -22,6 +22,8 @@ import torch
 
 from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
+from pretrain.checkpoint import Checkpointer, resolve_resume
+from pretrain.trainer import lr_factor
 from test_pretrain_data import make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,8 @@ def _command(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     return [*prefix, "--master_port", str(_free_port()), "pretrain/main.py",
             "--deepspeed", "ds_configs/zero2.json", "--data_dir", str(shard_dir), "--output_dir", str(out),
-            "--config_overrides", TINY, "--max_seq_length", "64", "--per_device_train_batch_size", "4",
+            "--config_overrides", TINY, "--max_seq_length", "64", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2",
             "--max_steps", str(STEPS), "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "1",
             "--disable_tqdm", *extra]
 
@@ -227,3 +230,49 @@ def test_bad_data_and_vocab_mismatch_fail_before_training(tmp_path, shard_dir, t
     assert main(["--data_dir", str(shard_dir), "--max_seq_length", "32", *common]) == 2
     assert "below the shards' max_seq_length 64" in caplog.text
     assert not (tmp_path / "out").exists()  # nothing was started
+
+
+class _FakeEngine:
+    """Writes what DeepSpeed writes (a tag folder); can fail half-way like a crash mid-save."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at = fail_at
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # `latest` is ours, written atomically after every rank finished
+        folder = Path(save_dir) / tag
+        folder.mkdir()
+        if self.fail_at is not None and tag.endswith(f"{self.fail_at:08d}"):
+            raise OSError("disk full")
+        (folder / "state.json").write_text(json.dumps(client_state))
+
+
+def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "checkpoints", save_total_limit=2, rank=0)
+    for step in (2, 4, 6):
+        checkpointer.save(_FakeEngine(), step, {"step": step})
+    assert sorted(p.name for p in checkpointer.dir.glob("step-*")) == ["step-00000004", "step-00000006"]
+    with pytest.raises(OSError):
+        checkpointer.save(_FakeEngine(fail_at=8), 8, {"step": 8})
+    assert (checkpointer.dir / "latest").read_text() == "step-00000006"
+    assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00000006")
+    assert resolve_resume(str(checkpointer.dir / "step-00000004"), checkpointer.dir) == (checkpointer.dir, "step-00000004")
+    assert resolve_resume(str(checkpointer.dir), tmp_path) == (checkpointer.dir, "step-00000006")
+    assert resolve_resume("auto", tmp_path / "fresh") is None and resolve_resume(None, checkpointer.dir) is None
+    with pytest.raises(FileNotFoundError, match="--resume /nowhere"):
+        resolve_resume("/nowhere", checkpointer.dir)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_matches_a_plain_formula(kind):
+    total, warmup, peak = 20, 5, 1e-3
+    for step in range(total):
+        if step < warmup:
+            expected = peak * (step + 1) / warmup
+        else:
+            progress = (step - warmup) / (total - warmup)
+            expected = peak * ((1 - progress) if kind == "linear" else (1 + math.cos(math.pi * progress)) / 2)
+        assert peak * lr_factor(step, warmup=warmup, total=total, kind=kind) == pytest.approx(expected)
+    args = TrainingArguments(output_dir="/o", num_train_epochs=2.5, warmup_ratio=0.1)
+    assert args.total_steps(steps_per_epoch=6) == 15 and args.warmup(15) == 2
+    assert TrainingArguments(output_dir="/o", max_steps=7, num_train_epochs=2.5).total_steps(6) == 7
