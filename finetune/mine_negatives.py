@@ -1,5 +1,5 @@
 """Hard negatives for fine-tuning: retrieve the top `depth` documents of every training query with a model
-(exact faiss inner-product search; DupMAE's dense + sparse score is searched exactly, corpus chunk by chunk) or
+(evaluation's encoder and search: exact faiss inner product, or DupMAE's dense + sparse score searched exactly) or
 with BM25 (the `bm25s` package), drop the positives and the `skip_top` best remaining documents (often
 unlabeled positives), and write the ranked rest.
 
@@ -12,16 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
-import torch
-from tqdm import tqdm
-
-from common.representation import Encoder, Representation, RepresentationConfig, score
+from common.representation import Encoder
 from finetune.config import arg
-from finetune.data import Collator, DeadLetter, Text, load_beir
+from finetune.data import DeadLetter, load_beir
 
 logger = logging.getLogger(__name__)
 
@@ -39,56 +36,14 @@ class MiningConfig:
     skip_top: int = arg(3, "best-ranked non-positive documents skipped (likely unlabeled positives)")
     query_max_length: int = arg(32, "query tokens, [CLS]/[SEP] included")
     passage_max_length: int = arg(144, "passage tokens (title + text), [CLS]/[SEP] included")
-    batch_size: int = arg(64, "texts per encoder forward pass")
+    batch_size: int = arg(128, "most texts per encoder forward pass")
+    max_tokens: int = arg(2048, "token budget per forward pass (rows x longest row)")
 
     def __post_init__(self) -> None:
         if not self.data_dir or not self.out:
             raise ValueError("--data_dir and --out are required")
-        if self.depth < 1 or self.skip_top < 0 or self.batch_size < 1:
-            raise ValueError("need --depth >= 1, --skip_top >= 0 and --batch_size >= 1")
-
-
-def encode_batches(encoder: Encoder, collator: Collator, texts: list[Text], max_length: int,
-                   batch_size: int, desc: str) -> Iterator[tuple[list[int], Representation]]:
-    """(positions, representation) per batch, longest texts first so batches pad little."""
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    encoder.eval()
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            positions = order[start:start + batch_size]
-            yield positions, encoder(**collator.encode([texts[i] for i in positions], max_length))
-
-
-def encode(encoder: Encoder, collator: Collator, texts: list[Text], max_length: int, batch_size: int,
-           desc: str = "encode") -> Representation:
-    """All texts' representations in input order (the vocab part is [N, V]: for queries, not corpora)."""
-    dense, vocab = [None] * len(texts), [None] * len(texts)
-    for positions, rep in encode_batches(encoder, collator, texts, max_length, batch_size, desc):
-        for row, i in enumerate(positions):
-            dense[i] = rep.dense[row]
-            vocab[i] = None if rep.vocab is None else rep.vocab[row]
-    return Representation(torch.stack(dense), None if vocab[0] is None else torch.stack(vocab))
-
-
-def dense_search(encoder: Encoder, collator: Collator, queries: list[Text], corpus: list[Text], depth: int,
-                 cfg: MiningConfig) -> list[list[int]]:
-    """Each query's top-`depth` corpus positions by the encoder's score, best first."""
-    import faiss
-
-    q = encode(encoder, collator, queries, cfg.query_max_length, cfg.batch_size, "queries")
-    if q.vocab is None:
-        d = encode(encoder, collator, corpus, cfg.passage_max_length, cfg.batch_size, "corpus")
-        index = faiss.IndexFlatIP(d.dense.shape[1])
-        index.add(d.dense.float().numpy())
-        return index.search(q.dense.float().numpy(), depth)[1].tolist()
-    # dupmae: exact dense + sparse score, merged chunk by chunk so the [N, V] corpus matrix never exists.
-    best = torch.full((len(queries), 0), float("-inf")), torch.zeros((len(queries), 0), dtype=torch.long)
-    for positions, d in encode_batches(encoder, collator, corpus, cfg.passage_max_length, cfg.batch_size, "corpus"):
-        scores = torch.cat([best[0], score(q, d, encoder.config.top_k)], dim=1)  # [Nq, kept + b]
-        ids = torch.cat([best[1], torch.tensor(positions).expand(len(queries), -1)], dim=1)
-        top = scores.topk(min(depth, scores.shape[1]), dim=1)
-        best = top.values, ids.gather(1, top.indices)
-    return best[1].tolist()
+        if min(self.depth, self.batch_size, self.max_tokens) < 1 or self.skip_top < 0:
+            raise ValueError("need --depth, --batch_size, --max_tokens >= 1 and --skip_top >= 0")
 
 
 def bm25_search(queries: list[str], corpus: list[str], depth: int) -> list[list[int]]:
@@ -102,8 +57,41 @@ def bm25_search(queries: list[str], corpus: list[str], depth: int) -> list[list[
     return ids.tolist()
 
 
-def mine(cfg: MiningConfig) -> int:
-    """Write the negatives file; returns the number of queries written."""
+def dense_search(cfg: MiningConfig, queries: list[str], corpus: list[str]) -> list[list[int]]:
+    """Each query's top-`depth` corpus positions by the model's own score (evaluation's encoder and search)."""
+    from common.representation import saved_config
+    from common.tokenizer import load_tokenizer
+    from evaluation.encode import encode_texts
+    from evaluation.search import search
+
+    rep = None
+    if cfg.representation is not None:
+        rep = replace(saved_config(cfg.model), kind=cfg.representation, normalize=cfg.normalize)
+    encoder, tokenizer = Encoder.from_pretrained(cfg.model, rep), load_tokenizer(cfg.model)
+    positions = [str(i) for i in range(len(corpus))]  # ids that never equal a query's (search drops those)
+    options = {"max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size}
+    q = encode_texts(encoder, tokenizer, [f"q{i}" for i in range(len(queries))], queries, documents=False,
+                     max_length=cfg.query_max_length, desc="queries", **options)
+    d = encode_texts(encoder, tokenizer, positions, corpus, documents=True, max_length=cfg.passage_max_length,
+                     desc="corpus", **options)
+    return [[int(doc) for doc in hits] for hits in search(q, d, cfg.depth).values()]
+
+
+def hard_negatives(ranked: list[str], positives: list[str], skip_top: int) -> list[str]:
+    """The ranked ids without the positives and without the `skip_top` best of the rest."""
+    banned = set(positives)
+    return [doc_id for doc_id in ranked if doc_id not in banned][skip_top:]
+
+
+def write_negatives(path: str | Path, negatives: dict[str, list[str]]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as out:
+        for query_id, doc_ids in negatives.items():
+            out.write(json.dumps({"query_id": query_id, "negatives": doc_ids}) + "\n")
+
+
+def mine(cfg: MiningConfig) -> dict[str, list[str]]:
+    """Write the negatives file; returns query id -> negatives."""
     dead_letter = DeadLetter(f"{cfg.out}.dead_letter.jsonl")
     data = load_beir(cfg.data_dir, cfg.split, None, dead_letter)
     doc_ids = list(data.corpus)
@@ -112,21 +100,13 @@ def mine(cfg: MiningConfig) -> int:
     if cfg.method == "bm25":
         ranked = bm25_search(queries, corpus, cfg.depth)
     else:
-        from common.tokenizer import load_tokenizer
-
-        rep = None if cfg.representation is None else RepresentationConfig(cfg.representation, cfg.normalize)
-        encoder = Encoder.from_pretrained(cfg.model, rep)
-        collator = Collator(load_tokenizer(cfg.model), cfg.query_max_length, cfg.passage_max_length)
-        ranked = dense_search(encoder, collator, queries, corpus, min(cfg.depth, len(doc_ids)), cfg)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.out, "w", encoding="utf-8") as out:
-        for group, positions in zip(data.groups, ranked):
-            positives = set(group.positives)
-            negatives = [doc_ids[i] for i in positions if i >= 0 and doc_ids[i] not in positives][cfg.skip_top:]
-            out.write(json.dumps({"query_id": group.query_id, "negatives": negatives}) + "\n")
-    logger.info("wrote hard negatives of %d queries to %s (%d malformed records skipped)", len(data.groups),
-                cfg.out, dead_letter.count)
-    return len(data.groups)
+        ranked = dense_search(cfg, queries, corpus)
+    negatives = {g.query_id: hard_negatives([doc_ids[i] for i in positions], g.positives, cfg.skip_top)
+                 for g, positions in zip(data.groups, ranked)}
+    write_negatives(cfg.out, negatives)
+    logger.info("wrote hard negatives of %d queries to %s (%d malformed records skipped)", len(negatives), cfg.out,
+                dead_letter.count)
+    return negatives
 
 
 def main(argv: list[str] | None = None) -> None:

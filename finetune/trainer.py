@@ -103,7 +103,7 @@ class Trainer:
             batch = self.sampler.batch(epoch, step)
             query, passage = self.collator([self.data.queries[q] for q, _ in batch],
                                            [self.data.corpus[p] for _, ids in batch for p in ids])
-            output = engine(query, passage)
+            output = engine(*({k: v.to(engine.device) for k, v in part.items()} for part in (query, passage)))
             engine.backward(output.loss)
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()

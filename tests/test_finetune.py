@@ -248,8 +248,6 @@ def _env() -> dict:
 
 
 def test_mined_negatives_are_ranked_and_never_positive(tiny_model, tokenizer, beir_dir, tmp_path):
-    from finetune.mine_negatives import encode
-
     out = tmp_path / "negs.jsonl"
     subprocess.run([sys.executable, "-m", "finetune.mine_negatives", "--model", str(tiny_model), "--data_dir",
                     str(beir_dir), "--out", str(out), "--representation", "mean", "--depth", "10", "--skip_top", "2"],
@@ -257,16 +255,29 @@ def test_mined_negatives_are_ranked_and_never_positive(tiny_model, tokenizer, be
     mined = read_negatives(out, DeadLetter(None))
     data = load_beir(beir_dir, "train", None, DeadLetter(None))
     assert set(mined) == {g.query_id for g in data.groups}
-    encoder = Encoder.from_pretrained(str(tiny_model), RepresentationConfig("mean"))
+    encoder = Encoder.from_pretrained(str(tiny_model), RepresentationConfig("mean")).eval()
     collator = Collator(tokenizer, 32, 144)
     doc_ids = list(data.corpus)
-    docs = encode(encoder, collator, [data.corpus[d] for d in doc_ids], 144, 7).dense
-    for group in data.groups:
-        query = encode(encoder, collator, [data.queries[group.query_id]], 32, 1).dense[0]
-        ranked = [doc_ids[i] for i in (docs @ query).argsort(descending=True)[:10].tolist()]
-        expected = [d for d in ranked if d not in group.positives][2:]
-        assert mined[group.query_id] == expected
-        assert not set(mined[group.query_id]) & set(group.positives)
+    with torch.no_grad():  # reference: one text at a time, no padding
+        docs = torch.cat([encoder(**collator.encode([data.corpus[d]], 144)).dense for d in doc_ids])
+        for group in data.groups:
+            query = encoder(**collator.encode([data.queries[group.query_id]], 32)).dense[0]
+            ranked = [doc_ids[i] for i in (docs @ query).argsort(descending=True)[:10].tolist()]
+            expected = [d for d in ranked if d not in group.positives][2:]
+            assert mined[group.query_id] == expected
+            assert not set(mined[group.query_id]) & set(group.positives)
+
+
+def test_bm25_mining(beir_dir, tmp_path):
+    pytest.importorskip("bm25s")
+    from finetune.mine_negatives import MiningConfig, mine
+
+    beir = load_beir(beir_dir, "train", None, DeadLetter(None))
+    mined = mine(MiningConfig(data_dir=str(beir_dir), out=str(tmp_path / "n.jsonl"), method="bm25", depth=8,
+                              skip_top=0))
+    assert mined == read_negatives(tmp_path / "n.jsonl", DeadLetter(None))
+    for group in beir.groups:
+        assert 0 < len(mined[group.query_id]) <= 8 and not set(mined[group.query_id]) & set(group.positives)
 
 
 @pytest.mark.slow
