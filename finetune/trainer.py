@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -74,7 +73,6 @@ class Trainer:
             raise ValueError(f"one epoch is {self.sampler.steps_per_epoch} micro-batches, fewer than "
                              f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else per_epoch * cfg.num_train_epochs
-        self.epochs = math.ceil(self.total_steps * cfg.gradient_accumulation_steps / self.sampler.steps_per_epoch)
         decay = [p for n, p in model.named_parameters() if not n.endswith(NO_DECAY)]
         no_decay = [p for n, p in model.named_parameters() if n.endswith(NO_DECAY)]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -130,8 +128,9 @@ class Trainer:
         return export
 
     def _log(self, step: int, epoch: int, sums: torch.Tensor, seconds: float) -> None:
-        dist.all_reduce(sums)  # every rank's loss / accuracy sums and micro-batch counts
-        loss, accuracy = (sums[:2] / sums[2]).tolist()
+        totals = sums.to(self.engine.device)  # NCCL reduces device tensors only
+        dist.all_reduce(totals)  # every rank's loss / accuracy sums and micro-batch counts
+        loss, accuracy = (totals[:2] / totals[2]).tolist()
         if self.rank != 0:
             return
         record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy,
@@ -149,7 +148,8 @@ class Trainer:
         epoch, micro = self.position
         self.engine.save_checkpoint(str(self.out / CHECKPOINTS), tag=tag,
                                     client_state={"epoch": epoch, "micro_step": micro, "world_size": self.world_size})
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, self.out / CHECKPOINTS / tag / f"rng-rank{self.rank}.pt")
         dist.barrier()
 
@@ -169,5 +169,7 @@ class Trainer:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
         logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, self.engine.global_steps,
                     *self.position)
