@@ -5,7 +5,8 @@ packages when missing, as root) and stops it afterwards unless it was already ru
 writes tiny shards; on them a tiny model trains with 2 tasks on CPU through pretrain.sbatch, once straight
 through and once preempted mid-run: USR1 to the batch shell, as SLURM sends before a time limit, must
 checkpoint, requeue the job and resume it to exactly the same steps and losses. Skipped only when the
-packages cannot be installed.
+packages cannot be installed. evaluate.sbatch encodes a tiny BEIR corpus in 2 shards (one task each)
+and merges them into the scores.
 
     pytest -q -m slurm tests/test_slurm.py
 """
@@ -176,3 +177,27 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(straight_run, 
     resumed, straight = steps(job.metrics()), steps(straight_run.metrics())
     assert [m["step"] for m in resumed] == list(range(1, MAX_STEPS + 1))
     assert resumed == straight
+
+
+def test_evaluate_encodes_one_shard_per_task_then_merges(slurm_env, minilm_path, tmp_path):
+    beir = tmp_path / "tiny"
+    (beir / "qrels").mkdir(parents=True)
+    rng = random.Random(1)
+    with open(beir / "corpus.jsonl", "w") as out:
+        for i in range(30):
+            out.write(json.dumps({"_id": f"d{i}", "title": "", "text": " ".join(rng.choices(WORDS, k=12))}) + "\n")
+    with open(beir / "queries.jsonl", "w") as out:
+        for i in range(5):
+            out.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.choices(WORDS, k=4))}) + "\n")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{3 * i}\t1\n" for i in range(5)))
+    env = {**slurm_env, "MODEL": minilm_path, "DATASETS": str(beir), "OUTPUT_DIR": str(tmp_path / "eval")}
+    job_id = sbatch(env, "evaluate.sbatch", "--batch_size", "8",
+                    flags=("--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out"))
+    log_dir = Path(env["LOG_ROOT"]) / f"dupmae-evaluate-{job_id}"
+    assert wait_for(env, job_id, log_dir)["JobState"] == "COMPLETED", read_logs(log_dir)
+    for task in (0, 1):  # task i encoded shard i
+        assert f"tiny: shard {task}/2 encoded" in (log_dir / f"rank-{task}.log").read_text(), read_logs(log_dir)
+    merge = (log_dir / "batch.log").read_text()
+    assert merge.count("embedding cache hit") == 2, merge  # the merge read both shards instead of encoding them
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert 0 < results["tiny"]["nDCG@10"] <= 1
