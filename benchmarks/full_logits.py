@@ -38,13 +38,15 @@ class FullLogitsDupMAE(nn.Module):
 
 
 def random_rows(n_rows: int, block_len: int, vocab_size: int, seed: int) -> list[dict]:
-    """Shard-like rows of random ids (~1.3 tokens per word), for benchmarks without text."""
+    """Shard-like rows of random ids above BERT's special ids (~1.3 tokens per word), for benchmarks without text."""
     import numpy as np
 
+    if vocab_size <= 200:
+        raise ValueError(f"random_rows: vocab_size {vocab_size} is too small (ids start at 104)")
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n_rows):
-        ids = rng.integers(1000, vocab_size, block_len).astype(np.int32)
+        ids = rng.integers(104, vocab_size, block_len).astype(np.int32)
         starts = rng.random(block_len) < 0.75
         starts[0] = True
         unique = np.unique(ids)
