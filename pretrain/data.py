@@ -5,11 +5,15 @@ and nothing is copied until a batch is taken. Each epoch draws one permutation o
 (seed, epoch); rank r takes every world_size-th entry of it (disjoint shares), cut to the same length on
 every rank, so all ranks run the same number of steps. The loader's whole state is the number of
 micro-batches consumed: resuming computes the epoch and the offset in its permutation directly, never
-reading or iterating over the batches already seen.
+reading or iterating over the batches already seen. `Prefetcher` builds the next batches in a thread while
+the accelerator computes (pyarrow and torch release the GIL), in order, so the batches stay deterministic.
 """
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,11 +114,13 @@ class RankBatchLoader:
         start = within * self.batch_size
         return self._share[start : start + self.batch_size]
 
-    def next_batch(self) -> list[dict]:
-        """The next micro-batch's rows; advances the position."""
-        rows = self.shards.rows(self.batch_indices(self.state.micro_batches))
-        self.state.micro_batches += 1
-        return rows
+    def read(self, position: int) -> list[dict]:
+        """The rows of micro-batch `position`; pure, so a prefetching thread may call it ahead of time."""
+        return self.shards.rows(self.batch_indices(position))
+
+    def consumed(self, position: int) -> None:
+        """Record that micro-batch `position` went through a training step (the checkpointed position)."""
+        self.state.micro_batches = position + 1
 
     def epoch(self) -> float:
         return self.state.micro_batches / self.batches_per_epoch
@@ -130,3 +136,41 @@ class RankBatchLoader:
             if state[key] != mine[key]:
                 raise DataError(f"cannot resume the data loader: checkpoint has {key}={state[key]}, this run {mine[key]}")
         self.state = LoaderState(micro_batches=int(state["micro_batches"]))
+
+
+class Prefetcher:
+    """Calls make(position) for position = start, start + 1, ... in a background thread, up to `depth` ahead,
+    and hands the results out in order; an exception in the thread is raised by `next`."""
+
+    def __init__(self, make: Callable[[int], object], start: int, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, start), name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[int], object], position: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (position, make(position), None)
+            except Exception as exc:  # handed to the consumer, which raises it with its traceback
+                item = (position, None, exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            position += 1
+
+    def next(self) -> tuple[int, object]:
+        """(position, make(position)) for the next position."""
+        position, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        return position, value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()

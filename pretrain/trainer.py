@@ -22,7 +22,7 @@ from torch import nn
 
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config
 from pretrain.checkpoint import Checkpointer, resolve_resume, tag_for
-from pretrain.data import RankBatchLoader
+from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
 
 logger = logging.getLogger(__name__)
@@ -140,15 +140,22 @@ class Trainer:
         return {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world_size,
                 "total_steps": self.total_steps}
 
-    def _micro_step(self, reducer: StepReducer) -> None:
-        micro = self.loader.state.micro_batches
-        rows = self.loader.next_batch()
-        batch = self.collator(rows, generator=torch.Generator().manual_seed(derived_seed(self.args.seed, self.rank, micro, 0)))
+    def _make_batch(self, micro: int) -> dict[str, torch.Tensor]:
+        """Micro-batch `micro` of this rank, masks drawn from (seed, rank, micro): runs in the prefetch thread."""
+        generator = torch.Generator().manual_seed(derived_seed(self.args.seed, self.rank, micro, 0))
+        batch = self.collator(self.loader.read(micro), generator=generator)
+        if self.engine.device.type == "cuda":
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        return batch
+
+    def _micro_step(self, batches: Prefetcher, reducer: StepReducer) -> None:
+        micro, batch = batches.next()
         torch.manual_seed(derived_seed(self.args.seed, self.rank, micro, 1))  # dropout
-        batch = {key: value.to(self.engine.device) for key, value in batch.items()}
+        batch = {key: value.to(self.engine.device, non_blocking=True) for key, value in batch.items()}
         output = self.engine(**batch)
         self.engine.backward(output.loss)
         self.engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
+        self.loader.consumed(micro)
         reducer.add(output, batch["attention_mask"])
 
     def train(self) -> str:
@@ -160,11 +167,12 @@ class Trainer:
         saved_at, outcome = (self.step or None), "finished"  # a resumed step is already on disk
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         self.engine.train()
+        batches = Prefetcher(self._make_batch, start=self.loader.state.micro_batches)
         while self.step < stop_at:
             lr = self.engine.get_lr()[0]
             reducer = StepReducer()
             for _ in range(self.args.gradient_accumulation_steps):
-                self._micro_step(reducer)
+                self._micro_step(batches, reducer)
             self.step += 1
             values, preempted = reducer.reduce(flag.raised is not None, self.engine.device)
             window_samples, window_tokens = window_samples + values.pop("samples"), window_tokens + values.pop("tokens")
@@ -184,6 +192,7 @@ class Trainer:
         else:
             if self.step < self.total_steps:
                 outcome = "stopped"
+        batches.close()
         if saved_at != self.step:
             self.checkpointer.save(self.engine, self.step, self._train_state())
         writer.close()

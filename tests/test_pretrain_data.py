@@ -15,7 +15,7 @@ import pytest
 
 from common.shard_format import PRETRAIN_SCHEMA, Manifest, ShardInfo, shard_name
 from common.tokenizer import load_tokenizer, vocab_hash
-from pretrain.data import DataError, PretrainShards, RankBatchLoader
+from pretrain.data import DataError, Prefetcher, PretrainShards, RankBatchLoader
 
 WORDS = ("retrieval encoder decoder masked language model dense sparse vector token sentence passage query "
          "document corpus training duplex bag words representation attention layer embedding").split()
@@ -89,7 +89,7 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_epoch(shard_dir, world_siz
         assert all(len(share) == 50 // world_size for share in shares)
         assert len(set().union(*shares)) == sum(len(share) for share in shares)  # pairwise disjoint
     assert len({loader.batches_per_epoch for loader in loaders}) == 1  # same number of steps on every rank
-    # Whole epoch through next_batch: the batches are the share, in order, without repeats.
+    # A whole epoch of batches: the share, without repeats.
     loader = loaders[-1]
     seen = [i for b in range(loader.batches_per_epoch) for i in loader.batch_indices(b).tolist()]
     assert len(seen) == len(set(seen)) == loader.batches_per_epoch * 4
@@ -110,10 +110,11 @@ def test_shuffle_is_seeded_by_seed_and_epoch(shard_dir):
 def test_resume_jumps_to_the_position_without_reading_seen_batches(shard_dir):
     shards = PretrainShards(shard_dir)
     straight = RankBatchLoader(shards, batch_size=4, rank=1, world_size=2, seed=3)
-    expected = [straight.next_batch() for _ in range(10)]  # crosses an epoch boundary (6 per epoch)
+    expected = [straight.read(position) for position in range(10)]  # crosses an epoch boundary (6 per epoch)
     first = RankBatchLoader(shards, batch_size=4, rank=1, world_size=2, seed=3)
-    for _ in range(7):
-        first.next_batch()
+    for position in range(7):
+        first.read(position)
+        first.consumed(position)
     state = json.loads(json.dumps(first.state_dict()))  # survives serialization
 
     reads = []
@@ -123,10 +124,28 @@ def test_resume_jumps_to_the_position_without_reading_seen_batches(shard_dir):
     try:
         resumed.load_state_dict(state)
         assert reads == []  # loading the position reads nothing
-        assert [resumed.next_batch() for _ in range(3)] == expected[7:]
+        start = resumed.state.micro_batches
+        assert start == 7 and [resumed.read(p) for p in range(start, start + 3)] == expected[7:]
     finally:
         del shards.rows
     assert len(reads) == 3  # exactly the three new batches were read
+
+
+def test_prefetcher_keeps_order_and_raises_the_threads_error():
+    batches = Prefetcher(lambda position: position * position, start=3, depth=2)
+    assert [batches.next() for _ in range(4)] == [(3, 9), (4, 16), (5, 25), (6, 36)]
+    batches.close()
+
+    def make(position):
+        if position == 2:
+            raise ValueError("row 5: bad")
+        return position
+
+    failing = Prefetcher(make, start=0)
+    assert failing.next() == (0, 0) and failing.next() == (1, 1)
+    with pytest.raises(ValueError, match="row 5: bad"):
+        failing.next()
+    failing.close()
 
 
 def test_resume_refuses_another_split(shard_dir):
