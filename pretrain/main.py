@@ -26,6 +26,7 @@ from transformers import set_seed
 from common.logging_setup import setup_logging
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
+from pretrain.checkpoint import read_latest
 from pretrain.collator import DupMAECollator
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.modeling import DupMAEModel
@@ -43,6 +44,9 @@ def build(argv: list[str] | None):
     if shards.manifest.max_seq_length > args.collator.max_seq_length:
         raise ConfigError(f"--max_seq_length {args.collator.max_seq_length} is below the shards' "
                           f"max_seq_length {shards.manifest.max_seq_length} ({args.data.data_dir}/manifest.json)")
+    checkpoints = Path(training.output_dir) / "checkpoints"
+    if training.resume is None and read_latest(checkpoints):
+        raise ConfigError(f"{checkpoints} holds a run: pass --resume auto to continue it, or another --output_dir")
     rank, _, world_size = init_distributed()
     loader = RankBatchLoader(shards, batch_size=training.per_device_train_batch_size, rank=rank,
                              world_size=world_size, seed=training.seed)

@@ -230,6 +230,11 @@ def test_bad_data_and_vocab_mismatch_fail_before_training(tmp_path, shard_dir, t
     assert main(["--data_dir", str(shard_dir), "--max_seq_length", "32", *common]) == 2
     assert "below the shards' max_seq_length 64" in caplog.text
     assert not (tmp_path / "out").exists()  # nothing was started
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("step-00000002")
+    caplog.clear()
+    assert main(["--data_dir", str(shard_dir), *common]) == 2  # never overwrite a run unless resuming it
+    assert "holds a run: pass --resume auto" in caplog.text
 
 
 class _FakeEngine:
