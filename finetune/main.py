@@ -18,13 +18,25 @@ import torch
 
 
 def init_distributed() -> tuple[int, int]:
-    """DeepSpeed's process group (nccl on GPUs, gloo on CPU); a plain `python main.py` is a world of one."""
+    """DeepSpeed's process group from the launcher's RANK/LOCAL_RANK/WORLD_SIZE; a plain `python main.py` is a world
+    of one. On CPU, plain gloo: DeepSpeed's shared-memory all-reduce op would be compiled at start (minutes)."""
     import deepspeed
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    env = os.environ
+    if env.setdefault("WORLD_SIZE", "1") == "1":
+        env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    elif "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise SystemExit(f"error: WORLD_SIZE={env['WORLD_SIZE']} needs MASTER_ADDR and MASTER_PORT")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        env.setdefault(key, value)
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        accelerator.set_device(int(env["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
