@@ -7,14 +7,19 @@ The baseline does what staoxiao/RetroMAE `examples/pretrain/preprocess.py` does 
 special tokens) -> batched `map` pack each document's sentences into blocks -> `save_to_disk`, every map
 with `num_proc` = cores; no BoW targets, no word starts. NLTK's punkt needs a download, so both sides split
 sentences with preprocessing.text (normalize + split_sentences): the same work on both sides.
-Each side runs as a fresh process on the same input (a prefix of --max_docs lines), timed end to end
-(imports, tokenizer loading and worker start-up included). Prints one JSON line.
+Each side runs as a fresh process on the same input (the first --max_docs lines), timed end to end
+(imports, tokenizer loading and worker start-up included), --repeats times alternating which side goes
+first; the best time of each side counts (the dev machines are shared, so single runs are noisy). Prints
+one JSON line. Both sides must report the same token count: same splitter, same tokenizer.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,22 +77,26 @@ def baseline(input_path: str, output_dir: str, tokenizer_path: str, max_seq_leng
     return sum(len(ids) for ids in data["token_ids"])
 
 
-def timed(command: list[str], env: dict) -> tuple[float, str]:
+def timed(command: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (user + sys of the process tree, less sensitive to a busy machine), stdout."""
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         sys.exit(f"benchmark command failed: {' '.join(command)}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    return seconds, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, done.stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", default=str(DEFAULT_INPUT), help="JSONL with a 'text' field per line")
-    parser.add_argument("--max_docs", type=int, default=0, help="use only the first N lines (0: all)")
+    parser.add_argument("--max_docs", type=int, default=40, help="use only the first N lines (0: all 88 books)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; the best counts")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--tokenizer", default="default", help="tokenizer name or path for both sides")
-    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="Beam workers and datasets num_proc")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="the baseline's num_proc (ours uses all cores)")
     parser.add_argument("--baseline_output", help=argparse.SUPPRESS)  # internal: run the baseline in this process
     args = parser.parse_args()
 
@@ -99,33 +108,43 @@ def main() -> None:
     if not Path(args.input).is_file():
         sys.exit(f"input {args.input} not found (the benchmark needs ../shared/data or --input)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    times: dict[str, list[float]] = {"ours": [], "baseline": []}
+    cpu: dict[str, list[float]] = {"ours": [], "baseline": []}
+    tokens: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "input.jsonl"
         with open(args.input, "rb") as src, open(data, "wb") as dst:
-            for n, line in enumerate(src):
-                if args.max_docs and n >= args.max_docs:
-                    break
-                dst.write(line)
-        ours_seconds, _ = timed(
-            [sys.executable, "-m", "preprocessing.pretrain_data", "--input", str(data), "--output_dir", f"{tmp}/ours",
-             "--tokenizer", args.tokenizer, "--max_seq_length", str(args.max_seq_length),
-             "--direct_num_workers", str(args.cores)],
-            env,
-        )
-        ours_tokens = json.loads((Path(tmp) / "ours" / "manifest.json").read_text())["counts"]["tokens"]
-        base_seconds, out = timed(
-            [sys.executable, __file__, "--input", str(data), "--baseline_output", f"{tmp}/baseline", "--tokenizer",
-             args.tokenizer, "--max_seq_length", str(args.max_seq_length), "--cores", str(args.cores)],
-            env,
-        )
-        base_tokens = int(out.strip().splitlines()[-1])
-        documents = n if args.max_docs and n >= args.max_docs else n + 1
-    ours, base = ours_tokens / ours_seconds, base_tokens / base_seconds
+            lines = list(itertools.islice(src, args.max_docs or None))
+            dst.writelines(lines)
+        for repeat in range(args.repeats):
+            order = ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours")  # alternate against load drift
+            for side in order:
+                out = Path(tmp) / f"{side}-{repeat}"
+                if side == "ours":
+                    seconds, cpu_seconds, _ = timed(  # the job's defaults: all local cores
+                        [sys.executable, "-m", "preprocessing.pretrain_data", "--input", str(data), "--output_dir", str(out),
+                         "--tokenizer", args.tokenizer, "--max_seq_length", str(args.max_seq_length)],
+                        env,
+                    )
+                    tokens[side] = json.loads((out / "manifest.json").read_text())["counts"]["tokens"]
+                else:
+                    seconds, cpu_seconds, stdout = timed(
+                        [sys.executable, __file__, "--input", str(data), "--baseline_output", str(out), "--tokenizer",
+                         args.tokenizer, "--max_seq_length", str(args.max_seq_length), "--cores", str(args.cores)],
+                        env,
+                    )
+                    tokens[side] = int(stdout.strip().splitlines()[-1])
+                times[side].append(seconds)
+                cpu[side].append(cpu_seconds)
+                shutil.rmtree(out)
+    ours, base = tokens["ours"] / min(times["ours"]), tokens["baseline"] / min(times["baseline"])
     print(json.dumps({
         "bench": "preprocess", "metric": "tokens_per_second", "unit": "tokens/s", "ours": round(ours),
         "baseline": round(base), "ratio": round(ours / base, 3), "better": "higher", "input": args.input,
-        "documents": documents, "cores": args.cores, "ours_seconds": round(ours_seconds, 1),
-        "baseline_seconds": round(base_seconds, 1), "ours_tokens": ours_tokens, "baseline_tokens": base_tokens,
+        "documents": len(lines), "cores": args.cores, "timing": f"best of {args.repeats}, end to end",
+        "ours_seconds": [round(t, 1) for t in times["ours"]], "baseline_seconds": [round(t, 1) for t in times["baseline"]],
+        "ours_cpu_seconds": [round(t, 1) for t in cpu["ours"]], "baseline_cpu_seconds": [round(t, 1) for t in cpu["baseline"]],
+        "ours_tokens": tokens["ours"], "baseline_tokens": tokens["baseline"], "load_average_1min": os.getloadavg()[0],
     }))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import typing
 from collections.abc import Sequence
@@ -27,18 +26,17 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from common.logging_setup import setup_logging
 from common.shard_format import (
     FINETUNE_CORPUS_FILE, FINETUNE_CORPUS_SCHEMA, FINETUNE_GROUPS_FILE, FINETUNE_GROUPS_SCHEMA, FINETUNE_QUERIES_FILE,
     FINETUNE_QUERIES_SCHEMA, Manifest, ShardInfo,
 )
-from common.tokenizer import TokenizerError, load_tokenizer, vocab_hash
+from common.tokenizer import load_tokenizer, vocab_hash
 from preprocessing.records import (
-    DEAD_LETTER_TAG, InputError, ParseRecords, ReadRecords, RecordError, RecordSpec, WriteDeadLetters, dead_letter,
+    DEAD_LETTER_TAG, ParseRecords, ReadRecords, RecordError, RecordSpec, WriteDeadLetters, dead_letter,
     decode_line, expand_inputs, json_object,
 )
-from preprocessing.runner import GatherAll, Progress, log_summary, make_pipeline, parse_config, quiet_beam_logging
-from preprocessing.shards import OutputDirError, list_array, prepare_output_dir, read_manifest, write_arrow, write_manifest
+from preprocessing.runner import GatherAll, Progress, log_summary, main_entry, make_pipeline, parse_config
+from preprocessing.shards import list_array, prepare_output_dir, read_manifest, write_arrow, write_manifest
 from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
 
 logger = logging.getLogger(__name__)
@@ -344,7 +342,7 @@ def run(argv: Sequence[str] | None = None) -> Manifest:
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepare_output_dir(cfg.output_dir, cfg.overwrite)
     start = time.monotonic()
-    with make_pipeline(pipeline_args) as pipeline:
+    with make_pipeline(pipeline_args, cfg.tokenizer_threads) as pipeline:
         build_pipeline(pipeline, cfg, files, tokenizer, pipeline_args)
     manifest = read_manifest(cfg.output_dir)
     log_summary("finetune_data", manifest.counts, time.monotonic() - start)
@@ -352,12 +350,7 @@ def run(argv: Sequence[str] | None = None) -> Manifest:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    setup_logging()
-    quiet_beam_logging()
-    try:
-        run(argv)
-    except (TokenizerError, InputError, OutputDirError) as exc:  # checked before any work: one line, no traceback
-        sys.exit(f"error: {exc}")
+    main_entry(run, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Read (JSONL, plain text, Parquet; any Beam filesystem) -> normalize -> split sentences -> tokenize in
 batches -> pack consecutive sentences of a document into blocks of at most max_seq_length - 2 tokens ->
 BoW target per block -> Arrow IPC shards + manifest.json (common.shard_format). Without --runner it runs
-on the DirectRunner in multi-processing mode over all local cores; every Beam option passes through.
+on the DirectRunner in multi-processing mode over all local cores (cores / --tokenizer_threads worker
+processes, each tokenizing with --tokenizer_threads Rust threads); every Beam option passes through.
 Output bytes do not depend on the runner: each block is keyed by (file, line, block index), documents go
 to shards by a hash of that key, and each shard is sorted by it before writing.
 """
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,20 +24,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from common.logging_setup import setup_logging
 from common.shard_format import Manifest
-from common.tokenizer import TokenizerError, load_tokenizer, vocab_hash
-from preprocessing.packing import BOW_WEIGHTINGS, make_blocks, word_starts_of
+from common.tokenizer import load_tokenizer, vocab_hash
+from preprocessing.packing import BOW_WEIGHTINGS, make_blocks
 from preprocessing.records import (
-    DEAD_LETTER_TAG, INPUT_FORMATS, InputError, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
+    DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
 )
-from preprocessing.runner import Progress, log_summary, make_pipeline, parse_config, quiet_beam_logging
-from preprocessing.shards import OutputDirError, WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest
+from preprocessing.runner import Progress, log_summary, main_entry, make_pipeline, parse_config
+from preprocessing.shards import WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest
 from preprocessing.text import split_sentences
 from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
 
@@ -114,10 +112,8 @@ class TokenizeAndPack(beam.DoFn):
             if len(enc.input_ids) == 0:
                 yield dead_letter(document.file, document.key[1], "no_tokens", "the tokenizer produced no tokens", document.text)
                 continue
-            sentence_starts = np.cumsum([0] + enc.sentence_lengths[:-1])
-            starts = word_starts_of(enc.word_ids, sentence_starts[sentence_starts < len(enc.input_ids)])
             rng = random.Random(f"{cfg.seed}:{name}")
-            blocks = make_blocks(document.key, document.doc_id, enc.input_ids, starts, enc.sentence_lengths,
+            blocks = make_blocks(document.key, document.doc_id, enc.input_ids, enc.word_starts, enc.sentence_lengths,
                                  cfg.max_seq_length - 2, cfg.short_seq_prob, rng, cfg.bow_weighting)
             shard = shard_of(name, self.num_shards)
             for block in blocks:
@@ -191,7 +187,7 @@ def run(argv: Sequence[str] | None = None) -> Manifest:
     num_shards = cfg.num_shards or estimate_num_shards(input_bytes, cfg.shard_size_mb)
     logger.info("pretrain_data: %d input files, %d shards -> %s", len(files), num_shards, cfg.output_dir)
     start = time.monotonic()
-    with make_pipeline(pipeline_args) as pipeline:
+    with make_pipeline(pipeline_args, cfg.tokenizer_threads) as pipeline:
         build_pipeline(pipeline, cfg, files, tokenizer, num_shards, pipeline_args)
     manifest = read_manifest(cfg.output_dir)
     log_summary("pretrain_data", manifest.counts, time.monotonic() - start)
@@ -209,12 +205,7 @@ def shards_from_texts(texts: Sequence[str], output_dir: str | Path, *args: str) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    setup_logging()
-    quiet_beam_logging()
-    try:
-        run(argv)
-    except (TokenizerError, InputError, OutputDirError) as exc:  # checked before any work: one line, no traceback
-        sys.exit(f"error: {exc}")
+    main_entry(run, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Bad records are not dropped: they become `DeadLetter`s, counted and written to D
 from __future__ import annotations
 
 import json
-import posixpath
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from preprocessing.runner import GatherAll
+from preprocessing.runner import GatherAll, PreflightError
 from preprocessing.text import normalize
 
 INPUT_FORMATS = ("auto", "jsonl", "text", "parquet")
@@ -24,7 +24,7 @@ DEAD_LETTER_FILE = "dead_letter/dead_letter.jsonl"
 _RAW_CHARS = 1000  # how much of a bad record the dead letter keeps
 
 
-class InputError(ValueError):
+class InputError(PreflightError):
     """An input glob matches nothing or a matched file cannot be read: raised before any work."""
 
 
@@ -40,6 +40,7 @@ class RawRecord:
     file: InputFile
     line: int  # 1-based line (JSONL), first line of the document (text) or row number (Parquet)
     payload: bytes | dict  # the line's bytes, or the Parquet row's fields
+    fmt: str = "jsonl"  # jsonl | text | parquet
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,8 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
                 handle.read(1)
         except Exception as exc:
             raise InputError(f"cannot read input {path}: {exc}") from None
-    root = posixpath.dirname(ordered[0]) if len(ordered) == 1 else posixpath.commonpath(ordered)
-    return [InputFile(i, p, posixpath.relpath(p, root) if root else p) for i, p in enumerate(ordered)]
+    root = os.path.commonprefix(ordered).rpartition("/")[0]  # plain strings: works for gs://... URLs too
+    return [InputFile(i, p, p[len(root) + 1 :] if root else p) for i, p in enumerate(ordered)]
 
 
 def input_format(path: str, declared: str) -> str:
@@ -117,7 +118,7 @@ class ReadRecords(beam.DoFn):
         with FileSystems.open(file.path) as handle:
             if fmt == "jsonl":
                 for line, raw in enumerate(iter(handle.readline, b""), start=1):
-                    yield RawRecord(file, line, raw)
+                    yield RawRecord(file, line, raw, fmt)
             else:
                 yield from self._text(file, handle)
 
@@ -129,10 +130,10 @@ class ReadRecords(beam.DoFn):
                 first = first or line
                 lines.append(raw)
             elif lines:
-                yield RawRecord(file, first, b"".join(lines))
+                yield RawRecord(file, first, b"".join(lines), "text")
                 lines, first = [], 0
         if lines:
-            yield RawRecord(file, first, b"".join(lines))
+            yield RawRecord(file, first, b"".join(lines), "text")
 
     def _parquet(self, file: InputFile) -> Iterator[RawRecord]:
         import pyarrow.parquet as pq
@@ -145,7 +146,7 @@ class ReadRecords(beam.DoFn):
             for batch in parquet.iter_batches(columns=columns or None):
                 for values in batch.to_pylist():
                     row += 1
-                    yield RawRecord(file, row, values)
+                    yield RawRecord(file, row, values, "parquet")
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def parse_record(record: RawRecord, spec: RecordSpec) -> Document:
     """A normalized Document, or a RecordError saying why not."""
     payload = record.payload
     if isinstance(payload, bytes):
-        if input_format(record.file.path, "auto") == "text":
+        if record.fmt == "text":
             payload = {spec.text_fields[0]: decode_line(payload)}
         else:
             payload = json_object(payload)

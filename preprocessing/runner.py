@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import time
 import typing
 from collections.abc import Sequence
@@ -15,9 +16,26 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from common.logging_setup import setup_logging
+from common.tokenizer import TokenizerError
+
 logger = logging.getLogger(__name__)
 
 PROGRESS_SECONDS = 10.0
+
+
+class PreflightError(ValueError):
+    """Bad input paths or output folder, found before any work; reported as one line."""
+
+
+def main_entry(run, argv: Sequence[str] | None) -> None:
+    """A job's command line: logging, run(argv), and one-line errors (no traceback) for preflight failures."""
+    setup_logging()
+    quiet_beam_logging()
+    try:
+        run(argv)
+    except (TokenizerError, PreflightError) as exc:
+        sys.exit(f"error: {exc}")
 
 
 def parse_config(cls, argv: Sequence[str] | None, description: str):
@@ -54,9 +72,11 @@ def _given(args: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
 
-def make_pipeline(pipeline_args: Sequence[str]) -> beam.Pipeline:
-    """A pipeline with the user's Beam options; without --runner (or with DirectRunner), the DirectRunner's
-    engine in multi-processing mode over all local cores unless --direct_running_mode/_num_workers say else."""
+def make_pipeline(pipeline_args: Sequence[str], threads_per_worker: int) -> beam.Pipeline:
+    """A pipeline with the user's Beam options. Without --runner (or with DirectRunner): the DirectRunner's
+    engine in multi-processing mode with cores // threads_per_worker workers (each worker's tokenizer runs
+    that many threads, so together they fill the cores once), unless --direct_running_mode /
+    --direct_num_workers say otherwise."""
     args = list(pipeline_args)
     options = PipelineOptions(args)
     if options.view_as(StandardOptions).runner not in (None, "DirectRunner"):
@@ -64,7 +84,7 @@ def make_pipeline(pipeline_args: Sequence[str]) -> beam.Pipeline:
     if not _given(args, "--direct_running_mode"):
         args += ["--direct_running_mode", "multi_processing"]
     if not _given(args, "--direct_num_workers"):
-        args += ["--direct_num_workers", str(os.cpu_count() or 1)]
+        args += ["--direct_num_workers", str(max(1, (os.cpu_count() or 1) // threads_per_worker))]
     options = PipelineOptions(args)
     return beam.Pipeline(runner=_local_runner(options), options=options)
 

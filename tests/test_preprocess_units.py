@@ -77,8 +77,8 @@ def test_word_starts_restart_at_every_sentence():
     assert word_starts_of(word_ids, np.array([0, 3, 6])).tolist() == expected
 
 
-def record(payload, name="x.jsonl") -> RawRecord:
-    return RawRecord(InputFile(0, f"/data/{name}", name), 7, payload)
+def record(payload, name="x.jsonl", fmt="jsonl") -> RawRecord:
+    return RawRecord(InputFile(0, f"/data/{name}", name), 7, payload, fmt)
 
 
 def test_parse_record_fields_ids_and_reasons():
@@ -86,8 +86,8 @@ def test_parse_record_fields_ids_and_reasons():
     document = parse_record(record(b'{"_id": "d1", "title": "A  title", "text": "Body."}'), beir)
     assert (document.key, document.file, document.doc_id, document.text) == ((0, 7), "x.jsonl", "d1", "A title Body.")
     assert parse_record(record(b'{"_id": "d2", "text": "No title."}'), beir).text == "No title."
-    assert parse_record(record({"text": "parquet row"}, "y.parquet"), RecordSpec(("text",))).doc_id == "y.parquet:7"
-    assert parse_record(record(b"Plain\ntext.\n", "z.txt"), RecordSpec(("text",))).text == "Plain\ntext."
+    assert parse_record(record({"text": "parquet row"}, "y.parquet", "parquet"), RecordSpec(("text",))).doc_id == "y.parquet:7"
+    assert parse_record(record(b"Plain\ntext.\n", "z.txt", "text"), RecordSpec(("text",))).text == "Plain\ntext."
     cases = [
         (b'{"title": "t", "text": "x"}', "missing_field"),  # no _id though required
         (b'{"_id": "d", "title": "t"}', "missing_field"),
@@ -101,3 +101,39 @@ def test_parse_record_fields_ids_and_reasons():
         with pytest.raises(RecordError) as exc:
             parse_record(record(payload), beir)
         assert exc.value.reason == reason, payload
+
+
+def bpe_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(["unbelievably tokenized sentences, another one"] * 5, trainers.BpeTrainer(vocab_size=40, special_tokens=["[UNK]"]))
+    return tokenizer.to_str()
+
+
+def test_encoder_word_starts_equal_word_ids_for_wordpiece_and_other_models(minilm_path):
+    from tokenizers import Tokenizer
+
+    from preprocessing.tokenize import BatchEncoder
+
+    wordpiece = Tokenizer.from_file(f"{minilm_path}/tokenizer.json").to_str()
+    docs = [["Unbelievably tokenized sentences, another one!", "One more."], ["x"]]
+    for serialized, table in ((wordpiece, True), (bpe_tokenizer_json(), False)):
+        encoder = BatchEncoder(serialized)
+        assert (encoder.continuation is not None) == table  # the WordPiece lookup path, or word ids
+        reference_tokenizer = Tokenizer.from_str(serialized)
+        reference_tokenizer.no_padding()  # the packaged tokenizer.json pads and truncates to 128
+        reference_tokenizer.no_truncation()
+        all_starts = []
+        for doc, encoded in zip(docs, encoder.encode_documents(docs)):
+            ids, starts = [], []
+            for sentence in doc:
+                encoding = reference_tokenizer.encode(sentence, add_special_tokens=False)
+                words = encoding.word_ids
+                ids += encoding.ids
+                starts += [j == 0 or words[j] != words[j - 1] for j in range(len(words))]
+            assert encoded.input_ids.tolist() == ids and encoded.word_starts.tolist() == starts
+            assert encoded.sentence_lengths == [len(reference_tokenizer.encode(s, add_special_tokens=False).ids) for s in doc]
+            all_starts += starts
+        assert not all(all_starts)  # some word really has several pieces
