@@ -36,6 +36,7 @@ class Encoded:
 
     @classmethod
     def concat(cls, parts: list["Encoded"]) -> "Encoded":
+        parts = [p for p in parts if p.ids] or parts[:1]  # an empty shard has no array shapes to agree with
         arrays = {}
         for name in cls.ARRAYS:
             values = [getattr(p, name) for p in parts]

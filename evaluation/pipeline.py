@@ -81,6 +81,7 @@ def run(cfg: EvalConfig) -> dict | None:
     if len(set(names)) != len(names):
         raise DatasetError(f"datasets {cfg.datasets} have repeated folder names {names}; results are keyed by name")
     evaluator = Evaluator(cfg)
+    run_tag = "_".join(Path(resolve_model(cfg.model_name_or_path)).name.split()) or "model"
     per_dataset = {}
     for folder in folders:
         data = load_beir(folder, cfg.split)
@@ -90,7 +91,7 @@ def run(cfg: EvalConfig) -> dict | None:
             continue
         queries = evaluator.encode_queries(data)
         ranking = search(queries, corpus, cfg.depth, cfg.index_factory)
-        write_run(out / f"{data.name}.run", ranking, tag=Path(resolve_model(cfg.model_name_or_path)).name)
+        write_run(out / f"{data.name}.run", ranking, tag=run_tag)
         per_dataset[data.name] = evaluate(data.qrels, ranking)
         logger.info("%s: %s", data.name, {k: round(v, 4) for k, v in per_dataset[data.name].items()})
     if cfg.shard_index is not None:

@@ -236,3 +236,24 @@ def test_config_validation(tmp_path):
         EvalConfig(datasets=["x"], output_dir=str(tmp_path), num_shards=2, shard_index=0, no_cache=True)
     with pytest.raises(ValueError, match="top_k"):
         EvalConfig(datasets=["x"], output_dir=str(tmp_path), sparse_top_k=0)
+
+
+def test_cli_parses_hf_style_flags_and_reports_missing_data(tiny_model, tiny_beir, tmp_path):
+    from evaluation.beir import main
+
+    results = main(["--model", tiny_model, "--datasets", str(tiny_beir), "--output_dir", str(tmp_path),
+                    "--representation", "cls", "--normalize", "false", "--max_seq_length", "16", "--depth", "5",
+                    "--no_cache", "true", "--offline", "true"])
+    assert not (tmp_path / "cache").exists()
+    assert len((tmp_path / "tiny.run").read_text().splitlines()) == 6 * 5
+    assert set(results["tiny"]) >= {"nDCG@10", "MRR@10", "Recall@1000", "MAP@1000"}
+    with pytest.raises(SystemExit, match="scifact.*downloads are off"):
+        main(["--datasets", "scifact", "--output_dir", str(tmp_path), "--data_dir", str(tmp_path / "none"),
+              "--offline", "true"])
+
+
+def test_concat_skips_empty_shards():
+    part = Encoded(["a", "b"], np.ones((2, 3), np.float32))
+    empty = Encoded([], np.zeros((0, 0), np.float32))
+    merged = Encoded.concat([empty, part, empty])
+    assert merged.ids == ["a", "b"] and merged.dense.shape == (2, 3)

@@ -1,0 +1,115 @@
+"""Evaluation throughput: our encode + exact search vs the `beir` package's standard dense exact search.
+
+    python benchmarks/evaluate.py [--data_dir ../shared/data/scifact] [--repeats 2] [--max_docs N]
+
+Same model (the packaged all-MiniLM-L6-v2, mean pooling + normalization, max length 256), same data (SciFact
+test), same process. Baseline: beir `models.SentenceBERT` + `DenseRetrievalExactSearch` (batch 128, cosine).
+Ours: `evaluation.pipeline.Evaluator` (length-sorted token-budget batches, faiss IndexFlatIP), fp32, no cache.
+Timed: query + corpus encoding + search (model and data loading excluded). The two alternate `--repeats`
+times, so a machine shared with other jobs slows both alike; the figure is the median of the per-pair ratios.
+Prints one JSON line per figure: corpus docs/s, and nDCG@10 of both (must agree within 0.001).
+--max_docs N (quick runs on a busy machine) evaluates both on the same smaller corpus: every judged document plus
+the first others up to N; its nDCG@10 compares the two systems but is not SciFact's published figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from common.defaults import default_model_path  # noqa: E402
+from evaluation.config import EvalConfig  # noqa: E402
+from evaluation.data import load_beir  # noqa: E402
+from evaluation.metrics import evaluate  # noqa: E402
+from evaluation.pipeline import Evaluator  # noqa: E402
+from evaluation.search import search  # noqa: E402
+
+BENCH = "evaluate_scifact"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+
+
+def run_baseline(model_path: str, data_dir: Path, max_length: int):
+    """beir's standard exact dense search; returns (seconds, nDCG@10, per-query run)."""
+    from beir.datasets.data_loader import GenericDataLoader
+    from beir.retrieval import models
+    from beir.retrieval.evaluation import EvaluateRetrieval
+    from beir.retrieval.search.dense import DenseRetrievalExactSearch
+
+    corpus, queries, qrels = GenericDataLoader(str(data_dir)).load(split="test")
+    retriever = EvaluateRetrieval(
+        DenseRetrievalExactSearch(models.SentenceBERT(model_path, max_length=max_length), batch_size=128),
+        score_function="cos_sim")
+    start = time.perf_counter()
+    ranking = retriever.retrieve(corpus, queries)
+    seconds = time.perf_counter() - start
+    ndcg, _, _, _ = retriever.evaluate(qrels, ranking, [10])
+    return seconds, ndcg["NDCG@10"], len(corpus)
+
+
+def run_ours(model_path: str, data_dir: Path, output_dir: Path):
+    cfg = EvalConfig(datasets=[str(data_dir)], output_dir=str(output_dir), model_name_or_path=model_path,
+                     representation="mean", normalize=True, no_cache=True, offline=True)
+    evaluator = Evaluator(cfg)
+    data = load_beir(data_dir, "test")
+    start = time.perf_counter()
+    corpus = evaluator.encode_corpus(data)
+    queries = evaluator.encode_queries(data)
+    ranking = search(queries, corpus, cfg.depth)
+    seconds = time.perf_counter() - start
+    return seconds, evaluate(data.qrels, ranking)["nDCG@10"], len(data.doc_ids), evaluator.max_length
+
+
+def subset_folder(data_dir: Path, max_docs: int, out: Path) -> Path:
+    """A BEIR folder with the judged documents of every split plus the first others, up to max_docs documents."""
+    import shutil
+
+    judged = {line.split("\t")[1] for f in (data_dir / "qrels").glob("*.tsv") for line in f.read_text().splitlines()[1:]}
+    lines = (data_dir / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
+    keep = [line for line in lines if json.loads(line)["_id"] in judged]
+    keep += [line for line in lines if json.loads(line)["_id"] not in judged][:max(0, max_docs - len(keep))]
+    folder = out / "data" / data_dir.name
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(data_dir / "qrels", folder / "qrels")
+    shutil.copy(data_dir / "queries.jsonl", folder / "queries.jsonl")
+    (folder / "corpus.jsonl").write_text("\n".join(keep) + "\n", encoding="utf-8")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA), help="SciFact BEIR folder")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating baseline/ours pairs")
+    parser.add_argument("--max_docs", type=int, default=None, help="smaller corpus for quick runs (see above)")
+    parser.add_argument("--output_dir", default="/tmp/bench_evaluate", help="scratch folder")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    data_dir, model_path = Path(args.data_dir), default_model_path()
+    if args.max_docs:
+        data_dir = subset_folder(data_dir, args.max_docs, Path(args.output_dir))
+    pairs = []
+    for _ in range(args.repeats):
+        ours_s, ours_ndcg, n_docs, max_length = run_ours(model_path, data_dir, Path(args.output_dir))
+        base_s, base_ndcg, _ = run_baseline(model_path, data_dir, max_length)
+        pairs.append({"ours_docs_per_s": n_docs / ours_s, "baseline_docs_per_s": n_docs / base_s,
+                      "ratio": base_s / ours_s})
+        print(json.dumps({"bench": BENCH, "pair": len(pairs), **pairs[-1]}), flush=True)
+    ours_rate = statistics.median(p["ours_docs_per_s"] for p in pairs)
+    base_rate = statistics.median(p["baseline_docs_per_s"] for p in pairs)
+    print(json.dumps({"bench": BENCH, "metric": "corpus_docs_per_s", "unit": "docs/s", "ours": round(ours_rate, 2),
+                      "baseline": round(base_rate, 2), "ratio": round(statistics.median(p["ratio"] for p in pairs), 3),
+                      "better": "higher", "docs": n_docs, "full_corpus": not args.max_docs, "repeats": args.repeats, "cpu_threads": os.cpu_count(),
+                      "target_ratio": 1.5}))
+    print(json.dumps({"bench": BENCH, "metric": "nDCG@10", "unit": "nDCG@10", "ours": round(ours_ndcg, 5),
+                      "baseline": round(base_ndcg, 5), "ratio": round(ours_ndcg / base_ndcg, 5), "better": "higher",
+                      "abs_diff": round(abs(ours_ndcg - base_ndcg), 5), "tolerance": 0.001, "docs": n_docs}))
+
+
+if __name__ == "__main__":
+    main()
