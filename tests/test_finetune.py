@@ -305,3 +305,37 @@ def test_resume_is_exact(tiny_model, beir_dir, tmp_path):
     after = Encoder.from_pretrained(str(tmp_path / "resumed/model")).state_dict()
     for name, tensor in before.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_arrow_groups_from_preprocessing(tokenizer, tmp_path):
+    """preprocessing.finetune_data's files: token ids are padded with [CLS]/[SEP] and cut; a vocab mismatch fails."""
+    import pyarrow as pa
+
+    from common.shard_format import (FINETUNE_CORPUS_FILE, FINETUNE_CORPUS_SCHEMA, FINETUNE_GROUPS_FILE,
+                                     FINETUNE_GROUPS_SCHEMA, FINETUNE_QUERIES_FILE, FINETUNE_QUERIES_SCHEMA, Manifest)
+    from common.tokenizer import TokenizerError, vocab_hash
+    from finetune.data import load_finetune_data
+
+    tables = {
+        FINETUNE_CORPUS_FILE: pa.table({"doc_id": ["d0", "d1", "d2"], "input_ids": [[5, 6, 7, 8], [9], [10, 11]]},
+                                       schema=FINETUNE_CORPUS_SCHEMA),
+        FINETUNE_QUERIES_FILE: pa.table({"query_id": ["q0"], "input_ids": [[12, 13]]}, schema=FINETUNE_QUERIES_SCHEMA),
+        FINETUNE_GROUPS_FILE: pa.table({"query_id": ["q0"], "positive_ids": [["d0"]], "negative_ids": [["d2", "d0"]]},
+                                       schema=FINETUNE_GROUPS_SCHEMA),
+    }
+    for name, table in tables.items():
+        with pa.ipc.new_file(str(tmp_path / name), table.schema) as writer:
+            writer.write_table(table)
+    manifest = Manifest("finetune", "t", vocab_hash(tokenizer), 144, [], {}, {})
+    manifest.write(tmp_path)
+    data = load_finetune_data(str(tmp_path), "train", None, tokenizer, DeadLetter(None))
+    assert [(g.query_id, g.positives, g.negatives) for g in data.groups] == [("q0", ["d0"], ["d2"])]
+    batch = Collator(tokenizer, 4, 5).encode([data.queries["q0"], data.corpus["d0"], data.corpus["d1"]], 5)
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    assert batch["input_ids"].tolist() == [[cls, 12, 13, sep, pad], [cls, 5, 6, 7, sep], [cls, 9, sep, pad, pad]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="--negatives applies to BEIR folders"):
+        load_finetune_data(str(tmp_path), "train", "negs.jsonl", tokenizer, DeadLetter(None))
+    Manifest("finetune", "other", "0" * 64, 144, [], {}, {}).write(tmp_path)
+    with pytest.raises(TokenizerError, match="vocabulary differs"):
+        load_finetune_data(str(tmp_path), "train", None, tokenizer, DeadLetter(None))
