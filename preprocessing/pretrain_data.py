@@ -106,7 +106,7 @@ class TokenizeAndPack(beam.DoFn):
         if not pending:
             return
         encoded = self.encoder.encode_documents([sentences for _, sentences in pending])
-        cfg, tokens = self.config, 0
+        cfg, documents, tokens = self.config, 0, 0
         for (document, _), enc in zip(pending, encoded):
             name = f"{document.key[0]}:{document.key[1]}"
             if len(enc.input_ids) == 0:
@@ -118,12 +118,12 @@ class TokenizeAndPack(beam.DoFn):
             shard = shard_of(name, self.num_shards)
             for block in blocks:
                 yield shard, block
-            tokens += len(enc.input_ids)
+            documents, tokens = documents + 1, tokens + len(enc.input_ids)
             self.counters["blocks"].inc(len(blocks))
             self.counters["sentences"].inc(len(enc.sentence_lengths))
-        self.counters["documents"].inc(len(pending))
+        self.counters["documents"].inc(documents)
         self.counters["tokens"].inc(tokens)
-        self.progress.add(len(pending), tokens)
+        self.progress.add(documents, tokens)
 
 
 class WritePretrainManifest(beam.DoFn):

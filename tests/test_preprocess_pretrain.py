@@ -158,11 +158,9 @@ def test_multiprocess_run_gives_identical_bytes(run_in_memory, inputs, tmp_path)
     assert (tmp_path / "mp" / dead_letter).read_bytes() == (output / dead_letter).read_bytes()
 
 
-def test_shards_from_texts_with_tf_weighting_and_overwrite(tmp_path):
+def test_shards_from_texts_with_tf_weighting(tmp_path):
     texts = ["the cat sat on the mat. the end.", "one two two three three three."]
-    pretrain_data.shards_from_texts(texts[:1], tmp_path / "tf", "--num_shards", "3")
-    manifest = pretrain_data.shards_from_texts(texts, tmp_path / "tf", "--bow_weighting", "tf", "--max_seq_length", "8", "--overwrite")
-    assert sorted(p.name for p in (tmp_path / "tf").glob("*.arrow")) == ["shard-00000-of-00001.arrow"]  # stale shards gone
+    manifest = pretrain_data.shards_from_texts(texts, tmp_path / "tf", "--bow_weighting", "tf", "--max_seq_length", "8")
     rows = read_rows(tmp_path / "tf", manifest)
     assert manifest.counts["documents"] == 2 and manifest.counts["dead_letter"] == 0
     for row in rows:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from preprocessing.packing import pack_sentences, word_starts_of
-from preprocessing.records import InputFile, RawRecord, RecordError, RecordSpec, parse_record
+from preprocessing.records import InputError, InputFile, expand_inputs, RawRecord, RecordError, RecordSpec, parse_record
+from preprocessing.shards import OutputDirError, prepare_output_dir
 from preprocessing.text import normalize, split_sentences
 
 
@@ -137,3 +138,25 @@ def test_encoder_word_starts_equal_word_ids_for_wordpiece_and_other_models(minil
             assert encoded.sentence_lengths == [len(reference_tokenizer.encode(s, add_special_tokens=False).ids) for s in doc]
             all_starts += starts
         assert not all(all_starts)  # some word really has several pieces
+
+
+def test_output_dir_check_and_overwrite_removes_only_our_files(tmp_path):
+    ours = ["shard-00000-of-00003.arrow", "manifest.json", "dead_letter/dead_letter.jsonl", "corpus.arrow"]
+    for name in [*ours, "notes.txt"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x")
+    with pytest.raises(OutputDirError, match="--overwrite"):
+        prepare_output_dir(str(tmp_path), overwrite=False)
+    prepare_output_dir(str(tmp_path), overwrite=True)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["notes.txt"]
+    prepare_output_dir(str(tmp_path / "new"), overwrite=False)  # a missing folder is fine
+
+
+def test_expand_inputs_sorts_names_and_refuses_bad_globs(tmp_path):
+    for name in ("b/2.jsonl", "a/1.jsonl"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    files = expand_inputs([str(tmp_path / "*" / "*.jsonl")])
+    assert [(f.index, f.name) for f in files] == [(0, "a/1.jsonl"), (1, "b/2.jsonl")]
+    with pytest.raises(InputError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.parquet")])
