@@ -69,8 +69,9 @@ run_preemptible_step() {
         # Requeue whatever the status: a rank that died before it could checkpoint loses only the steps since
         # the last checkpoint, which the next run redoes from there.
         echo "=== requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        scontrol requeue "$SLURM_JOB_ID" && exit 0
+        echo "=== requeue refused (submitted with --no-requeue?): submit the same command again to resume"
+        exit 1
     fi
     return "$rc"
 }
