@@ -79,6 +79,17 @@ def _pad(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int) -
     return torch.from_numpy(input_ids), torch.from_numpy(mask)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (AVX512-BF16 / AMX on CPU); emulated bf16 is slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def encode_texts(encoder: Encoder, tokenizer, ids: list[str], texts: list[str], *, documents: bool,
                  max_length: int, max_tokens: int, batch_size: int, bf16: bool = False,
                  desc: str = "encoding") -> Encoded:
@@ -87,6 +98,9 @@ def encode_texts(encoder: Encoder, tokenizer, ids: list[str], texts: list[str], 
     flat, offsets = tokenize(tokenizer, texts, max_length)
     n = len(texts)
     dense = vocab = sparse_indices = sparse_values = None
+    if bf16 and not native_bf16(device):
+        logger.warning("bf16 requested but %s has no native bf16 (CPU capability %s): expect it slower than fp32",
+                       device, torch.backends.cpu.get_cpu_capability())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     encoder.eval()
     with torch.inference_mode(), autocast, tqdm(total=n, desc=desc, unit="text", mininterval=5) as bar:

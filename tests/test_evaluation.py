@@ -257,3 +257,19 @@ def test_concat_skips_empty_shards():
     empty = Encoded([], np.zeros((0, 0), np.float32))
     merged = Encoded.concat([empty, part, empty])
     assert merged.ids == ["a", "b"] and merged.dense.shape == (2, 3)
+
+
+def test_bf16_autocast_stays_close_to_fp32(tiny_model, caplog):
+    from common.representation import Encoder, RepresentationConfig
+    from common.tokenizer import load_tokenizer
+
+    enc = Encoder.from_pretrained(tiny_model, RepresentationConfig(kind="mean", normalize=True)).eval()
+    tok = load_tokenizer(tiny_model)
+    texts = ["gene drug", "the heart and the brain", "virus"]
+    kw = dict(documents=True, max_length=16, max_tokens=64, batch_size=8)
+    fp32 = encode_mod.encode_texts(enc, tok, list("abc"), texts, **kw)
+    bf16 = encode_mod.encode_texts(enc, tok, list("abc"), texts, bf16=True, **kw)
+    assert bf16.dense.dtype == np.float32
+    assert (fp32.dense * bf16.dense).sum(1).min() > 0.99  # unit vectors: cosine similarity
+    native = encode_mod.native_bf16(torch.device("cpu"))
+    assert ("no native bf16" in caplog.text) == (not native)
