@@ -99,13 +99,20 @@ class TokenizeTexts(beam.DoFn):
 
 
 class WriteTokenized(beam.DoFn):
-    """(None, rows) -> one Arrow file of (id, input_ids) rows in input order; outputs (ShardInfo, tokens)."""
+    """(None, rows) -> one Arrow file of (id, input_ids) rows in input order; outputs (ShardInfo, tokens).
+    A repeated id is a dead letter; its first row is kept."""
 
-    def __init__(self, output_dir: str, file_name: str, schema: pa.Schema):
-        self.output_dir, self.file_name, self.schema = output_dir, file_name, schema
+    def __init__(self, output_dir: str, file_name: str, schema: pa.Schema, source_name: str):
+        self.output_dir, self.file_name, self.schema, self.source_name = output_dir, file_name, schema, source_name
 
     def process(self, keyed):
-        rows = sorted(keyed[1], key=lambda row: row[0])
+        rows, seen = [], set()
+        for row in sorted(keyed[1], key=lambda row: row[0]):
+            if row[1] in seen:
+                yield dead_letter(self.source_name, row[0][1], "duplicate_id", f"id {row[1]!r} appeared on an earlier line", row[1])
+            else:
+                seen.add(row[1])
+                rows.append(row)
         table = pa.Table.from_arrays(
             [pa.array([r[1] for r in rows], type=pa.string()), list_array([r[2] for r in rows], pa.int32())], schema=self.schema
         )
@@ -239,7 +246,7 @@ class WriteGroups(beam.DoFn):
 
 
 def _tokenized_table(pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str):
-    """Read, parse, tokenize and write one of corpus / queries; returns (file info, dead letters, ids)."""
+    """Read, parse, tokenize and write one of corpus / queries; returns (file info, [dead letters], ids)."""
     parsed = (
         pipeline
         | f"{name}File" >> beam.Create([file])
@@ -248,9 +255,13 @@ def _tokenized_table(pipeline, name: str, file, spec: RecordSpec, max_length: in
         | f"Parse{name}" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
     )
     rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads))
-    info = rows | f"Gather{name}" >> GatherAll() | f"Write{name}" >> beam.ParDo(WriteTokenized(cfg.output_dir, out_file, schema))
+    written = (
+        rows
+        | f"Gather{name}" >> GatherAll()
+        | f"Write{name}" >> beam.ParDo(WriteTokenized(cfg.output_dir, out_file, schema, file.name)).with_outputs(DEAD_LETTER_TAG, main="info")
+    )
     ids = rows | f"{name}Ids" >> beam.MapTuple(lambda key, row_id, ids: (row_id, True))
-    return info, parsed[DEAD_LETTER_TAG], ids
+    return written.info, [parsed[DEAD_LETTER_TAG], written[DEAD_LETTER_TAG]], ids
 
 
 def _lines(pipeline, name: str, file, parser: beam.DoFn):
@@ -273,7 +284,7 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict
         cfg, serialized, FINETUNE_QUERIES_SCHEMA, FINETUNE_QUERIES_FILE,
     )
     qrels = _lines(pipeline, "Qrels", files["qrels"], ParseQrels())
-    dead = [corpus_dead, query_dead, qrels[DEAD_LETTER_TAG]]
+    dead = [*corpus_dead, *query_dead, qrels[DEAD_LETTER_TAG]]
     negatives_name = files["negatives"].name if "negatives" in files else ""
     if "negatives" in files:
         negatives = _lines(pipeline, "Negatives", files["negatives"], ParseNegatives())

@@ -24,6 +24,7 @@ CORPUS = [
     '{"_id": "d5", "title": "t"}',  # 5: missing_field text
     '{"title": "x", "text": "no id"}',  # 6: missing_field _id
     '{"_id": "d4", "title": "Delta", "text": "Fourth."}',
+    '{"_id": "d1", "title": "Again", "text": "A repeated id."}',  # 8: duplicate_id
 ]
 QUERIES = [
     '{"_id": "q1", "text": "what is alpha"}',
@@ -51,6 +52,7 @@ NEGATIVES = [
 ]
 EXPECTED_DEAD = [
     ("corpus.jsonl", 4, "invalid_json"), ("corpus.jsonl", 5, "missing_field"), ("corpus.jsonl", 6, "missing_field"),
+    ("corpus.jsonl", 8, "duplicate_id"),
     ("negatives.jsonl", 1, "unknown_document"), ("negatives.jsonl", 3, "duplicate_query"),
     ("negatives.jsonl", 4, "invalid_negatives"), ("queries.jsonl", 4, "empty_document"), ("train.tsv", 5, "no_positive"),
     ("train.tsv", 6, "unknown_query"), ("train.tsv", 7, "invalid_qrel"), ("train.tsv", 8, "unknown_document"),
