@@ -90,13 +90,11 @@ class BatchEncoder:
             ids = [e.ids for e in part]
             lengths = [len(x) for x in ids]
             input_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32)
-            starts = np.cumsum([0] + lengths[:-1])
-            starts = starts[starts < len(input_ids)]
-            if self.continuation is not None:
+            if self.continuation is not None:  # a WordPiece sentence never starts with a continuing piece
                 word_starts = ~self.continuation[input_ids]
-                word_starts[starts] = True
             else:
                 word_ids = np.fromiter(itertools.chain.from_iterable(e.word_ids for e in part), dtype=np.int32)
-                word_starts = word_starts_of(word_ids, starts)
+                starts = np.cumsum([0] + lengths[:-1])
+                word_starts = word_starts_of(word_ids, starts[starts < len(input_ids)])
             encoded.append(EncodedDocument(input_ids, word_starts, lengths))
         return encoded
