@@ -1,12 +1,14 @@
-"""Cross-entropy through the vocabulary projection without keeping [N, V] logits for backward.
+"""Weighted cross-entropy through the vocabulary projection without keeping [N, V] logits for backward.
 
-Loss (summed, not averaged, so callers choose the normalizer):
-    L = Σ_n [ logsumexp_v(z_nv) − z_n,y_n ],   z = h Wᵀ + b,   h [N, H], W [V, H], b [V]
-Its gradient is known in the forward pass: ∂L/∂z = softmax(z) − onehot(y). So each chunk of rows computes
-its logits (fp32 for the softmax whatever the weights' dtype), the loss, and the gradients w.r.t. h, W and b,
-and frees the logits (three passes over the [chunk, V] block besides the two matmuls); backward only scales the stored gradients by the incoming scalar. Peak memory is
-one [chunk, V] block instead of the [N, V] logits plus their softmax that autograd would keep
-(same idea as Liger-Kernel's fused linear cross-entropy). FLOPs are those of the plain path.
+    L = Σ_n w_n · CE_n,   CE_n = logsumexp_v(z_nv) − z_n,y_n,   z = h Wᵀ + b,   h [N, H], W [V, H], b [V]
+
+The row weights w fold the loss weights and normalizers in (w_n = mlm_weight / #masked for encoder rows,
+decoder_weight / #targets for decoder rows), so the encoder-MLM and decoder terms share one call and one
+fp32 ∂L/∂W accumulator. The gradient is known in the forward pass, ∂L/∂z_n = w_n·(softmax(z_n) − onehot(y_n)),
+so each chunk of rows computes its logits (fp32 for the softmax whatever the weights' dtype), the loss
+and the gradients w.r.t. h, W and b, then frees the logits; backward only scales the stored gradients by
+the incoming scalar. Peak memory is one [chunk, V] block instead of the [N, V] logits and softmax that
+autograd would keep (the idea of Liger-Kernel's fused linear cross-entropy); FLOPs are the plain path's.
 """
 from __future__ import annotations
 
@@ -16,64 +18,71 @@ from torch import Tensor
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, chunk_size: int,
-                with_grad: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, row_weights: Tensor,
+                chunk_size: int, with_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
         n_rows = hidden.shape[0]
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if with_grad else None  # [N, H]
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grad else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if with_grad else None
+        row_weights = row_weights.float()
+        per_row = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # CE_n
+        correct = torch.empty(n_rows, dtype=torch.bool, device=hidden.device)
+        if with_grad:
+            grad_hidden = torch.empty_like(hidden)  # [N, H]
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, H]
+            grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)  # [V]
         for start in range(0, n_rows, chunk_size):
-            h = hidden[start:start + chunk_size]  # [n, H]
-            y = labels[start:start + chunk_size]  # [n]
+            rows = slice(start, start + chunk_size)
+            h, y, w = hidden[rows], labels[rows], row_weights[rows]  # [n, H], [n], [n]
             logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()  # [n, V]
             target = logits.gather(1, y[:, None]).squeeze(1)  # [n]
             row_max, predicted = logits.max(-1)  # [n], [n]
-            correct += (predicted == y).sum()
+            correct[rows] = predicted == y
             probs = logits.sub_(row_max[:, None]).exp_()  # unnormalized softmax, in place: one [n, V] buffer
             total = probs.sum(-1)  # [n]
-            loss += (row_max + total.log() - target).sum()
+            per_row[rows] = row_max + total.log() - target
             if with_grad:
-                # ∂L/∂z = probs / total − onehot(y); the 1/total scaling and the one-hot part are applied to the
-                # small [n, H] / [V] operands instead of another pass over [n, V].
-                inv = total.reciprocal()  # [n]
+                # w·(probs / total − onehot): the scaling and the one-hot part are applied to the small [n, H]
+                # and [V] operands instead of another pass over [n, V].
+                scale = w / total  # [n]
                 g = probs.to(weight.dtype)  # [n, V]
-                grad_hidden[start:start + chunk_size] = (g @ weight) * inv[:, None].to(weight.dtype) - weight[y]
-                scaled = h * inv[:, None].to(h.dtype)  # [n, H]
+                onehot_part = w[:, None].to(weight.dtype) * weight[y]  # [n, H]
+                grad_hidden[rows] = (g @ weight) * scale[:, None].to(weight.dtype) - onehot_part
                 if g.dtype == torch.float32:
-                    grad_weight.addmm_(g.T, scaled)
+                    grad_weight.addmm_(g.T, h * scale[:, None])
                 else:  # bf16/fp16 product, accumulated in fp32 across chunks
-                    grad_weight += (g.T @ scaled).float()
-                grad_weight.index_add_(0, y, h.float(), alpha=-1.0)
-                grad_bias += inv @ probs
-                grad_bias.index_add_(0, y, torch.ones_like(inv), alpha=-1.0)
+                    grad_weight += (g.T @ (h * scale[:, None].to(h.dtype))).float()
+                grad_weight.index_add_(0, y, h.float() * w[:, None], alpha=-1.0)
+                grad_bias += scale @ probs
+                grad_bias.index_add_(0, y, w, alpha=-1.0)
         ctx.has_bias = bias is not None
         ctx.dtype = weight.dtype
+        ctx.used = False
         if with_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(correct)
-        return loss, correct
+        ctx.mark_non_differentiable(per_row, correct)
+        return (row_weights * per_row).sum(), per_row, correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor, _grad_correct: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_per_row: Tensor, _grad_correct: Tensor):
+        if ctx.used:  # the stored gradients are scaled in place (no extra [V, H] copy): one backward only
+            raise RuntimeError("linear_cross_entropy does not support a second backward through the same graph")
+        ctx.used = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_loss.float()
-        grad_h = grad_hidden * scale.to(grad_hidden.dtype)
-        grad_w = (grad_weight * scale).to(ctx.dtype)
-        grad_b = (grad_bias * scale).to(ctx.dtype) if ctx.has_bias else None
-        return grad_h, grad_w, grad_b, None, None, None
+        grad_h = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        grad_w = grad_weight.mul_(scale).to(ctx.dtype)
+        grad_b = grad_bias.mul_(scale).to(ctx.dtype) if ctx.has_bias else None
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                         chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
-    """(Σ cross-entropy [fp32, 0-dim], number of rows whose argmax equals the label [long, 0-dim]).
+                         row_weights: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor, Tensor]:
+    """(Σ_n w_n·CE_n [fp32, 0-dim, differentiable], CE_n [N] fp32 detached, argmax == label [N] bool).
 
     hidden [N, H] (rows to predict, already through the head's transform), weight [V, H], bias [V] or None,
-    labels [N] in [0, V) — callers drop ignored positions first.
+    labels [N] in [0, V) (callers drop ignored positions first), row_weights [N].
     """
-    if hidden.shape[0] != labels.shape[0]:
-        raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows but {labels.shape[0]} labels")
+    if not hidden.shape[0] == labels.shape[0] == row_weights.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} rows, {labels.shape[0]} labels, "
+                         f"{row_weights.shape[0]} row weights")
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk_size, with_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, row_weights, chunk_size, with_grad)

@@ -6,8 +6,8 @@ RetroMAE is the same model with bow_weight = 0 (the BoW branch is then skipped).
 head is the encoder's MLM head (shared weights, tied to the word embeddings as in BERT).
 
 Memory: no [B, L, V] tensor exists. MLM logits are computed only at the masked positions and decoder
-logits only at the positions with a target, both through `linear_cross_entropy` (row chunks, gradient
-formed in forward); the OT max-pool runs in vocabulary chunks keeping only arg-max indices
+logits only at the positions with a target, together in one `linear_cross_entropy` call (row chunks,
+gradient formed in forward); the OT max-pool runs in vocabulary chunks keeping only arg-max indices
 (`ot_pooling`). Every softmax runs in fp32, so the model may be cast to bf16 as a whole (DeepSpeed).
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ class DupMAEConfig:
     bow_weight: float = 1.0  # weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)
     bow_include_masked: bool = False  # max-pool over encoder-masked tokens too (official code) or not (paper)
     vocab_chunk_size: int = 4096  # vocabulary columns scored at once in the OT max-pool
-    ce_chunk_size: int = 1024  # rows of [rows, V] logits materialized at once in the MLM / decoder losses
+    ce_chunk_size: int = 256  # rows of [rows, V] fp32 logits materialized at once in the MLM + decoder loss
 
     def __post_init__(self) -> None:
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):
@@ -162,20 +162,21 @@ class DupMAEModel(nn.Module):
         weight, bias = projection.weight, projection.bias  # [V, H], [V]
         hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
 
-        # Encoder MLM: logits only at the masked positions.
+        # Encoder MLM at the masked positions and [CLS] decoding at every ordinary token, in one fused call:
+        # each row's weight is its term's loss weight over the term's row count (the two means, weighted).
         masked = labels != -100  # [B, L]
-        mlm_sum, mlm_correct = linear_cross_entropy(transform(hidden[masked]), weight, bias, labels[masked],
-                                                    cfg.ce_chunk_size)
-        n_masked = masked.sum().clamp(min=1)
-        mlm_loss = mlm_sum / n_masked
-
-        # [CLS] decoding: every ordinary token predicted from h_CLS and a random visible context.
         targets = decoder_labels != -100  # [B, L]
         decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask.bool())  # [B, L, H]
-        dec_sum, dec_correct = linear_cross_entropy(transform(decoded[targets]), weight, bias,
-                                                    decoder_labels[targets], cfg.ce_chunk_size)
-        n_targets = targets.sum().clamp(min=1)
-        decoder_loss = dec_sum / n_targets
+        n_masked, n_targets = int(masked.sum()), int(targets.sum())
+        rows = transform(torch.cat([hidden[masked], decoded[targets]]))  # [M + T, H]
+        row_labels = torch.cat([labels[masked], decoder_labels[targets]])  # [M + T]
+        row_weights = torch.cat([rows.new_full((n_masked,), cfg.mlm_weight / max(n_masked, 1), dtype=torch.float32),
+                                 rows.new_full((n_targets,), cfg.decoder_weight / max(n_targets, 1),
+                                               dtype=torch.float32)])
+        weighted, per_row, correct = linear_cross_entropy(rows, weight, bias, row_labels, row_weights,
+                                                          cfg.ce_chunk_size)
+        mlm_loss = per_row[:n_masked].sum() / max(n_masked, 1)
+        decoder_loss = per_row[n_masked:].sum() / max(n_targets, 1)
 
         zero = mlm_loss.new_zeros(())
         bow, recall = zero, zero
@@ -186,13 +187,11 @@ class DupMAEModel(nn.Module):
             pooled = vocab_max_pool(hidden, weight, bias, keep, cfg.vocab_chunk_size, transform)  # [B, V]
             bow, recall = bow_loss(pooled, bow_ids.long(), bow_weights, keep.any(1))
 
-        loss = cfg.mlm_weight * mlm_loss + cfg.decoder_weight * decoder_loss
-        if cfg.bow_weight > 0:
-            loss = loss + cfg.bow_weight * bow
+        loss = weighted + cfg.bow_weight * bow if cfg.bow_weight > 0 else weighted
         return DupMAEOutput(
-            loss=loss, mlm_loss=mlm_loss.detach(), decoder_loss=decoder_loss.detach(), bow_loss=bow.detach(),
-            mlm_accuracy=mlm_correct.float() / n_masked, decoder_accuracy=dec_correct.float() / n_targets,
-            bow_recall=recall)
+            loss=loss, mlm_loss=mlm_loss, decoder_loss=decoder_loss, bow_loss=bow.detach(),
+            mlm_accuracy=correct[:n_masked].float().sum() / max(n_masked, 1),
+            decoder_accuracy=correct[n_masked:].float().sum() / max(n_targets, 1), bow_recall=recall)
 
     def _decode(self, cls_hidden: Tensor, decoder_input_ids: Tensor, visible: Tensor) -> Tensor:
         """cls_hidden [B, 1, H], decoder_input_ids [B, L] (unmasked), visible [B, L, L] -> decoder states [B, L, H]."""

@@ -168,21 +168,31 @@ def test_linear_cross_entropy_equals_plain():
     weight = torch.randn(31, 8, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(31, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(31, (23,))
-    total, correct = linear_cross_entropy(hidden, weight, bias, labels, chunk_size=5)
+    row_weights = torch.rand(23, dtype=torch.float64)
+    total, per_row, correct = linear_cross_entropy(hidden, weight, bias, labels, row_weights, chunk_size=5)
     (2.5 * total).backward()
     ours = [t.grad.clone() for t in (hidden, weight, bias)]
     for t in (hidden, weight, bias):
         t.grad = None
     logits = hidden @ weight.T + bias
-    plain = F.cross_entropy(logits, labels, reduction="sum")
-    (2.5 * plain).backward()
-    assert total.item() == pytest.approx(plain.item(), rel=1e-6)
-    assert correct.item() == (logits.argmax(-1) == labels).sum().item()
+    plain_rows = F.cross_entropy(logits, labels, reduction="none")
+    (2.5 * (row_weights * plain_rows).sum()).backward()
+    assert total.item() == pytest.approx((row_weights * plain_rows).sum().item(), rel=1e-6)
+    assert torch.allclose(per_row.double(), plain_rows.detach(), atol=1e-5)  # per-row values are fp32
+    assert torch.equal(correct, logits.argmax(-1) == labels)
     for mine, theirs in zip(ours, (hidden.grad, weight.grad, bias.grad)):
         assert torch.allclose(mine.to(theirs.dtype), theirs, atol=1e-5)
     with torch.no_grad():  # no gradient work without grad mode, same value
-        assert linear_cross_entropy(hidden, weight, None, labels, 4)[0].item() == pytest.approx(
-            F.cross_entropy(hidden @ weight.T, labels, reduction="sum").item(), rel=1e-6)
+        assert linear_cross_entropy(hidden, weight, None, labels, row_weights, 4)[0].item() == pytest.approx(
+            (row_weights * F.cross_entropy(hidden @ weight.T, labels, reduction="none")).sum().item(), rel=1e-6)
+
+
+def test_linear_cross_entropy_refuses_a_second_backward():
+    hidden = torch.randn(4, 3, requires_grad=True)
+    total, _, _ = linear_cross_entropy(hidden, torch.randn(7, 3), None, torch.tensor([0, 1, 2, 3]), torch.ones(4))
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        total.backward()
 
 
 @pytest.mark.parametrize("sparse_backward", [True, False])
