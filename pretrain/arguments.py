@@ -24,21 +24,24 @@ class ConfigError(ValueError):
     """An option or option combination that cannot work; raised before any training."""
 
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
+def _arg(default, help: str):
+    """A dataclass field with its one-line --help text."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str | None = field(**_help("HF model name or folder; 'default' = the packaged all-MiniLM-L6-v2", default="default"))
-    config_overrides: str | None = field(**_help("e.g. 'hidden_size=32,num_hidden_layers=2': random init from the modified config", default=None))
-    model_config: str | None = field(**_help("a model config JSON: random init from it (instead of pretrained weights)", default=None))
-    tokenizer_name: str | None = field(**_help("tokenizer name or folder; defaults to --model_name_or_path", default=None))
+    model_name_or_path: str | None = _arg(
+        "default", "HF model name or folder; 'default' = the packaged all-MiniLM-L6-v2")
+    config_overrides: str | None = _arg(
+        None, "e.g. 'hidden_size=32,num_hidden_layers=2': random init from the modified config")
+    model_config: str | None = _arg(None, "a model config JSON: random init from it (instead of pretrained weights)")
+    tokenizer_name: str | None = _arg(None, "tokenizer name or folder; defaults to --model_name_or_path")
 
 
 @dataclass
 class DataArguments:
-    data_dir: str | None = field(**_help("folder of pre-training Arrow shards with a manifest.json (preprocessing output)", default=None))
+    data_dir: str | None = _arg(None, "folder of pre-training Arrow shards with a manifest.json (preprocessing output)")
 
     def __post_init__(self):
         if not self.data_dir:
@@ -47,31 +50,32 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments:
-    output_dir: str | None = field(**_help("run folder: checkpoints/, metrics.jsonl, tensorboard/, export/", default=None))
-    deepspeed: str | None = field(**_help("DeepSpeed JSON (ds_configs/zero2.json); its \"auto\" fields come from these flags", default=None))
-    per_device_train_batch_size: int = field(**_help("blocks per micro-batch on each rank", default=8))
-    gradient_accumulation_steps: int = field(**_help("micro-batches per optimizer step", default=1))
-    learning_rate: float = field(**_help("peak AdamW learning rate", default=1e-4))
-    weight_decay: float = field(**_help("AdamW weight decay (not applied to biases and LayerNorm weights)", default=0.01))
-    adam_beta1: float = field(**_help("AdamW beta1", default=0.9))
-    adam_beta2: float = field(**_help("AdamW beta2", default=0.999))
-    adam_epsilon: float = field(**_help("AdamW epsilon", default=1e-8))
-    max_grad_norm: float = field(**_help("gradient clipping norm (0 disables)", default=1.0))
-    num_train_epochs: float = field(**_help("epochs over the shards when --max_steps is not set", default=1.0))
-    max_steps: int = field(**_help("optimizer steps in total (overrides --num_train_epochs when > 0)", default=-1))
-    lr_scheduler_type: Literal["linear", "cosine"] = field(**_help("decay after warm-up", default="linear"))
-    warmup_ratio: float = field(**_help("warm-up steps as a fraction of all steps (when --warmup_steps is 0)", default=0.1))
-    warmup_steps: int = field(**_help("warm-up steps (overrides --warmup_ratio when > 0)", default=0))
-    logging_steps: int = field(**_help("log metrics every N optimizer steps", default=10))
-    save_steps: int = field(**_help("checkpoint every N optimizer steps (0: only at the end and on preemption)", default=500))
-    save_total_limit: int | None = field(**_help("keep only the last K checkpoints", default=None))
-    seed: int = field(**_help("seed of shuffling, masks and dropout (each derived from seed, rank, step)", default=42))
-    bf16: bool = field(**_help("bf16 mixed precision (fills bf16.enabled when the DeepSpeed JSON says auto)", default=False))
-    fp16: bool = field(**_help("fp16 mixed precision (fills fp16.enabled when the DeepSpeed JSON says auto)", default=False))
-    resume: str | None = field(**_help("'auto': continue from OUT/checkpoints/latest if present; or a checkpoint folder", default=None))
-    stop_at_step: int | None = field(**_help("checkpoint and exit at this step without changing the --max_steps schedule", default=None))
-    disable_tqdm: bool = field(**_help("no progress bar", default=False))
-    local_rank: int = field(**_help("set by the deepspeed launcher; ranks are read from the environment", default=-1))
+    output_dir: str | None = _arg(None, "run folder: checkpoints/, metrics.jsonl, tensorboard/, export/")
+    deepspeed: str | None = _arg(
+        None, "DeepSpeed JSON (ds_configs/zero2.json); its \"auto\" fields come from these flags")
+    per_device_train_batch_size: int = _arg(8, "blocks per micro-batch on each rank")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
+    learning_rate: float = _arg(1e-4, "peak AdamW learning rate")
+    weight_decay: float = _arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
+    adam_beta1: float = _arg(0.9, "AdamW beta1")
+    adam_beta2: float = _arg(0.999, "AdamW beta2")
+    adam_epsilon: float = _arg(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)")
+    num_train_epochs: float = _arg(1.0, "epochs over the shards when --max_steps is not set")
+    max_steps: int = _arg(-1, "optimizer steps in total (overrides --num_train_epochs when > 0)")
+    lr_scheduler_type: Literal["linear", "cosine"] = _arg("linear", "decay after warm-up")
+    warmup_ratio: float = _arg(0.1, "warm-up steps as a fraction of all steps (when --warmup_steps is 0)")
+    warmup_steps: int = _arg(0, "warm-up steps (overrides --warmup_ratio when > 0)")
+    logging_steps: int = _arg(10, "log metrics every N optimizer steps")
+    save_steps: int = _arg(500, "checkpoint every N optimizer steps (0: only at the end and on preemption)")
+    save_total_limit: int | None = _arg(None, "keep only the last K checkpoints")
+    seed: int = _arg(42, "seed of shuffling, masks and dropout (each derived from seed, rank, step)")
+    bf16: bool = _arg(False, "bf16 mixed precision (fills bf16.enabled when the DeepSpeed JSON says auto)")
+    fp16: bool = _arg(False, "fp16 mixed precision (fills fp16.enabled when the DeepSpeed JSON says auto)")
+    resume: str | None = _arg(None, "'auto': continue from OUT/checkpoints/latest if present; or a checkpoint folder")
+    stop_at_step: int | None = _arg(None, "checkpoint and exit at this step without changing the --max_steps schedule")
+    disable_tqdm: bool = _arg(False, "no progress bar")
+    local_rank: int = _arg(-1, "set by the deepspeed launcher; ranks are read from the environment")
 
     def __post_init__(self):
         if not self.output_dir:

@@ -52,7 +52,8 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> tuple[Path, str]
         return path, read_latest(path)
     if path.is_dir() and _TAG.match(path.name):  # one checkpoint
         return path.parent, path.name
-    raise FileNotFoundError(f"--resume {resume}: neither a checkpoint folder (step-N) nor a folder with a '{LATEST}' file")
+    raise FileNotFoundError(f"--resume {resume}: neither a checkpoint folder (step-N) nor a folder with "
+                            f"a '{LATEST}' file")
 
 
 class Checkpointer:

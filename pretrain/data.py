@@ -134,7 +134,8 @@ class RankBatchLoader:
         mine = self.state_dict()
         for key in ("seed", "world_size", "batch_size", "num_rows"):
             if state[key] != mine[key]:
-                raise DataError(f"cannot resume the data loader: checkpoint has {key}={state[key]}, this run {mine[key]}")
+                raise DataError(f"cannot resume the data loader: checkpoint has {key}={state[key]}, "
+                                f"this run {mine[key]}")
         self.state = LoaderState(micro_batches=int(state["micro_batches"]))
 
 

@@ -4,7 +4,8 @@
         --model_name_or_path bert-base-uncased --output_dir OUT --per_device_train_batch_size 32 \
         --max_steps 100000 --save_steps 1000 --save_total_limit 3 --resume auto
     # also: torchrun --nproc_per_node 8 pretrain/main.py ...; srun (one task per process) python pretrain/main.py ...
-    # CPU (gloo, bf16 works there too): DS_ACCELERATOR=cpu deepspeed --num_gpus 2 pretrain/main.py --deepspeed ds_configs/zero2.json ...
+    # CPU (gloo; bf16 works there too):
+    #   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 pretrain/main.py --deepspeed ds_configs/zero2.json ...
 
 Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/, export/ (the encoder
 for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or

@@ -54,7 +54,8 @@ class StepReducer:
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a disabled writer so callers need no rank checks."""
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int, total_steps: int, disable_tqdm: bool):
+    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int, total_steps: int,
+                 disable_tqdm: bool):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.tensorboard = None

@@ -35,7 +35,8 @@ def init_distributed() -> tuple[int, int, int]:
 
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env:  # srun, one task per process
-        env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NTASKS"]
+        env["RANK"], env["LOCAL_RANK"] = env["SLURM_PROCID"], env["SLURM_LOCALID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
     rank, world_size = int(env.setdefault("RANK", "0")), int(env.setdefault("WORLD_SIZE", "1"))
     local_rank = int(env.setdefault("LOCAL_RANK", "0"))
     if world_size > 1 and not ("MASTER_ADDR" in env and "MASTER_PORT" in env):
@@ -130,9 +131,11 @@ class Trainer:
             return
         state = self.checkpointer.load(self.engine, *found)
         if state["world_size"] != self.world_size:
-            raise ConfigError(f"checkpoint {found[1]} was written by {state['world_size']} ranks, this run has {self.world_size}")
+            raise ConfigError(f"checkpoint {found[1]} was written by {state['world_size']} ranks, "
+                              f"this run has {self.world_size}")
         if state["total_steps"] != self.total_steps:
-            logger.warning("the schedule changed: checkpoint planned %d steps, this run %d", state["total_steps"], self.total_steps)
+            logger.warning("the schedule changed: checkpoint planned %d steps, this run %d", state["total_steps"],
+                           self.total_steps)
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
 

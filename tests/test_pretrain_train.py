@@ -69,8 +69,8 @@ def _env() -> dict[str, str]:
 
 def launch(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> str:
     """Run the launcher to completion; return its combined output (asserting exit 0)."""
-    done = subprocess.run(_command(shard_dir, out, *extra, launcher=launcher), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(_command(shard_dir, out, *extra, launcher=launcher), cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=300)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     return log
@@ -94,7 +94,8 @@ def test_two_rank_zero2_run_finishes_and_logs(straight):
     for record in records:
         assert all(math.isfinite(record[key]) for key in COMPARED)
         assert record["samples_per_s"] > 0 and record["tokens_per_s"] > record["samples_per_s"]
-    assert records[-1]["loss"] == pytest.approx(records[-1]["mlm_loss"] + records[-1]["decoder_loss"] + records[-1]["bow_loss"], rel=1e-5)
+    last = records[-1]
+    assert last["loss"] == pytest.approx(last["mlm_loss"] + last["decoder_loss"] + last["bow_loss"], rel=1e-5)
     # warm-up ceil(0.1 * 4) = 1 step, then linear decay to 0 at step 4 (lr logged is the one each step used)
     assert [r["lr"] for r in records] == pytest.approx([1e-4 * f for f in (1, 1, 2 / 3, 1 / 3)])
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
@@ -194,7 +195,8 @@ def test_deepspeed_auto_fields_come_from_the_flags(tmp_path):
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"],
             config["gradient_clipping"]) == (4, 3, 24, 0.5)
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
-    fp16 = deepspeed_config(TrainingArguments(output_dir="/o", deepspeed=str(REPO / "ds_configs" / "zero2_fp16.json")), 1, 10)
+    fp16_json = str(REPO / "ds_configs" / "zero2_fp16.json")
+    fp16 = deepspeed_config(TrainingArguments(output_dir="/o", deepspeed=fp16_json), 1, 10)
     assert fp16["fp16"]["enabled"] is True and fp16["bf16"]["enabled"] is False
     custom = tmp_path / "ds.json"
     custom.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}},
@@ -261,7 +263,8 @@ def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_pa
         checkpointer.save(_FakeEngine(fail_at=8), 8, {"step": 8})
     assert (checkpointer.dir / "latest").read_text() == "step-00000006"
     assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00000006")
-    assert resolve_resume(str(checkpointer.dir / "step-00000004"), checkpointer.dir) == (checkpointer.dir, "step-00000004")
+    one = checkpointer.dir / "step-00000004"
+    assert resolve_resume(str(one), checkpointer.dir) == (checkpointer.dir, "step-00000004")
     assert resolve_resume(str(checkpointer.dir), tmp_path) == (checkpointer.dir, "step-00000006")
     assert resolve_resume("auto", tmp_path / "fresh") is None and resolve_resume(None, checkpointer.dir) is None
     with pytest.raises(FileNotFoundError, match="--resume /nowhere"):
