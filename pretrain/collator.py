@@ -16,7 +16,7 @@ All randomness comes from the `generator` passed per call, so a batch is a pure 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,12 +29,18 @@ IGNORE_INDEX = -100
 class CollatorConfig:
     """Masking rates and padding of pre-training batches."""
 
-    max_seq_length: int = 512  # tokens per block including [CLS] and [SEP]; rows must have <= this - 2
-    encoder_mlm_probability: float = 0.3  # share of each block's tokens masked for the encoder (whole words)
-    decoder_mlm_probability: float = 0.5  # probability that a word is hidden from a decoder row
-    mask_token_probability: float = 0.8  # share of encoder-masked tokens replaced by [MASK]
-    random_token_probability: float = 0.1  # share replaced by a random token (the rest stay unchanged)
-    pad_to_multiple_of: int = 8  # pad the batch length up to a multiple of this (tensor-core friendly)
+    max_seq_length: int = field(
+        default=512, metadata={"help": "tokens per block including [CLS] and [SEP]; rows must have <= this - 2"})
+    encoder_mlm_probability: float = field(
+        default=0.3, metadata={"help": "share of each block's tokens masked for the encoder (whole words)"})
+    decoder_mlm_probability: float = field(
+        default=0.5, metadata={"help": "probability that a word is hidden from a decoder row"})
+    mask_token_probability: float = field(
+        default=0.8, metadata={"help": "share of encoder-masked tokens replaced by [MASK]"})
+    random_token_probability: float = field(
+        default=0.1, metadata={"help": "share replaced by a random token (the rest stay unchanged)"})
+    pad_to_multiple_of: int = field(
+        default=8, metadata={"help": "pad the batch length up to a multiple of this (tensor-core friendly)"})
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 3:

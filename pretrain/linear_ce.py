@@ -4,9 +4,9 @@
 
 The row weights w fold the loss weights and normalizers in (w_n = mlm_weight / #masked for encoder rows,
 decoder_weight / #targets for decoder rows), so the encoder-MLM and decoder terms share one call and one
-fp32 ∂L/∂W accumulator. The gradient is known in the forward pass, ∂L/∂z_n = w_n·(softmax(z_n) − onehot(y_n)),
-so each chunk of rows computes its logits (fp32 for the softmax whatever the weights' dtype), the loss
-and the gradients w.r.t. h, W and b, then frees the logits; backward only scales the stored gradients by
+fp32 ∂L/∂W accumulator. The gradient is known in the forward pass,
+∂L/∂z_n = w_n·(softmax(z_n) − onehot(y_n)), so each chunk of rows computes its logits (fp32 for the
+softmax whatever the weights' dtype), the loss and the gradients w.r.t. h, W and b, then frees the logits; backward only scales the stored gradients by
 the incoming scalar. Peak memory is one [chunk, V] block instead of the [N, V] logits and softmax that
 autograd would keep (the idea of Liger-Kernel's fused linear cross-entropy); FLOPs are the plain path's.
 """

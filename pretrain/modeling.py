@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,12 +37,16 @@ CONFIG_FILE = "dupmae_config.json"
 class DupMAEConfig:
     """Loss weights and memory knobs of the pre-training model."""
 
-    mlm_weight: float = 1.0  # weight of the encoder MLM loss
-    decoder_weight: float = 1.0  # weight of the [CLS]-decoding loss
-    bow_weight: float = 1.0  # weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)
-    bow_include_masked: bool = False  # max-pool over encoder-masked tokens too (official code) or not (paper)
-    vocab_chunk_size: int = 4096  # vocabulary columns scored at once in the OT max-pool
-    ce_chunk_size: int = 256  # rows of [rows, V] fp32 logits materialized at once in the MLM + decoder loss
+    mlm_weight: float = field(default=1.0, metadata={"help": "weight of the encoder MLM loss"})
+    decoder_weight: float = field(default=1.0, metadata={"help": "weight of the [CLS]-decoding loss"})
+    bow_weight: float = field(
+        default=1.0, metadata={"help": "weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)"})
+    bow_include_masked: bool = field(
+        default=False, metadata={"help": "max-pool over encoder-masked tokens too (official code) or not (paper)"})
+    vocab_chunk_size: int = field(
+        default=4096, metadata={"help": "vocabulary columns scored at once in the OT max-pool"})
+    ce_chunk_size: int = field(
+        default=256, metadata={"help": "rows of [rows, V] fp32 logits materialized at once in the MLM + decoder loss"})
 
     def __post_init__(self) -> None:
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):

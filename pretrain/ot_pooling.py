@@ -61,7 +61,7 @@ def _use_sparse(hidden: Tensor) -> bool:
 
 
 def _route_sparse(grad: Tensor, rows: Tensor, flat: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """S [B·L, V] holds grad[b, v] at (rows[b, v], v): ∂/∂flat = S W, ∂/∂W = Sᵀ flat, B·V·H multiply-adds."""
+    """S [B·L, V] holds grad[b, v] at (rows[b, v], v): ∂/∂flat = S W, ∂/∂W = Sᵀ flat (B·V·H MACs)."""
     batch, vocab = grad.shape
     vocab_ids = torch.arange(vocab, device=rows.device).repeat(batch)  # [B·V]
     values = grad.reshape(-1)
