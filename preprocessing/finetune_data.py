@@ -364,5 +364,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     main_entry(run, argv)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run the imported module, so pickled classes are found by name on workers
+    from preprocessing.finetune_data import main as module_main
+
+    module_main()

@@ -208,5 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     main_entry(run, argv)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run the imported module, so pickled classes are found by name on workers
+    from preprocessing.pretrain_data import main as module_main
+
+    module_main()

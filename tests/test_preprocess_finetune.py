@@ -3,6 +3,8 @@ dead letters with file/line/reason, and identical bytes from a second, multi-thr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -117,10 +119,14 @@ def test_dead_letters(result):
     assert manifest.counts["dead_letter"] == len(EXPECTED_DEAD)
 
 
-def test_second_run_is_byte_identical_and_errors_are_early(result, beir, tmp_path):
+def test_command_line_multiprocess_run_is_byte_identical_and_errors_are_early(result, beir, tmp_path):
+    """`python -m` in a worker process: also catches classes pickled by reference to `__main__`."""
     output, manifest = result
-    again = finetune_data.run(args(beir, tmp_path / "mt", "--direct_running_mode", "multi_threading", "--direct_num_workers", "2"))
-    assert again.shards == manifest.shards
+    command = [sys.executable, "-m", "preprocessing.finetune_data", *args(beir, tmp_path / "mt", "--direct_num_workers", "1")]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finetune_data done in" in done.stderr
+    assert Manifest.read(tmp_path / "mt").shards == manifest.shards
     for name in (FINETUNE_CORPUS_FILE, FINETUNE_QUERIES_FILE, FINETUNE_GROUPS_FILE, "dead_letter/dead_letter.jsonl"):
         assert (tmp_path / "mt" / name).read_bytes() == (output / name).read_bytes()
     with pytest.raises(InputError, match="test.tsv"):
