@@ -77,6 +77,10 @@ def baseline(input_path: str, output_dir: str, tokenizer_path: str, max_seq_leng
     return sum(len(ids) for ids in data["token_ids"])
 
 
+def rounded(values: list[float]) -> list[float]:
+    return [round(v, 1) for v in values]
+
+
 def timed(command: list[str], env: dict) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + sys of the process tree, less sensitive to a busy machine), stdout."""
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -96,14 +100,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, interleaved; the best counts")
     parser.add_argument("--max_seq_length", type=int, default=512)
     parser.add_argument("--tokenizer", default="default", help="tokenizer name or path for both sides")
-    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="the baseline's num_proc (ours uses all cores)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="baseline num_proc (ours uses all cores)")
     parser.add_argument("--baseline_output", help=argparse.SUPPRESS)  # internal: run the baseline in this process
     args = parser.parse_args()
 
     from common.defaults import resolve_model
 
     if args.baseline_output:
-        print(baseline(args.input, args.baseline_output, resolve_model(args.tokenizer), args.max_seq_length, args.cores))
+        tokenizer = resolve_model(args.tokenizer)
+        print(baseline(args.input, args.baseline_output, tokenizer, args.max_seq_length, args.cores))
         return
     if not Path(args.input).is_file():
         sys.exit(f"input {args.input} not found (the benchmark needs ../shared/data or --input)")
@@ -122,8 +127,9 @@ def main() -> None:
                 out = Path(tmp) / f"{side}-{repeat}"
                 if side == "ours":
                     seconds, cpu_seconds, _ = timed(  # the job's defaults: all local cores
-                        [sys.executable, "-m", "preprocessing.pretrain_data", "--input", str(data), "--output_dir", str(out),
-                         "--tokenizer", args.tokenizer, "--max_seq_length", str(args.max_seq_length)],
+                        [sys.executable, "-m", "preprocessing.pretrain_data", "--input", str(data),
+                         "--output_dir", str(out), "--tokenizer", args.tokenizer,
+                         "--max_seq_length", str(args.max_seq_length)],
                         env,
                     )
                     tokens[side] = json.loads((out / "manifest.json").read_text())["counts"]["tokens"]
@@ -142,8 +148,8 @@ def main() -> None:
         "bench": "preprocess", "metric": "tokens_per_second", "unit": "tokens/s", "ours": round(ours),
         "baseline": round(base), "ratio": round(ours / base, 3), "better": "higher", "input": args.input,
         "documents": len(lines), "cores": args.cores, "timing": f"best of {args.repeats}, end to end",
-        "ours_seconds": [round(t, 1) for t in times["ours"]], "baseline_seconds": [round(t, 1) for t in times["baseline"]],
-        "ours_cpu_seconds": [round(t, 1) for t in cpu["ours"]], "baseline_cpu_seconds": [round(t, 1) for t in cpu["baseline"]],
+        "ours_seconds": rounded(times["ours"]), "baseline_seconds": rounded(times["baseline"]),
+        "ours_cpu_seconds": rounded(cpu["ours"]), "baseline_cpu_seconds": rounded(cpu["baseline"]),
         "ours_tokens": tokens["ours"], "baseline_tokens": tokens["baseline"], "load_average_1min": os.getloadavg()[0],
     }))
 

@@ -48,16 +48,24 @@ class FinetuneDataConfig:
     output_dir: str = field(metadata={"help": "folder for the three Arrow files, manifest.json and dead_letter/"})
     split: str = field(default="train", metadata={"help": "qrels file qrels/SPLIT.tsv giving the positives"})
     negatives: str = field(default="", metadata={"help": "optional JSONL of ranked hard negatives per query"})
-    tokenizer: str = field(default="default", metadata={"help": "HF fast tokenizer name or path; 'default' = packaged all-MiniLM-L6-v2"})
+    tokenizer: str = field(
+        default="default",
+        metadata={"help": "HF fast tokenizer name or path; 'default' = packaged all-MiniLM-L6-v2"},
+    )
     query_max_length: int = field(default=32, metadata={"help": "query tokens kept (no special tokens)"})
     passage_max_length: int = field(default=144, metadata={"help": "document tokens kept (no special tokens)"})
     tokenize_batch_size: int = field(default=1024, metadata={"help": "texts per tokenizer call"})
-    tokenizer_threads: int = field(default=2, metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"})
+    tokenizer_threads: int = field(
+        default=2,
+        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
 
     def __post_init__(self):
         if min(self.query_max_length, self.passage_max_length, self.tokenize_batch_size, self.tokenizer_threads) < 1:
-            raise ValueError("--query_max_length, --passage_max_length, --tokenize_batch_size, --tokenizer_threads must be positive")
+            raise ValueError(
+                "--query_max_length, --passage_max_length, --tokenize_batch_size, --tokenizer_threads must be positive"
+            )
 
 
 class TokenizeTexts(beam.DoFn):
@@ -109,13 +117,13 @@ class WriteTokenized(beam.DoFn):
         rows, seen = [], set()
         for row in sorted(keyed[1], key=lambda row: row[0]):
             if row[1] in seen:
-                yield dead_letter(self.source_name, row[0][1], "duplicate_id", f"id {row[1]!r} appeared on an earlier line", row[1])
+                detail = f"id {row[1]!r} appeared on an earlier line"
+                yield dead_letter(self.source_name, row[0][1], "duplicate_id", detail, row[1])
             else:
                 seen.add(row[1])
                 rows.append(row)
-        table = pa.Table.from_arrays(
-            [pa.array([r[1] for r in rows], type=pa.string()), list_array([r[2] for r in rows], pa.int32())], schema=self.schema
-        )
+        ids = pa.array([r[1] for r in rows], type=pa.string())
+        table = pa.Table.from_arrays([ids, list_array([r[2] for r in rows], pa.int32())], schema=self.schema)
         sha = write_arrow(FileSystems.join(self.output_dir, self.file_name), table)
         yield ShardInfo(self.file_name, len(rows), sha), sum(len(r[2]) for r in rows)
 
@@ -153,7 +161,8 @@ class ParseNegatives(beam.DoFn):
         try:
             value = json_object(record.payload)
             query_id, negatives = value.get("query_id"), value.get("negatives")
-            if not isinstance(query_id, str) or not isinstance(negatives, list) or not all(isinstance(d, str) for d in negatives):
+            valid_list = isinstance(negatives, list) and all(isinstance(d, str) for d in negatives)
+            if not isinstance(query_id, str) or not valid_list:
                 raise RecordError("invalid_negatives", 'expected {"query_id": str, "negatives": [str, ...]}')
             yield query_id, (record.line, negatives)
         except RecordError as exc:
@@ -181,9 +190,11 @@ class BuildGroups(beam.DoFn):
         query_id, grouped = joined
         qrels, negative_lines = sorted(grouped["qrels"]), sorted(grouped["negatives"])
         for line, _ in negative_lines[1:]:
-            yield dead_letter(self.negatives_name, line, "duplicate_query", f"second negatives line for {query_id!r}", query_id)
+            detail = f"second negatives line for {query_id!r}"
+            yield dead_letter(self.negatives_name, line, "duplicate_query", detail, query_id)
         if qrels:  # negatives for a query outside this split are not part of the training set
-            yield from self._group(query_id, qrels, negative_lines[0] if negative_lines else (0, []), bool(grouped["query"]))
+            negatives = negative_lines[0] if negative_lines else (0, [])
+            yield from self._group(query_id, qrels, negatives, bool(grouped["query"]))
 
     def _group(self, query_id, qrels, negative_line, known_query):
         first = qrels[0][0]
@@ -192,13 +203,16 @@ class BuildGroups(beam.DoFn):
             if score > 0:
                 positives.setdefault(doc, line)
         if not known_query:
-            yield dead_letter(self.qrels_name, first, "unknown_query", f"query {query_id!r} is not in queries.jsonl", query_id)
+            detail = f"query {query_id!r} is not in queries.jsonl"
+            yield dead_letter(self.qrels_name, first, "unknown_query", detail, query_id)
         elif not positives:
-            yield dead_letter(self.qrels_name, first, "no_positive", f"query {query_id!r} has no qrels score > 0", query_id)
+            detail = f"query {query_id!r} has no qrels score > 0"
+            yield dead_letter(self.qrels_name, first, "no_positive", detail, query_id)
         else:
             line, ranked = negative_line
             negatives = [d for d in dict.fromkeys(ranked) if d not in positives]
-            yield None, Ref(first, query_id, "positive", -1, first)  # every group reaches the writer, even with no refs left
+            # a marker under key None, so every group reaches the writer even with no references left
+            yield None, Ref(first, query_id, "positive", -1, first)
             for rank, (doc, doc_line) in enumerate(positives.items()):
                 yield doc, Ref(first, query_id, "positive", rank, doc_line)
             for rank, doc in enumerate(negatives):
@@ -237,15 +251,20 @@ class WriteGroups(beam.DoFn):
             refs = sorted(r for r in refs if r[2] is not None)
             positives = [doc for role, _, doc in refs if role == "positive"]
             if not positives:
-                yield dead_letter(self.qrels_name, first, "no_positive", f"no positive of {query_id!r} is in the corpus", query_id)
+                detail = f"no positive of {query_id!r} is in the corpus"
+                yield dead_letter(self.qrels_name, first, "no_positive", detail, query_id)
                 continue
-            rows.append({"query_id": query_id, "positive_ids": positives, "negative_ids": [doc for role, _, doc in refs if role == "negative"]})
+            negatives = [doc for role, _, doc in refs if role == "negative"]
+            rows.append({"query_id": query_id, "positive_ids": positives, "negative_ids": negatives})
         table = pa.Table.from_pylist(rows, schema=FINETUNE_GROUPS_SCHEMA)
         sha = write_arrow(FileSystems.join(self.output_dir, FINETUNE_GROUPS_FILE), table)
-        yield ShardInfo(FINETUNE_GROUPS_FILE, len(rows), sha), sum(len(r["positive_ids"]) + len(r["negative_ids"]) for r in rows)
+        doc_ids = sum(len(r["positive_ids"]) + len(r["negative_ids"]) for r in rows)
+        yield ShardInfo(FINETUNE_GROUPS_FILE, len(rows), sha), doc_ids
 
 
-def _tokenized_table(pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str):
+def _tokenized_table(
+    pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str
+):
     """Read, parse, tokenize and write one of corpus / queries; returns (file info, [dead letters], ids)."""
     parsed = (
         pipeline
@@ -254,11 +273,13 @@ def _tokenized_table(pipeline, name: str, file, spec: RecordSpec, max_length: in
         | f"Reshuffle{name}" >> beam.Reshuffle()
         | f"Parse{name}" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
     )
-    rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads))
+    tokenize = TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads)
+    rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(tokenize)
+    write = WriteTokenized(cfg.output_dir, out_file, schema, file.name)
     written = (
         rows
         | f"Gather{name}" >> GatherAll()
-        | f"Write{name}" >> beam.ParDo(WriteTokenized(cfg.output_dir, out_file, schema, file.name)).with_outputs(DEAD_LETTER_TAG, main="info")
+        | f"Write{name}" >> beam.ParDo(write).with_outputs(DEAD_LETTER_TAG, main="info")
     )
     ids = rows | f"{name}Ids" >> beam.MapTuple(lambda key, row_id, ids: (row_id, True))
     return written.info, [parsed[DEAD_LETTER_TAG], written[DEAD_LETTER_TAG]], ids
@@ -276,8 +297,8 @@ def _lines(pipeline, name: str, file, parser: beam.DoFn):
 def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict, tokenizer, pipeline_args) -> None:
     serialized = tokenizer_json(tokenizer)
     corpus_info, corpus_dead, corpus_ids = _tokenized_table(
-        pipeline, "Corpus", files["corpus"], RecordSpec(("title", "text"), ("title",), "_id", True), cfg.passage_max_length,
-        cfg, serialized, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE,
+        pipeline, "Corpus", files["corpus"], RecordSpec(("title", "text"), ("title",), "_id", True),
+        cfg.passage_max_length, cfg, serialized, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE,
     )
     query_info, query_dead, query_ids = _tokenized_table(
         pipeline, "Queries", files["queries"], RecordSpec(("text",), (), "_id", True), cfg.query_max_length,
@@ -295,21 +316,26 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict
     refs = (
         {"qrels": qrels.rows, "negatives": negative_rows, "query": query_ids}
         | "JoinByQuery" >> beam.CoGroupByKey()
-        | "BuildGroups" >> beam.ParDo(BuildGroups(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
+        | "BuildGroups"
+        >> beam.ParDo(BuildGroups(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
     )
     checked = (
         {"refs": refs.refs, "corpus": corpus_ids}
         | "JoinByDocument" >> beam.CoGroupByKey()
-        | "CheckDocuments" >> beam.ParDo(CheckDocuments(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
+        | "CheckDocuments"
+        >> beam.ParDo(CheckDocuments(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
     )
     groups = (
         checked.refs
         | "GroupRefs" >> beam.GroupByKey()
         | "GatherGroups" >> GatherAll()
-        | "WriteGroups" >> beam.ParDo(WriteGroups(cfg.output_dir, files["qrels"].name)).with_outputs(DEAD_LETTER_TAG, main="info")
+        | "WriteGroups"
+        >> beam.ParDo(WriteGroups(cfg.output_dir, files["qrels"].name)).with_outputs(DEAD_LETTER_TAG, main="info")
     )
     dead += [refs[DEAD_LETTER_TAG], checked[DEAD_LETTER_TAG], groups[DEAD_LETTER_TAG]]
-    reasons = tuple(dead) | "FlattenDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(cfg.output_dir)
+    reasons = (
+        tuple(dead) | "FlattenDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(cfg.output_dir)
+    )
     manifest_fields = {
         "tokenizer": cfg.tokenizer, "vocab_hash": vocab_hash(tokenizer), "max_seq_length": cfg.passage_max_length,
         "options": {**asdict(cfg), "pipeline_args": list(pipeline_args)},
@@ -318,7 +344,8 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict
         (corpus_info, query_info, groups.info)
         | "FlattenInfos" >> beam.Flatten()
         | "CollectInfos" >> beam.combiners.ToList()
-        | "WriteManifest" >> beam.Map(_write_manifest, cfg.output_dir, manifest_fields, beam.pvalue.AsSingleton(reasons))
+        | "WriteManifest"
+        >> beam.Map(_write_manifest, cfg.output_dir, manifest_fields, beam.pvalue.AsSingleton(reasons))
     )
 
 
@@ -329,7 +356,10 @@ def _write_manifest(infos, output_dir: str, manifest_fields: dict, reasons: dict
         "documents": corpus[0].rows, "queries": queries[0].rows, "groups": groups[0].rows,
         "tokens": corpus[1] + queries[1], "group_doc_ids": groups[1], "dead_letter": sum(reasons.values()),
     }
-    extra = {"query_max_length": manifest_fields["options"]["query_max_length"], "dead_letter_reasons": dict(sorted(reasons.items()))}
+    extra = {
+        "query_max_length": manifest_fields["options"]["query_max_length"],
+        "dead_letter_reasons": dict(sorted(reasons.items())),
+    }
     shards = [corpus[0], queries[0], groups[0]]
     write_manifest(output_dir, Manifest(kind="finetune", shards=shards, counts=counts, extra=extra, **manifest_fields))
 

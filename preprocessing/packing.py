@@ -29,7 +29,9 @@ class Block:
     bow_weights: np.ndarray  # float32, aligned with bow_ids, sum 1
 
 
-def pack_sentences(lengths: Sequence[int], limit: int, short_seq_prob: float, rng: random.Random) -> list[tuple[int, int]]:
+def pack_sentences(
+    lengths: Sequence[int], limit: int, short_seq_prob: float, rng: random.Random
+) -> list[tuple[int, int]]:
     """Token spans [start, end) of the blocks: greedy over consecutive sentences, each block <= limit tokens.
 
     A block ends before the sentence that would overflow its target; the target is `limit`, or with

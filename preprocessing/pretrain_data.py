@@ -35,7 +35,9 @@ from preprocessing.records import (
     DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
 )
 from preprocessing.runner import Progress, log_summary, main_entry, make_pipeline, parse_config
-from preprocessing.shards import WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest
+from preprocessing.shards import (
+    WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest,
+)
 from preprocessing.text import split_sentences
 from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
 
@@ -46,18 +48,42 @@ logger = logging.getLogger(__name__)
 class PretrainDataConfig:
     input: list[str] = field(metadata={"help": "input files or globs (local, gs://, s3://, hdfs://)"})
     output_dir: str = field(metadata={"help": "folder for shards, manifest.json and dead_letter/"})
-    tokenizer: str = field(default="default", metadata={"help": "HF fast tokenizer name or path; 'default' = packaged all-MiniLM-L6-v2"})
-    max_seq_length: int = field(default=512, metadata={"help": "model sequence length; blocks hold at most this - 2 tokens"})
+    tokenizer: str = field(
+        default="default",
+        metadata={"help": "HF fast tokenizer name or path; 'default' = packaged all-MiniLM-L6-v2"},
+    )
+    max_seq_length: int = field(
+        default=512,
+        metadata={"help": "model sequence length; blocks hold at most this - 2 tokens"},
+    )
     short_seq_prob: float = field(default=0.0, metadata={"help": "probability of a random shorter block target (BERT)"})
-    text_fields: list[str] = field(default_factory=lambda: ["text"], metadata={"help": "record fields joined with ' ' into the document (e.g. title text)"})
+    text_fields: list[str] = field(
+        default_factory=lambda: ["text"],
+        metadata={"help": "record fields joined with ' ' into the document (e.g. title text)"},
+    )
     id_field: str = field(default="", metadata={"help": "record field holding the document id (default: file:line)"})
-    input_format: str = field(default="auto", metadata={"help": "by extension when auto: .parquet, .txt, else JSONL", "choices": INPUT_FORMATS})
-    bow_weighting: str = field(default="uniform", metadata={"help": "BoW target: uniform over unique tokens (paper) or tf", "choices": BOW_WEIGHTINGS})
-    shard_size_mb: float = field(default=256.0, metadata={"help": "approximate shard size; sets the shard count from the input size"})
+    input_format: str = field(
+        default="auto",
+        metadata={"help": "by extension when auto: .parquet, .txt, else JSONL", "choices": INPUT_FORMATS},
+    )
+    bow_weighting: str = field(
+        default="uniform",
+        metadata={"help": "BoW target: uniform over unique tokens (paper) or tf", "choices": BOW_WEIGHTINGS},
+    )
+    shard_size_mb: float = field(
+        default=256.0,
+        metadata={"help": "approximate shard size; sets the shard count from the input size"},
+    )
     num_shards: int = field(default=0, metadata={"help": "exact shard count (0: from --shard_size_mb)"})
     tokenize_batch_sentences: int = field(default=4096, metadata={"help": "sentences per tokenizer call"})
-    tokenizer_threads: int = field(default=2, metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"})
-    seed: int = field(default=42, metadata={"help": "seeds the short-block draws (per document, so runner-independent)"})
+    tokenizer_threads: int = field(
+        default=2,
+        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"},
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "seeds the short-block draws (per document, so runner-independent)"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
 
     def __post_init__(self):
@@ -65,8 +91,10 @@ class PretrainDataConfig:
             raise ValueError(f"--max_seq_length {self.max_seq_length} leaves no room for tokens besides [CLS]/[SEP]")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise ValueError(f"--short_seq_prob {self.short_seq_prob} is not a probability")
-        if self.shard_size_mb <= 0 or self.num_shards < 0 or self.tokenize_batch_sentences < 1 or self.tokenizer_threads < 1:
-            raise ValueError("--shard_size_mb, --tokenize_batch_sentences and --tokenizer_threads must be positive, --num_shards >= 0")
+        if self.shard_size_mb <= 0 or min(self.tokenize_batch_sentences, self.tokenizer_threads) < 1:
+            raise ValueError("--shard_size_mb, --tokenize_batch_sentences and --tokenizer_threads must be positive")
+        if self.num_shards < 0:
+            raise ValueError(f"--num_shards {self.num_shards} is negative")
 
 
 class TokenizeAndPack(beam.DoFn):
@@ -110,7 +138,8 @@ class TokenizeAndPack(beam.DoFn):
         for (document, _), enc in zip(pending, encoded):
             name = f"{document.key[0]}:{document.key[1]}"
             if len(enc.input_ids) == 0:
-                yield dead_letter(document.file, document.key[1], "no_tokens", "the tokenizer produced no tokens", document.text)
+                detail = "the tokenizer produced no tokens"
+                yield dead_letter(document.file, document.key[1], "no_tokens", detail, document.text)
                 continue
             rng = random.Random(f"{cfg.seed}:{name}")
             blocks = make_blocks(document.key, document.doc_id, enc.input_ids, enc.word_starts, enc.sentence_lengths,
@@ -142,17 +171,22 @@ class WritePretrainManifest(beam.DoFn):
             "dead_letter": sum(dead_letter_reasons.values()),
         }
         extra = {"dead_letter_reasons": dict(sorted(dead_letter_reasons.items()))}
-        write_manifest(self.output_dir, Manifest(kind="pretrain", shards=[s.info for s in stats], counts=counts, extra=extra, **self.manifest_fields))
+        shards = [s.info for s in stats]
+        manifest = Manifest(kind="pretrain", shards=shards, counts=counts, extra=extra, **self.manifest_fields)
+        write_manifest(self.output_dir, manifest)
         yield counts
 
 
-def build_pipeline(pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, tokenizer, num_shards: int, pipeline_args) -> None:
+def build_pipeline(
+    pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, tokenizer, num_shards: int, pipeline_args
+) -> None:
+    spec = RecordSpec(tuple(cfg.text_fields), id_field=cfg.id_field or None)
     parsed = (
         pipeline
         | "InputFiles" >> beam.Create(files)
         | "ReadRecords" >> beam.ParDo(ReadRecords(cfg.input_format, [*cfg.text_fields, cfg.id_field]))
         | "Reshuffle" >> beam.Reshuffle()
-        | "Parse" >> beam.ParDo(ParseRecords(RecordSpec(tuple(cfg.text_fields), id_field=cfg.id_field or None))).with_outputs(DEAD_LETTER_TAG, main="documents")
+        | "Parse" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
     )
     packed = parsed.documents | "TokenizeAndPack" >> beam.ParDo(
         TokenizeAndPack(tokenizer_json(tokenizer), cfg, num_shards)
@@ -173,7 +207,8 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, toke
     _ = (
         shard_stats
         | "CollectShardStats" >> beam.combiners.ToList()
-        | "WriteManifest" >> beam.ParDo(WritePretrainManifest(cfg.output_dir, manifest_fields), beam.pvalue.AsSingleton(reasons))
+        | "WriteManifest"
+        >> beam.ParDo(WritePretrainManifest(cfg.output_dir, manifest_fields), beam.pvalue.AsSingleton(reasons))
     )
 
 
@@ -183,7 +218,7 @@ def run(argv: Sequence[str] | None = None) -> Manifest:
     files = expand_inputs(cfg.input)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    input_bytes = sum(m.size_in_bytes for m in FileSystems.match([f.path for f in files])[0].metadata_list) if files else 0
+    input_bytes = sum(m.size_in_bytes for m in FileSystems.match([f.path for f in files])[0].metadata_list)
     num_shards = cfg.num_shards or estimate_num_shards(input_bytes, cfg.shard_size_mb)
     logger.info("pretrain_data: %d input files, %d shards -> %s", len(files), num_shards, cfg.output_dir)
     start = time.monotonic()
@@ -200,8 +235,8 @@ def shards_from_texts(texts: Sequence[str], output_dir: str | Path, *args: str) 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "texts.jsonl"
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        argv = ["--input", str(path), "--output_dir", str(output_dir), "--direct_running_mode", "in_memory", "--direct_num_workers", "1", *args]
-        return run(argv)
+        local = ["--direct_running_mode", "in_memory", "--direct_num_workers", "1"]
+        return run(["--input", str(path), "--output_dir", str(output_dir), *local, *args])
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -214,7 +214,8 @@ def dead_letter(file: str, line: int, reason: str, detail: str, raw: bytes | str
         raw = json.dumps(raw, default=str)
     if isinstance(raw, bytes):
         raw = raw[: _RAW_CHARS * 4].decode("utf-8", errors="replace")
-    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, DeadLetter(file, line, reason, detail, raw[:_RAW_CHARS].rstrip("\n")))
+    letter = DeadLetter(file, line, reason, detail, raw[:_RAW_CHARS].rstrip("\n"))
+    return beam.pvalue.TaggedOutput(DEAD_LETTER_TAG, letter)
 
 
 class ParseRecords(beam.DoFn):

@@ -37,7 +37,9 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     pattern = FileSystems.join(output_dir, "**")
     existing = [m.path for m in FileSystems.match([pattern])[0].metadata_list] if FileSystems.exists(output_dir) else []
     if existing and not overwrite:
-        raise OutputDirError(f"output_dir {output_dir} is not empty ({len(existing)} files); pass --overwrite to replace it")
+        raise OutputDirError(
+            f"output_dir {output_dir} is not empty ({len(existing)} files); pass --overwrite to replace it"
+        )
     ours = [p for p in existing if p.endswith((".arrow", MANIFEST_NAME)) or DEAD_LETTER_FILE in p]
     if ours:
         FileSystems.delete(ours)

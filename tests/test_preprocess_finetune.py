@@ -56,7 +56,8 @@ EXPECTED_DEAD = [
     ("corpus.jsonl", 4, "invalid_json"), ("corpus.jsonl", 5, "missing_field"), ("corpus.jsonl", 6, "missing_field"),
     ("corpus.jsonl", 8, "duplicate_id"),
     ("negatives.jsonl", 1, "unknown_document"), ("negatives.jsonl", 3, "duplicate_query"),
-    ("negatives.jsonl", 4, "invalid_negatives"), ("queries.jsonl", 4, "empty_document"), ("train.tsv", 5, "no_positive"),
+    ("negatives.jsonl", 4, "invalid_negatives"), ("queries.jsonl", 4, "empty_document"),
+    ("train.tsv", 5, "no_positive"),
     ("train.tsv", 6, "unknown_query"), ("train.tsv", 7, "invalid_qrel"), ("train.tsv", 8, "unknown_document"),
     ("train.tsv", 9, "invalid_qrel"),
 ]
@@ -66,7 +67,8 @@ EXPECTED_DEAD = [
 def beir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("beir")
     (folder / "qrels").mkdir()
-    for name, lines in (("corpus.jsonl", CORPUS), ("queries.jsonl", QUERIES), ("qrels/train.tsv", QRELS), ("negatives.jsonl", NEGATIVES)):
+    files = {"corpus.jsonl": CORPUS, "queries.jsonl": QUERIES, "qrels/train.tsv": QRELS, "negatives.jsonl": NEGATIVES}
+    for name, lines in files.items():
         (folder / name).write_text("\n".join(lines) + "\n")
     return folder
 
@@ -79,7 +81,8 @@ def args(beir: Path, output: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def result(beir, tmp_path_factory):
     output = tmp_path_factory.mktemp("ft") / "out"
-    return output, finetune_data.run(args(beir, output, "--direct_running_mode", "in_memory", "--direct_num_workers", "1"))
+    in_memory = ("--direct_running_mode", "in_memory", "--direct_num_workers", "1")
+    return output, finetune_data.run(args(beir, output, *in_memory))
 
 
 def read(path: Path, schema: pa.Schema) -> list[dict]:
@@ -97,17 +100,20 @@ def test_tables_are_exact(result, minilm_path):
         return tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
 
     corpus = read(output / FINETUNE_CORPUS_FILE, FINETUNE_CORPUS_SCHEMA)
-    texts = {"d1": "Alpha First document text.", "d2": json.loads(CORPUS[1])["text"], "d3": "No title here.", "d4": "Delta Fourth."}
+    texts = {"d1": "Alpha First document text.", "d2": json.loads(CORPUS[1])["text"], "d3": "No title here.",
+             "d4": "Delta Fourth."}
     assert corpus == [{"doc_id": d, "input_ids": ids(t, 8)} for d, t in texts.items()]
     assert len(corpus[1]["input_ids"]) == 8  # cut at --passage_max_length
     queries = read(output / FINETUNE_QUERIES_FILE, FINETUNE_QUERIES_SCHEMA)
-    assert queries == [{"query_id": q, "input_ids": ids(json.loads(QUERIES[i])["text"], 5)} for i, q in enumerate(["q1", "q2", "q3"])]
+    expected = [{"query_id": f"q{i + 1}", "input_ids": ids(json.loads(QUERIES[i])["text"], 5)} for i in range(3)]
+    assert queries == expected
     groups = read(output / FINETUNE_GROUPS_FILE, FINETUNE_GROUPS_SCHEMA)
     assert groups == [
         {"query_id": "q1", "positive_ids": ["d1"], "negative_ids": ["d2", "d3"]},
         {"query_id": "q2", "positive_ids": ["d2", "d3"], "negative_ids": ["d1"]},
     ]
-    assert manifest.kind == "finetune" and [s.file for s in manifest.shards] == [FINETUNE_CORPUS_FILE, FINETUNE_QUERIES_FILE, FINETUNE_GROUPS_FILE]
+    assert manifest.kind == "finetune"
+    assert [s.file for s in manifest.shards] == [FINETUNE_CORPUS_FILE, FINETUNE_QUERIES_FILE, FINETUNE_GROUPS_FILE]
     assert (manifest.counts["documents"], manifest.counts["queries"], manifest.counts["groups"]) == (4, 3, 2)
     assert manifest == Manifest.read(output)
 
@@ -122,7 +128,8 @@ def test_dead_letters(result):
 def test_command_line_multiprocess_run_is_byte_identical_and_errors_are_early(result, beir, tmp_path):
     """`python -m` in a worker process: also catches classes pickled by reference to `__main__`."""
     output, manifest = result
-    command = [sys.executable, "-m", "preprocessing.finetune_data", *args(beir, tmp_path / "mt", "--direct_num_workers", "1")]
+    command = [sys.executable, "-m", "preprocessing.finetune_data", *args(beir, tmp_path / "mt")]
+    command += ["--direct_num_workers", "1"]
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "finetune_data done in" in done.stderr

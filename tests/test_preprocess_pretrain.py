@@ -21,9 +21,9 @@ from preprocessing.text import normalize, split_sentences
 MAX_SEQ_LENGTH = 24  # blocks of at most 22 tokens: several blocks per document, long sentences split
 LONG_SENTENCE = " ".join(f"word{i} and another thing" for i in range(30))  # no boundary, > 22 tokens
 GOOD_JSONL = {
-    1: {"id": "doc-a", "text": "Mr. Smith went to Washington. He met Dr. Jones there! " * 4 + LONG_SENTENCE + ". The end."},
+    1: {"id": "doc-a", "text": "Mr. Smith went to Washington. He met Dr. Jones there! " * 4 + LONG_SENTENCE + ". End."},
     2: {"text": "Short one. Two."},
-    9: {"text": "Ünïcödé café — naïve résumé.\n\nAnother paragraph without a period\nSo this starts a sentence? Yes."},
+    9: {"text": "Ünïcödé café — naïve résumé.\n\nA paragraph with no period\nSo this starts a sentence? Yes."},
 }
 BAD_JSONL = {  # line -> (raw bytes, reason)
     3: (b"not json at all", "invalid_json"),
@@ -58,14 +58,16 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def args(inputs: Path, output: Path, *extra: str) -> list[str]:
-    return ["--input", str(inputs / "*.jsonl"), str(inputs / "b.txt"), str(inputs / "c.parquet"), "--output_dir", str(output),
-            "--max_seq_length", str(MAX_SEQ_LENGTH), "--id_field", "id", "--num_shards", "3", "--short_seq_prob", "0.3", *extra]
+    return ["--input", str(inputs / "*.jsonl"), str(inputs / "b.txt"), str(inputs / "c.parquet"),
+            "--output_dir", str(output), "--max_seq_length", str(MAX_SEQ_LENGTH), "--id_field", "id",
+            "--num_shards", "3", "--short_seq_prob", "0.3", *extra]
 
 
 @pytest.fixture(scope="module")
 def run_in_memory(inputs, tmp_path_factory) -> tuple[Path, Manifest]:
     output = tmp_path_factory.mktemp("out") / "shards"
-    return output, pretrain_data.run(args(inputs, output, "--direct_running_mode", "in_memory", "--direct_num_workers", "1"))
+    in_memory = ("--direct_running_mode", "in_memory", "--direct_num_workers", "1")
+    return output, pretrain_data.run(args(inputs, output, *in_memory))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def test_schema_and_manifest(run_in_memory):
     for shard in manifest.shards:
         assert hashlib.sha256((output / shard.file).read_bytes()).hexdigest() == shard.sha256
     rows = read_rows(output, manifest)
-    assert [s.rows for s in manifest.shards] and sum(s.rows for s in manifest.shards) == len(rows) == manifest.counts["blocks"]
+    assert sum(s.rows for s in manifest.shards) == len(rows) == manifest.counts["blocks"] > 0
     assert manifest.counts["documents"] == len(expected_documents())
     assert manifest.counts["tokens"] == sum(len(r["input_ids"]) for r in rows)
     assert manifest.counts["dead_letter"] == len(BAD_JSONL)
@@ -143,14 +145,16 @@ def test_bow_targets_equal_recomputation(run_in_memory):
 def test_dead_letters_name_file_line_and_reason(run_in_memory):
     output, manifest = run_in_memory
     letters = [json.loads(line) for line in (output / "dead_letter" / "dead_letter.jsonl").read_text().splitlines()]
-    assert [(d["file"], d["line"], d["reason"]) for d in letters] == [("a.jsonl", line, reason) for line, (_, reason) in sorted(BAD_JSONL.items())]
+    expected = [("a.jsonl", line, reason) for line, (_, reason) in sorted(BAD_JSONL.items())]
+    assert [(d["file"], d["line"], d["reason"]) for d in letters] == expected
     assert letters[0]["record"] == "not json at all"
     assert manifest.extra["dead_letter_reasons"] == dict(Counter(reason for _, reason in BAD_JSONL.values()))
 
 
 def test_multiprocess_run_gives_identical_bytes(run_in_memory, inputs, tmp_path):
     output, manifest = run_in_memory
-    again = pretrain_data.run(args(inputs, tmp_path / "mp", "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"))
+    multi_processing = ("--direct_running_mode", "multi_processing", "--direct_num_workers", "2")
+    again = pretrain_data.run(args(inputs, tmp_path / "mp", *multi_processing))
     assert again.shards == manifest.shards and again.counts == manifest.counts
     for shard in manifest.shards:
         assert (tmp_path / "mp" / shard.file).read_bytes() == (output / shard.file).read_bytes()
@@ -166,7 +170,8 @@ def test_shards_from_texts_with_tf_weighting(tmp_path):
     for row in rows:
         counts = Counter(row["input_ids"])
         assert row["bow_ids"] == sorted(counts)
-        assert row["bow_weights"] == pytest.approx([counts[t] / len(row["input_ids"]) for t in sorted(counts)], rel=1e-6)
+        expected = [counts[t] / len(row["input_ids"]) for t in sorted(counts)]
+        assert row["bow_weights"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_errors_before_any_work(inputs, tmp_path, capsys):

@@ -21,8 +21,10 @@ def test_normalize_keeps_paragraphs_and_drops_control_characters():
     "text, sentences",
     [
         ('He said "Stop." Then he left! Did he? Yes.', ['He said "Stop."', "Then he left!", "Did he?", "Yes."]),
-        ("Mr. Smith met Dr. Jones. J. R. R. Tolkien wrote e.g. This.", ["Mr. Smith met Dr. Jones.", "J. R. R. Tolkien wrote e.g. This."]),
-        ("A heading\n\nA line\ncontinues here. 3 items follow.", ["A heading", "A line continues here.", "3 items follow."]),
+        ("Mr. Smith met Dr. Jones. J. R. R. Tolkien wrote e.g. This.",
+         ["Mr. Smith met Dr. Jones.", "J. R. R. Tolkien wrote e.g. This."]),
+        ("A heading\n\nA line\ncontinues here. 3 items follow.",
+         ["A heading", "A line continues here.", "3 items follow."]),
         ("lower case after a period. stays together", ["lower case after a period. stays together"]),
         ("", []),
     ],
@@ -87,7 +89,8 @@ def test_parse_record_fields_ids_and_reasons():
     document = parse_record(record(b'{"_id": "d1", "title": "A  title", "text": "Body."}'), beir)
     assert (document.key, document.file, document.doc_id, document.text) == ((0, 7), "x.jsonl", "d1", "A title Body.")
     assert parse_record(record(b'{"_id": "d2", "text": "No title."}'), beir).text == "No title."
-    assert parse_record(record({"text": "parquet row"}, "y.parquet", "parquet"), RecordSpec(("text",))).doc_id == "y.parquet:7"
+    parquet_row = record({"text": "parquet row"}, "y.parquet", "parquet")
+    assert parse_record(parquet_row, RecordSpec(("text",))).doc_id == "y.parquet:7"
     assert parse_record(record(b"Plain\ntext.\n", "z.txt", "text"), RecordSpec(("text",))).text == "Plain\ntext."
     cases = [
         (b'{"title": "t", "text": "x"}', "missing_field"),  # no _id though required
@@ -109,7 +112,8 @@ def bpe_tokenizer_json() -> str:
 
     tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(["unbelievably tokenized sentences, another one"] * 5, trainers.BpeTrainer(vocab_size=40, special_tokens=["[UNK]"]))
+    trainer = trainers.BpeTrainer(vocab_size=40, special_tokens=["[UNK]"])
+    tokenizer.train_from_iterator(["unbelievably tokenized sentences, another one"] * 5, trainer)
     return tokenizer.to_str()
 
 
@@ -135,7 +139,8 @@ def test_encoder_word_starts_equal_word_ids_for_wordpiece_and_other_models(minil
                 ids += encoding.ids
                 starts += [j == 0 or words[j] != words[j - 1] for j in range(len(words))]
             assert encoded.input_ids.tolist() == ids and encoded.word_starts.tolist() == starts
-            assert encoded.sentence_lengths == [len(reference_tokenizer.encode(s, add_special_tokens=False).ids) for s in doc]
+            lengths = [len(reference_tokenizer.encode(s, add_special_tokens=False).ids) for s in doc]
+            assert encoded.sentence_lengths == lengths
             all_starts += starts
         assert not all(all_starts)  # some word really has several pieces
 
