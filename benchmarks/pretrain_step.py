@@ -4,7 +4,9 @@
         [--device cpu|cuda]
 
 Each variant runs in its own subprocess so the peak-memory high-water marks do not mix: peak RSS
-(ru_maxrss) on CPU, peak allocated CUDA memory on GPU. Both variants load the same weights (the packaged
+(ru_maxrss) on CPU, peak allocated CUDA memory on GPU. Variants alternate for --repeats rounds and each
+figure is the minimum over rounds (wall seconds per step, process CPU seconds per step, peak memory), so
+load from other processes on a shared machine hits both. Both variants load the same weights (the packaged
 all-MiniLM-L6-v2 by default; its missing MLM head is initialized from the same seed), see the same
 collated batches of Gutenberg text (random ids without ../shared/data) and take AdamW steps in fp32;
 one untimed warm-up step precedes the timed ones. Prints two JSON lines (time, memory).
@@ -57,14 +59,15 @@ def run_variant(args: argparse.Namespace) -> dict:
         return loss.item()
 
     step(batches[0])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     losses = [step(batch) for batch in batches[1:]]
     seconds = (time.perf_counter() - start) / args.steps
+    cpu_seconds = (time.process_time() - cpu_start) / args.steps
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"sec_per_step": seconds, "peak_bytes": peak, "loss": losses[-1]}
+    return {"sec_per_step": seconds, "cpu_sec_per_step": cpu_seconds, "peak_bytes": peak, "loss": losses[-1]}
 
 
 def main() -> None:
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the minimum counts")
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.threads:
@@ -82,20 +86,24 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    results = {}
+    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for variant in ("ours", "baseline"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], env=env,
-                               capture_output=True, text=True)
-        if child.returncode:
-            raise SystemExit(f"{variant} run failed:\n{child.stderr[-3000:]}")
-        results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+    for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits both variants
+        for variant in runs:
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], env=env,
+                                   capture_output=True, text=True)
+            if child.returncode:
+                raise SystemExit(f"{variant} run failed:\n{child.stderr[-3000:]}")
+            runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    results = {variant: {key: min(run[key] for run in variant_runs) for key in variant_runs[0]}
+               for variant, variant_runs in runs.items()}
     common = {"model": args.model_name_or_path or "all-MiniLM-L6-v2 (packaged)", "seq_len": args.seq_len,
-              "batch_size": args.batch_size, "steps": args.steps, "device": args.device,
+              "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "device": args.device,
               "loss_ours": round(results["ours"]["loss"], 4), "loss_baseline": round(results["baseline"]["loss"], 4)}
     ours, base = results["ours"], results["baseline"]
     memory = "peak_rss" if args.device == "cpu" else "peak_allocated"
-    figures = (("time_per_step", "s", "sec_per_step", 1.0), (memory, "MiB", "peak_bytes", 2**-20))
+    figures = (("time_per_step", "s", "sec_per_step", 1.0), ("cpu_time_per_step", "CPU s", "cpu_sec_per_step", 1.0),
+               (memory, "MiB", "peak_bytes", 2**-20))
     for metric, unit, key, scale in figures:
         print(json.dumps({"bench": "pretrain_step", "metric": metric, "unit": unit,
                           "ours": round(ours[key] * scale, 3), "baseline": round(base[key] * scale, 3),
