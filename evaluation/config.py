@@ -26,7 +26,7 @@ class EvalConfig:
     sparse_top_k: int | None = field(default=None, metadata=_help("dupmae document top-k; None: the model's / 384"))
     split: str = field(default="test", metadata=_help("qrels split (qrels/SPLIT.tsv); MS MARCO: dev"))
     batch_size: int = field(default=128, metadata=_help("most texts per batch", aliases=["--per_device_eval_batch_size"]))
-    max_tokens: int = field(default=2048, metadata=_help("token budget per batch (rows x longest row)"))
+    max_tokens: int = field(default=8192, metadata=_help("token budget per batch (rows x longest row)"))
     max_length: int | None = field(
         default=None, metadata=_help("truncation length; None: the model's max_seq_length, else 512",
                                      aliases=["--max_seq_length"]))
