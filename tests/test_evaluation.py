@@ -273,3 +273,20 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_model, caplog):
     assert (fp32.dense * bf16.dense).sum(1).min() > 0.99  # unit vectors: cosine similarity
     native = encode_mod.native_bf16(torch.device("cpu"))
     assert ("no native bf16" in caplog.text) == (not native)
+
+
+def test_index_factory_plumbing():
+    g = torch.Generator().manual_seed(2)
+    queries, _ = random_encoded(3, "q", g)
+    corpus, _ = random_encoded(50, "d", g)
+    exact = search_mod.search(Encoded(queries.ids, queries.dense), Encoded(corpus.ids, corpus.dense), depth=4)
+    flat = search_mod.search(Encoded(queries.ids, queries.dense), Encoded(corpus.ids, corpus.dense), depth=4,
+                             index_factory="Flat")
+    hnsw = search_mod.search(Encoded(queries.ids, queries.dense), Encoded(corpus.ids, corpus.dense), depth=4,
+                             index_factory="HNSW16")
+    for qid in queries.ids:
+        assert list(flat[qid]) == list(exact[qid]) and list(flat[qid].values()) == pytest.approx(list(exact[qid].values()))
+        assert len(hnsw[qid]) == 4
+    sparse, _ = random_encoded(50, "d", g, k=5)
+    with pytest.raises(ValueError, match="dense search only"):
+        search_mod.search(random_encoded(3, "q", g)[0], sparse, depth=4, index_factory="Flat")
