@@ -37,7 +37,7 @@ class MiningConfig:
     query_max_length: int = arg(32, "query tokens, [CLS]/[SEP] included")
     passage_max_length: int = arg(144, "passage tokens (title + text), [CLS]/[SEP] included")
     batch_size: int = arg(128, "most texts per encoder forward pass")
-    max_tokens: int = arg(2048, "token budget per forward pass (rows x longest row)")
+    max_tokens: int = arg(8192, "token budget per forward pass (rows x longest row), as evaluation's default")
 
     def __post_init__(self) -> None:
         if not self.data_dir or not self.out:
