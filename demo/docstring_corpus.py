@@ -94,3 +94,10 @@ def build(output_dir: str | Path, config: DocstringCorpusConfig = DocstringCorpu
     counts = {"documents": len(pairs), "train_queries": len(splits["train"]), "test_queries": len(splits["test"])}
     logger.info("docstring corpus in %s: %s", out, counts)
     return counts
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    build(sys.argv[1])
