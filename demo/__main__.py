@@ -14,12 +14,14 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from common.logging_setup import setup_logging
 from demo.report import dataset_scores, plot_pretrain_losses, results_table
 from demo.stages import Stage, StageFailed, run_stage
+from evaluation.config import EvalConfig
+from evaluation.data import DatasetError, resolve_dataset
 
 logger = logging.getLogger("demo")
 
@@ -52,9 +54,15 @@ def _scoring(config: DemoConfig) -> list[str]:
     return ["--normalize", "--temperature", "0.05"]
 
 
+def _beir_folder(dataset: str) -> str:
+    """A BEIR folder as given, or a bare BEIR name fetched the way evaluation fetches it (network allowing)."""
+    data_dir = next(f.default for f in fields(EvalConfig) if f.name == "data_dir")
+    return str(resolve_dataset(dataset, data_dir, allow_download=True))
+
+
 def stages(config: DemoConfig, out: Path) -> list[Stage]:
     """The pipeline, in order; each stage reads what earlier ones wrote."""
-    data = config.dataset or str(out / "data" / "docstrings")
+    data = _beir_folder(config.dataset) if config.dataset else str(out / "data" / "docstrings")
     shards, pretrain, negatives, finetune = out / "shards", out / "pretrain", out / "negatives", out / "finetune"
     plan = []
     if config.dataset is None:
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for stage in stages(config, out):
             seconds[stage.name] = run_stage(stage, out / "logs")
-    except StageFailed as failure:
+    except (StageFailed, DatasetError) as failure:
         logger.error("%s", failure)
         return 1
     rows = {"packaged all-MiniLM-L6-v2, zero-shot": dataset_scores(out / "eval_zero_shot" / "results.json"),
