@@ -17,32 +17,10 @@ import numpy as np
 import torch
 
 
-def init_distributed() -> tuple[int, int]:
-    """DeepSpeed's process group from the launcher's RANK/LOCAL_RANK/WORLD_SIZE; a plain `python main.py` is a world
-    of one. On CPU, plain gloo: DeepSpeed's shared-memory all-reduce op would be compiled at start (minutes)."""
-    import deepspeed
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-
-    env = os.environ
-    if env.setdefault("WORLD_SIZE", "1") == "1":
-        env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    elif "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
-        raise SystemExit(f"error: WORLD_SIZE={env['WORLD_SIZE']} needs MASTER_ADDR and MASTER_PORT")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        env.setdefault(key, value)
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    else:
-        accelerator.set_device(int(env["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
+    from common.distributed import init_distributed
     from common.logging_setup import setup_logging
     from common.tokenizer import load_tokenizer
     from finetune.config import FinetuneConfig
@@ -51,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     from finetune.trainer import Trainer
 
     (cfg,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(argv)
-    rank, world_size = init_distributed()
+    rank, _, world_size = init_distributed()
     setup_logging(rank)
     logger = logging.getLogger("finetune.main")
     logger.info("fine-tuning on %d rank(s): %s", world_size, cfg)

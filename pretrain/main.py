@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: import the repository's packag
 import torch.distributed
 from transformers import set_seed
 
+from common.distributed import init_distributed
 from common.logging_setup import setup_logging
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
@@ -31,7 +32,7 @@ from pretrain.checkpoint import read_latest
 from pretrain.collator import DupMAECollator
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.modeling import DupMAEModel
-from pretrain.trainer import Trainer, build_engine, init_distributed
+from pretrain.trainer import Trainer, build_engine
 
 logger = logging.getLogger("pretrain.main")
 
