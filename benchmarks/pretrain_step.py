@@ -9,7 +9,9 @@ figure is the minimum over rounds (wall seconds per step, process CPU seconds pe
 load from other processes on a shared machine hits both. Both variants load the same weights (the packaged
 all-MiniLM-L6-v2 by default; its missing MLM head is initialized from the same seed), see the same
 collated batches of Gutenberg text (random ids without ../shared/data) and take AdamW steps in fp32;
-one untimed warm-up step precedes the timed ones. Prints two JSON lines (time, memory).
+one untimed warm-up step precedes the timed ones. Our model runs twice, with and without
+`gradient_checkpointing`, so both trade-offs come from the same run; prints one JSON line per figure and
+variant (wall time, CPU time, memory), each with its "gradient_checkpointing" setting.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+#: Our model's variants and their gradient_checkpointing setting; "baseline" is the full-logits model.
+OURS = {"ours": True, "ours_no_checkpointing": False}
+
 
 def run_variant(args: argparse.Namespace) -> dict:
     """Build the variant, take warm-up + timed steps, return {sec_per_step, peak_bytes, loss}."""
@@ -39,8 +44,10 @@ def run_variant(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     tokenizer = load_tokenizer(args.model_name_or_path)
     torch.manual_seed(0)
-    model = DupMAEModel.from_pretrained(args.model_name_or_path, DupMAEConfig())
-    module = model if args.variant == "ours" else FullLogitsDupMAE(model)
+    ours = args.variant in OURS
+    model = DupMAEModel.from_pretrained(args.model_name_or_path, DupMAEConfig(gradient_checkpointing=OURS.get(
+        args.variant, False)))
+    module = model if ours else FullLogitsDupMAE(model)
     module.to(device).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
     collator = DupMAECollator.from_tokenizer(tokenizer, CollatorConfig(max_seq_length=args.seq_len))
@@ -53,7 +60,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     def step(batch: dict) -> float:
         optimizer.zero_grad(set_to_none=True)
         out = module(**{k: v.to(device) for k, v in batch.items()})
-        loss = out.loss if args.variant == "ours" else out
+        loss = out.loss if ours else out
         loss.backward()
         optimizer.step()
         return loss.item()
@@ -79,14 +86,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant; the minimum counts")
-    parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--variant", choices=[*OURS, "baseline"], help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    runs: dict[str, list[dict]] = {"ours": [], "baseline": []}
+    runs: dict[str, list[dict]] = {variant: [] for variant in (*OURS, "baseline")}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for _ in range(args.repeats):  # interleaved, so a busy spell on a shared machine hits both variants
         for variant in runs:
@@ -97,17 +104,20 @@ def main() -> None:
             runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
     results = {variant: {key: min(run[key] for run in variant_runs) for key in variant_runs[0]}
                for variant, variant_runs in runs.items()}
+    base = results["baseline"]
     common = {"model": args.model_name_or_path or "all-MiniLM-L6-v2 (packaged)", "seq_len": args.seq_len,
               "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats, "device": args.device,
-              "loss_ours": round(results["ours"]["loss"], 4), "loss_baseline": round(results["baseline"]["loss"], 4)}
-    ours, base = results["ours"], results["baseline"]
+              "loss_baseline": round(base["loss"], 4)}
     memory = "peak_rss" if args.device == "cpu" else "peak_allocated"
     figures = (("time_per_step", "s", "sec_per_step", 1.0), ("cpu_time_per_step", "CPU s", "cpu_sec_per_step", 1.0),
                (memory, "MiB", "peak_bytes", 2**-20))
-    for metric, unit, key, scale in figures:
-        print(json.dumps({"bench": "pretrain_step", "metric": metric, "unit": unit,
-                          "ours": round(ours[key] * scale, 3), "baseline": round(base[key] * scale, 3),
-                          "ratio": round(ours[key] / base[key], 3), "better": "lower", **common}))
+    for variant, checkpointing in OURS.items():
+        ours = results[variant]
+        for metric, unit, key, scale in figures:
+            print(json.dumps({"bench": "pretrain_step", "metric": metric, "unit": unit,
+                              "ours": round(ours[key] * scale, 3), "baseline": round(base[key] * scale, 3),
+                              "ratio": round(ours[key] / base[key], 3), "better": "lower",
+                              "gradient_checkpointing": checkpointing, "loss_ours": round(ours["loss"], 4), **common}))
 
 if __name__ == "__main__":
     main()
