@@ -4,7 +4,8 @@
 
 Same model (the packaged all-MiniLM-L6-v2, mean pooling + normalization, max length 256), same data (SciFact
 test), same process. Baseline: beir `models.SentenceBERT` + `DenseRetrievalExactSearch` (batch 128, cosine).
-Ours: `evaluation.pipeline.Evaluator` (length-sorted token-budget batches, faiss IndexFlatIP), fp32, no cache.
+Ours: `evaluation.pipeline.Evaluator` (length-sorted token-budget batches, faiss IndexFlatIP), fp32 (--bf16:
+bf16 autocast, for hardware with native bf16), no cache.
 Timed: query + corpus encoding + search (model and data loading excluded). The two alternate `--repeats`
 times, so a machine shared with other jobs slows both alike; figures are medians over the pairs.
 Prints one JSON line per figure: corpus docs/s, and nDCG@10 of both (must agree within 0.001).
@@ -54,9 +55,9 @@ def run_baseline(model_path: str, data_dir: Path, max_length: int):
     return seconds, ndcg["NDCG@10"]
 
 
-def run_ours(model_path: str, data_dir: Path, output_dir: Path):
+def run_ours(model_path: str, data_dir: Path, output_dir: Path, bf16: bool):
     cfg = EvalConfig(datasets=[str(data_dir)], output_dir=str(output_dir), model_name_or_path=model_path,
-                     representation="mean", normalize=True, no_cache=True, offline=True)
+                     representation="mean", normalize=True, no_cache=True, offline=True, bf16=bf16)
     evaluator = Evaluator(cfg)
     data = load_beir(data_dir, "test")
     start = time.perf_counter()
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating baseline/ours pairs")
     parser.add_argument("--max_docs", type=int, default=None, help="smaller corpus for quick runs (see above)")
     parser.add_argument("--output_dir", default="/tmp/bench_evaluate", help="scratch folder")
+    parser.add_argument("--bf16", action="store_true",
+                        help="ours with bf16 autocast (for GPUs and AVX512-BF16/AMX CPUs; the baseline stays fp32)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     data_dir, model_path = Path(args.data_dir), default_model_path()
@@ -98,7 +101,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         if repeat % 2:  # alternate who goes first: neither always gets the quieter half of a busy machine
             base_s, base_ndcg = run_baseline(model_path, data_dir, max_length)
-        ours_s, ours_ndcg, n_docs, max_length = run_ours(model_path, data_dir, Path(args.output_dir))
+        ours_s, ours_ndcg, n_docs, max_length = run_ours(model_path, data_dir, Path(args.output_dir), args.bf16)
         if not repeat % 2:
             base_s, base_ndcg = run_baseline(model_path, data_dir, max_length)
         pairs.append({"ours_docs_per_s": n_docs / ours_s, "baseline_docs_per_s": n_docs / base_s,
@@ -109,7 +112,7 @@ def main() -> None:
     print(json.dumps({"bench": BENCH, "metric": "corpus_docs_per_s", "unit": "docs/s", "ours": round(ours_rate, 2),
                       "baseline": round(base_rate, 2), "ratio": round(ours_rate / base_rate, 3), "better": "higher",
                       "pair_ratios": [round(p["ratio"], 3) for p in pairs], "docs": n_docs,
-                      "full_corpus": not args.max_docs, "repeats": args.repeats, "cpu_threads": os.cpu_count(),
+                      "full_corpus": not args.max_docs, "repeats": args.repeats, "cpu_threads": os.cpu_count(), "bf16": args.bf16,
                       "target_ratio": 1.5}))
     print(json.dumps({"bench": BENCH, "metric": "nDCG@10", "unit": "nDCG@10", "ours": round(ours_ndcg, 5),
                       "baseline": round(base_ndcg, 5), "ratio": round(ours_ndcg / base_ndcg, 5), "better": "higher",
