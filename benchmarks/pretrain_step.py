@@ -9,7 +9,9 @@ figure is the minimum over rounds (wall seconds per step, process CPU seconds pe
 load from other processes on a shared machine hits both. Both variants load the same weights (the packaged
 all-MiniLM-L6-v2 by default; its missing MLM head is initialized from the same seed), see the same
 collated batches of Gutenberg text (random ids without ../shared/data) and take AdamW steps in fp32;
-one untimed warm-up step precedes the timed ones. Our model runs twice, with and without
+one untimed warm-up step precedes the timed ones. The baseline wraps the same DupMAEModel, so it also has
+`cpu_attention`'s fast dropout: the figures isolate the logits/loss path and checkpointing (conservative
+against the official code, which keeps PyTorch's dropout). Our model runs twice, with and without
 `gradient_checkpointing`, so both trade-offs come from the same run; prints one JSON line per figure and
 variant (wall time, CPU time, memory), each with its "gradient_checkpointing" setting.
 """
