@@ -1,17 +1,16 @@
-"""Attention for training on CPU: the plain softmax path, with its dropout mask drawn about 10x faster.
+"""Attention for training on CPU: a fast dropout mask, and no [B, heads, L, L] map kept for backward.
 
-With dropout on, CPU `scaled_dot_product_attention` takes its math path, and the dropout there draws one
-float Bernoulli per attention score: ~80 ms per layer for [8, 12, 256, 256] on one core, more than the
-softmax and both matmuls together (and paid twice under gradient checkpointing). Here the keep-mask comes
-from 16-bit slices of full-range int64 random words of the same global generator, so seeding,
-checkpoint replay and resume behave as before:
+With dropout on, CPU `scaled_dot_product_attention` takes its math path: it draws one float Bernoulli per
+attention score (~80 ms per layer for [8, 12, 256, 256] on one core, more than the softmax and both
+matmuls together) and keeps the probabilities, the float noise and the dropped probabilities for backward.
+Here the drop-mask comes from 16-bit slices of full-range int64 random words of the same global
+generator, so seeding, checkpoint replay and resume behave as before:
 
     P(drop) = p' = round(p · 2^16) / 2^16,   kept scores scaled by 1 / (1 − p')   (expectation unchanged)
 
-Autograd keeps that bool mask rather than a float noise tensor; the 1 / (1 − p') scale is applied to the
-small [B, h, L, d] output, and a bool attention mask is made additive on its broadcast shape. On other devices, or without dropout,
-torch's SDPA (fused kernels) runs unchanged. `use_fast_cpu_attention` switches a HF model to it; the
-enhanced decoder calls `attention` directly.
+and backward keeps only that bool mask: it recomputes the probabilities from q and k, as flash attention
+does. On other devices, or without dropout, torch's SDPA (fused kernels) runs unchanged.
+`use_fast_cpu_attention` switches a HF model to it; the enhanced decoder calls `attention` directly.
 """
 from __future__ import annotations
 
@@ -52,14 +51,49 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dr
         return nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p,
                                                           scale=scaling)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # [B, h, Lq, Lk]; matmul saves q, k, not this
-    if mask is not None:
-        if mask.dtype == torch.bool:  # made additive on the small broadcast shape, not on [B, h, Lq, Lk]
-            mask = torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
-        scores.add_(mask)
-    probs = torch.softmax(scores, dim=-1)
-    dropped = torch.where(keep_mask(probs.shape, dropout_p, probs.device), probs, 0.0)  # autograd keeps the bool
-    return torch.matmul(dropped, value) * (1.0 / (1.0 - dropout_probability(dropout_p)))
+    if mask is not None and mask.dtype == torch.bool:  # made additive on the small broadcast shape
+        mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    dropped = ~keep_mask((*query.shape[:-1], key.shape[-2]), dropout_p, query.device)
+    return _DropoutAttention.apply(query, key, value, mask, dropped, scaling,
+                                   1.0 / (1.0 - dropout_probability(dropout_p)))
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """Attention with a given drop-mask that saves no [B, h, Lq, Lk] float tensor for backward.
+
+    Saved: q, k, v, the output, the additive mask and the bool drop-mask; backward recomputes the
+    probabilities (one matmul and a softmax, as flash attention does) and uses
+    Σ_j ∂L/∂P_ij · P_ij = ∂L/∂out_i · out_i for the softmax gradient. Two [B, h, Lq, Lk] buffers at most.
+    """
+
+    @staticmethod
+    def _probs(query: Tensor, key: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+        scores = torch.matmul(query * scaling, key.transpose(-1, -2))  # [B, h, Lq, Lk]
+        if mask is not None:
+            scores.add_(mask)
+        return torch.softmax(scores, dim=-1)
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, dropped, scaling, keep_scale):
+        if mask is not None and mask.requires_grad:
+            raise ValueError("cpu_attention: the attention mask must not require grad")
+        probs = _DropoutAttention._probs(query, key, mask, scaling).masked_fill_(dropped, 0.0)
+        out = torch.matmul(probs, value).mul_(keep_scale)
+        ctx.save_for_backward(query, key, value, out, mask, dropped)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, mask, dropped = ctx.saved_tensors
+        probs = _DropoutAttention._probs(query, key, mask, ctx.scaling)  # P, before dropout
+        grad = grad_out * ctx.keep_scale  # [B, h, Lq, d]
+        grad_scores = torch.matmul(grad, value.transpose(-1, -2)).masked_fill_(dropped, 0.0)  # ∂L/∂P
+        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)  # P ∘ (∂L/∂P − Σ_j ∂L/∂P_ij P_ij)
+        grad_query = torch.matmul(grad_scores, key).mul_(ctx.scaling)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query * ctx.scaling)
+        grad_value = torch.matmul(probs.masked_fill_(dropped, 0.0).transpose(-1, -2), grad)
+        return grad_query, grad_key, grad_value, None, None, None, None
 
 
 def _hf_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,

@@ -13,16 +13,24 @@ SDPA, with a faster dropout on CPU).
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
 from pretrain.cpu_attention import attention
 
 
-class EnhancedDecoderLayer(nn.Module):
-    """One transformer layer sized from the encoder's config (hidden, heads, intermediate, act, dropout, eps)."""
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, dropout_p: float) -> Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
 
-    def __init__(self, config):
+
+class EnhancedDecoderLayer(nn.Module):
+    """One transformer layer sized from the encoder's config (hidden, heads, intermediate, act, dropout, eps).
+
+    cpu_attention=False: PyTorch SDPA everywhere (as HF's BERT), instead of `cpu_attention.attention`.
+    """
+
+    def __init__(self, config, cpu_attention: bool = True):
         super().__init__()
         hidden = config.hidden_size
         if hidden % config.num_attention_heads:
@@ -40,6 +48,7 @@ class EnhancedDecoderLayer(nn.Module):
         self.output_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.attention_dropout = config.attention_probs_dropout_prob
+        self.attention = attention if cpu_attention else _sdpa
         self.reset_parameters(config.initializer_range)
 
     def reset_parameters(self, std: float) -> None:
@@ -62,7 +71,7 @@ class EnhancedDecoderLayer(nn.Module):
         q = self._split_heads(self.query(query_states))  # [B, h, L, d]
         k = self._split_heads(self.key(kv_states))  # [B, h, L, d]
         v = self._split_heads(self.value(kv_states))  # [B, h, L, d]
-        context = attention(q, k, v, visible[:, None], self.attention_dropout if self.training else 0.0)
+        context = self.attention(q, k, v, visible[:, None], self.attention_dropout if self.training else 0.0)
         context = context.transpose(1, 2).reshape(batch, length, hidden)  # [B, L, H]
         attended = self.attention_norm(self.dropout(self.attention_output(context)) + query_states)
         ffn = self.output(self.act(self.intermediate(attended)))

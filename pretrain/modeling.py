@@ -10,8 +10,8 @@ logits only at the positions with a target, together in one `linear_cross_entrop
 gradient formed in forward); the OT max-pool runs in vocabulary chunks keeping only arg-max indices
 (`ot_pooling`). Every softmax runs in fp32, so the model may be cast to bf16 as a whole (DeepSpeed).
 What is left is the encoder's own activations (dropout keeps CPU attention on the plain path, one
-[B, heads, L, L] map per layer); `gradient_checkpointing` recomputes them in backward instead. On CPU the
-attention dropout uses `cpu_attention`'s fast mask.
+[B, heads, L, L] map per layer); `cpu_attention` (on CPU) keeps only a bool dropout mask per layer and
+recomputes the map in backward, and `gradient_checkpointing` recomputes whole layers.
 """
 from __future__ import annotations
 
@@ -52,9 +52,12 @@ class DupMAEConfig:
         default=4096, metadata={"help": "vocabulary columns scored at once in the OT max-pool"})
     ce_chunk_size: int = field(
         default=256, metadata={"help": "rows of [rows, V] fp32 logits materialized at once in the MLM + decoder loss"})
+    cpu_attention: bool = field(
+        default=True, metadata={"help": "on CPU, attention with a fast dropout mask that keeps no [B, heads, L, L] "
+                                        "map for backward (GPU: SDPA either way); false: HF's SDPA attention"})
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute encoder layers and the decoder in backward: about a quarter less "
-                                         "peak memory for about 13% more time per step"})
+        default=False, metadata={"help": "recompute encoder layers and the decoder in backward: about a fifth less "
+                                         "peak memory for about 16% more time per step"})
 
     def __post_init__(self) -> None:
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):
@@ -132,9 +135,10 @@ class DupMAEModel(nn.Module):
         super().__init__()
         self.config = config
         self.mlm = mlm
-        self.decoder = EnhancedDecoderLayer(mlm.config)
+        self.decoder = EnhancedDecoderLayer(mlm.config, cpu_attention=config.cpu_attention)
         _split_mlm_head(mlm)  # fail at construction, not at the first step
-        use_fast_cpu_attention(mlm)
+        if config.cpu_attention:
+            use_fast_cpu_attention(mlm)
         if config.gradient_checkpointing:
             _enable_checkpointing(mlm)
 

@@ -177,6 +177,16 @@ def test_gradient_checkpointing_keeps_less_and_changes_nothing():
     assert ckpt_bytes < 0.7 * plain_bytes
 
 
+def test_cpu_attention_off_keeps_hf_sdpa_and_the_same_eval_losses():
+    from pretrain.cpu_attention import ATTN_IMPLEMENTATION
+
+    batch = make_batch(random_rows(5, seed=9))
+    on, off = tiny_model(), tiny_model(DupMAEConfig(cpu_attention=False))
+    assert on.mlm.config._attn_implementation == ATTN_IMPLEMENTATION
+    assert off.mlm.config._attn_implementation == "sdpa"
+    assert on(**batch).loss.item() == pytest.approx(off(**batch).loss.item(), rel=1e-6)  # eval: no dropout
+
+
 def test_bf16_model_runs_and_tracks_fp32():
     batch = make_batch(random_rows(4, seed=6))
     fp32 = tiny_model()
