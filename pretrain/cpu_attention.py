@@ -24,19 +24,19 @@ ATTN_IMPLEMENTATION = "dupmae_cpu_dropout"
 _LEVELS = 1 << 16  # dropout probability resolution
 
 
-def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
-    """Bool [shape]: True with probability 1 − p' (p' = p rounded to 1/2^16), from the global generator."""
+def drop_mask(shape: tuple[int, ...], p: float, device: torch.device) -> Tensor:
+    """Bool [shape]: True (dropped) with probability p' = p rounded to 1/2^16, from the global generator."""
     n = math.prod(shape)
     if round(p * _LEVELS) >= _LEVELS:  # the threshold would not fit in int16
-        return torch.zeros(shape, dtype=torch.bool, device=device)
+        return torch.ones(shape, dtype=torch.bool, device=device)
     words = torch.empty(-(-n // 4), dtype=torch.int64, device=device)
     words.random_(torch.iinfo(torch.int64).min, None)  # all 64 bits uniform: four uniform int16 per word
     threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 values below it are dropped: p' of them
-    return (words.view(torch.int16)[:n] >= threshold).view(shape)
+    return (words.view(torch.int16)[:n] < threshold).view(shape)
 
 
 def dropout_probability(p: float) -> float:
-    """The drop probability `keep_mask` realizes for p."""
+    """The drop probability `drop_mask` realizes for p."""
     return round(p * _LEVELS) / _LEVELS
 
 
@@ -53,7 +53,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dr
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if mask is not None and mask.dtype == torch.bool:  # made additive on the small broadcast shape
         mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
-    dropped = ~keep_mask((*query.shape[:-1], key.shape[-2]), dropout_p, query.device)
+    dropped = drop_mask((*query.shape[:-1], key.shape[-2]), dropout_p, query.device)
     return _DropoutAttention.apply(query, key, value, mask, dropped, scaling,
                                    1.0 / (1.0 - dropout_probability(dropout_p)))
 
@@ -89,7 +89,8 @@ class _DropoutAttention(torch.autograd.Function):
         probs = _DropoutAttention._probs(query, key, mask, ctx.scaling)  # P, before dropout
         grad = grad_out * ctx.keep_scale  # [B, h, Lq, d]
         grad_scores = torch.matmul(grad, value.transpose(-1, -2)).masked_fill_(dropped, 0.0)  # ∂L/∂P
-        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)  # P ∘ (∂L/∂P − Σ_j ∂L/∂P_ij P_ij)
+        # P ∘ (∂L/∂P − Σ_j ∂L/∂P_ij P_ij)
+        grad_scores.sub_((grad_out * out).sum(-1, keepdim=True)).mul_(probs)
         grad_query = torch.matmul(grad_scores, key).mul_(ctx.scaling)
         grad_key = torch.matmul(grad_scores.transpose(-1, -2), query * ctx.scaling)
         grad_value = torch.matmul(probs.masked_fill_(dropped, 0.0).transpose(-1, -2), grad)

@@ -7,29 +7,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.cpu_attention import ATTN_IMPLEMENTATION, attention, dropout_probability, keep_mask, use_fast_cpu_attention
+from pretrain.cpu_attention import (ATTN_IMPLEMENTATION, attention, drop_mask, dropout_probability,
+                                    use_fast_cpu_attention)
 
 CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_mask_drops_p_everywhere_and_replays_with_the_seed(p):
+def test_drop_mask_drops_p_everywhere_and_replays_with_the_seed(p):
     n = 400_000
     torch.manual_seed(3)
-    keep = keep_mask((n,), p, CPU)
+    dropped = drop_mask((n,), p, CPU)
     torch.manual_seed(3)
-    assert torch.equal(keep, keep_mask((n,), p, CPU))
+    assert torch.equal(dropped, drop_mask((n,), p, CPU))
     p_real = dropout_probability(p)
     sigma = math.sqrt(p_real * (1 - p_real) / (n / 4))
     for lane in range(4):  # each 16-bit slice of the int64 words, the top one included, drops at rate p'
-        assert abs((~keep[lane::4]).float().mean().item() - p_real) < 5 * sigma
-    pairs = (~keep[0::2] & ~keep[1::2]).float().mean().item()  # neighbouring slices independent
+        assert abs(dropped[lane::4].float().mean().item() - p_real) < 5 * sigma
+    pairs = (dropped[0::2] & dropped[1::2]).float().mean().item()  # neighbouring slices independent
     assert abs(pairs - p_real ** 2) < 5 * math.sqrt(p_real ** 2 / (n / 2))
 
 
-def test_keep_mask_extremes_and_rounding():
-    assert keep_mask((1000,), 0.0, CPU).all()
-    assert not keep_mask((1000,), 1.0, CPU).any()
+def test_drop_mask_extremes_and_rounding():
+    assert not drop_mask((1000,), 0.0, CPU).any()
+    assert drop_mask((1000,), 1.0, CPU).all()
     assert dropout_probability(0.1) == 6554 / 65536
 
 
@@ -61,8 +62,8 @@ def test_with_dropout_values_and_gradients_equal_a_plain_reference(mask_index):
     grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(), (q, k, v))
 
     rq, rk, rv = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    torch.manual_seed(7)  # the reference draws the same mask: keep_mask is the only consumer of the generator
-    keep = keep_mask((2, 3, 7, 7), p, CPU)
+    torch.manual_seed(7)  # the reference draws the same mask: drop_mask is the only consumer of the generator
+    keep = ~drop_mask((2, 3, 7, 7), p, CPU)
     scores = rq @ rk.transpose(-1, -2) / math.sqrt(4)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
