@@ -112,8 +112,8 @@ def main() -> None:
     print(json.dumps({"bench": BENCH, "metric": "corpus_docs_per_s", "unit": "docs/s", "ours": round(ours_rate, 2),
                       "baseline": round(base_rate, 2), "ratio": round(ours_rate / base_rate, 3), "better": "higher",
                       "pair_ratios": [round(p["ratio"], 3) for p in pairs], "docs": n_docs,
-                      "full_corpus": not args.max_docs, "repeats": args.repeats, "cpu_threads": os.cpu_count(), "bf16": args.bf16,
-                      "target_ratio": 1.5}))
+                      "full_corpus": not args.max_docs, "repeats": args.repeats, "cpu_threads": os.cpu_count(),
+                      "bf16": args.bf16, "target_ratio": 1.5}))
     print(json.dumps({"bench": BENCH, "metric": "nDCG@10", "unit": "nDCG@10", "ours": round(ours_ndcg, 5),
                       "baseline": round(base_ndcg, 5), "ratio": round(ours_ndcg / base_ndcg, 5), "better": "higher",
                       "abs_diff": round(abs(ours_ndcg - base_ndcg), 5), "tolerance": 0.001, "docs": n_docs}))
