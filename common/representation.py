@@ -1,9 +1,14 @@
 """One encoder for fine-tuning and evaluation: `cls` / `mean` pooling, or DupMAE's dense + sparse representation.
 
 DupMAE (see ../shared/DUPMAE.md) represents a text by two parts:
-  dense  ĥ = W_cls h_CLS                    [B, dense_dim]
+  dense  ĥ = W pool(h)                      [B, dense_dim]   (paper: pool = [CLS]; `pooling` = mean is the choice
+                                                              for sentence-transformers models trained with it)
   vocab  μ = max over ordinary tokens of MLMHead(h_i)   [B, V]   (not [CLS]/[SEP]/padding; inputs are [CLS] x [SEP])
-and scores  <q, d> = ĥ_q·ĥ_d + Σ_{i ∈ top-k(μ_d)} μ_q[i] μ_d[i]  (only the document side is sparsified).
+and scores  <q, d> = ĥ_q·ĥ_d + w_s Σ_{i ∈ top-k(μ_d)} μ_q[i] μ_d[i]  (only the document side is sparsified;
+w_s = `sparse_weight`, 1 in the paper). W starts as the identity when dense_dim equals the hidden size, so before
+any fine-tuning the dense half is exactly the base model's own pooled embedding. `sparse_bias` = False drops the
+MLM head's output bias from μ: that bias holds the corpus prior of each token (it is initialized to the log
+unigram frequency in continued pre-training), and what is left scores a token by the text's evidence for it.
 
 `cls` / `mean` folders are saved with a sentence-transformers `modules.json`, so `SentenceTransformer(path)`
 gives the same embeddings; any folder with `representation.json` reloads with the config it was saved with.
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +32,11 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "representation.json"
 PROJECTION_NAME = "projection.safetensors"
 KINDS = ("cls", "mean", "dupmae")
+POOLINGS = ("cls", "mean")
 #: Seed for weights a checkpoint lacks (MLM head, projection), so two loads of one folder encode identically.
 INIT_SEED = 0
-#: Tokens per MLM-head chunk: the [tokens, V] logits are never materialized for a whole batch at once.
-HEAD_CHUNK_TOKENS = 2048
+#: Vocabulary rows of the MLM head scored at once by the max-pool (`vocab_max_pool`).
+VOCAB_CHUNK = 4096
 
 
 @dataclass
@@ -39,12 +45,21 @@ class RepresentationConfig:
 
     kind: Literal["cls", "mean", "dupmae"] = "cls"  # cls / mean pooling (dense) or DupMAE dense + sparse
     normalize: bool = False  # L2-normalize the dense part (cosine similarity)
-    dense_dim: int = 384  # dupmae: output dim of the [CLS] projection W_cls
+    dense_dim: int = 384  # dupmae: output dim of the projection W
     top_k: int = 384  # dupmae: vocabulary entries a document keeps (the query keeps all)
+    pooling: Literal["cls", "mean"] = "cls"  # token states the dense part pools (cls/mean kinds: the kind itself)
+    sparse_weight: float = 1.0  # dupmae: weight of the sparse dot product in the score (paper: 1)
+    sparse_bias: bool = True  # dupmae: μ includes the MLM head's output bias (paper); False: bias-free evidence
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"RepresentationConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind != "dupmae":
+            self.pooling = self.kind
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"RepresentationConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.sparse_weight < 0:
+            raise ValueError(f"RepresentationConfig.sparse_weight must be >= 0, got {self.sparse_weight}")
         if self.dense_dim <= 0:
             raise ValueError(f"RepresentationConfig.dense_dim must be positive, got {self.dense_dim}")
         if self.top_k <= 0:
@@ -73,8 +88,8 @@ def sparsify(vocab: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return indices, values
 
 
-def score(queries: Representation, docs: Representation, top_k: int | None) -> Tensor:
-    """[Bq, Bd] scores: dense dot plus the query's full vocab vector at each document's top-k entries.
+def score(queries: Representation, docs: Representation, top_k: int | None, sparse_weight: float = 1.0) -> Tensor:
+    """[Bq, Bd] scores: dense dot plus sparse_weight x the query's full vocab vector at each document's top-k entries.
 
     top_k=None keeps the whole document vector. Differentiable through both parts (training uses it).
     """
@@ -87,15 +102,24 @@ def score(queries: Representation, docs: Representation, top_k: int | None) -> T
     if top_k is not None:
         indices, values = sparsify(doc_vocab, top_k)
         doc_vocab = torch.zeros_like(doc_vocab).scatter(-1, indices, values)  # zero outside the kept set
-    return scores + queries.vocab @ doc_vocab.T
+    return scores + sparse_weight * (queries.vocab @ doc_vocab.T)
 
 
-def _mlm_head(model: nn.Module) -> nn.Module:
-    """The MLM head of an *ForMaskedLM model: its one child besides the base model (BERT `cls`, RoBERTa `lm_head`)."""
-    heads = [m for name, m in model.named_children() if name != model.base_model_prefix]
-    if len(heads) != 1:
-        raise ValueError(f"{type(model).__name__}: expected one MLM head module beside the encoder, got {len(heads)}")
-    return heads[0]
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
+    """[B, L, H] token states -> [B, H]: the [CLS] state, or the mean over attended tokens (sentence-transformers')."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def ordinary_tokens(attention_mask: Tensor) -> Tensor:
+    """[B, L] bool: attended positions minus [CLS] (position 0) and each row's last attended one ([SEP])."""
+    ordinary = attention_mask.bool().clone()  # [B, L]
+    last = attention_mask.sum(1).long() - 1  # [B]
+    ordinary[torch.arange(len(last), device=last.device), last.clamp(min=0)] = False
+    ordinary[:, 0] = False
+    return ordinary
 
 
 def _sentence_transformers_config(folder: Path) -> RepresentationConfig | None:
@@ -120,12 +144,30 @@ def _sentence_transformers_config(folder: Path) -> RepresentationConfig | None:
     return RepresentationConfig(kind=mode, normalize="Normalize" in types)
 
 
-def saved_config(name_or_path: str | None) -> RepresentationConfig:
-    """A model folder's own config: representation.json, else its sentence-transformers modules, else defaults."""
+def folder_config(name_or_path: str | None) -> RepresentationConfig | None:
+    """A model folder's own config: representation.json, else its sentence-transformers modules, else None."""
     folder = Path(resolve_model(name_or_path))
     if (folder / CONFIG_NAME).is_file():
         return RepresentationConfig.from_file(folder / CONFIG_NAME)
-    return _sentence_transformers_config(folder) or RepresentationConfig()
+    return _sentence_transformers_config(folder)
+
+
+def saved_config(name_or_path: str | None) -> RepresentationConfig:
+    """`folder_config`, or the defaults for a folder that has none (a plain HF encoder)."""
+    return folder_config(name_or_path) or RepresentationConfig()
+
+
+def resolve_config(name_or_path: str | None, **overrides) -> RepresentationConfig:
+    """The folder's own config with the given options (None = keep) applied: what `--representation`,
+    `--normalize` etc. of evaluation, fine-tuning and mining mean. Asking a model that is not saved as dupmae for
+    `dupmae` starts from `dupmae_config`, so a sentence embedder keeps its pooling and normalization."""
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    base = folder_config(name_or_path)
+    if overrides.get("kind") == "dupmae" and (base is None or base.kind != "dupmae"):
+        from transformers import AutoConfig
+
+        base = dupmae_config(base, AutoConfig.from_pretrained(resolve_model(name_or_path)).hidden_size)
+    return replace(base or RepresentationConfig(), **overrides)
 
 
 class Encoder(nn.Module):
@@ -155,16 +197,15 @@ class Encoder(nn.Module):
                 if head_missing:
                     logger.warning("%s has no trained MLM head (%d tensors initialized): the sparse part is untrained",
                                    path, len(head_missing))
-                projection = nn.Linear(model.config.hidden_size, config.dense_dim)
+                projection = new_projection(model.config.hidden_size, config.dense_dim)
                 projection_file = folder / PROJECTION_NAME
                 if projection_file.is_file():
                     from safetensors.torch import load_file
 
                     projection.load_state_dict(load_file(str(projection_file)))
                 else:
-                    _init_projection(projection)
-                    logger.warning("%s has no %s: [CLS] projection initialized (seed %d)", path, PROJECTION_NAME,
-                                   INIT_SEED)
+                    logger.warning("%s has no %s: projection initialized (%s)", path, PROJECTION_NAME,
+                                   "identity" if config.dense_dim == model.config.hidden_size else f"seed {INIT_SEED}")
             else:
                 model, projection = AutoModel.from_pretrained(path), None
         encoder = cls(model, config, projection)
@@ -174,42 +215,34 @@ class Encoder(nn.Module):
         return encoder
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Representation:
+        return self.represent(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        """The encoder's last hidden states [B, L, H] (the MLM head, if any, is not run)."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
+        return self.model.base_model(**inputs).last_hidden_state
+
+    def represent(self, hidden: Tensor, attention_mask: Tensor) -> Representation:
+        """Token states [B, L, H] -> this config's representation (several configs may share one encoder pass)."""
+        dense = pool(hidden, attention_mask, self.config.pooling)  # [B, H]
         if self.config.kind != "dupmae":
-            hidden = self.model(**inputs).last_hidden_state  # [B, L, H]
-            if self.config.kind == "cls":
-                dense = hidden[:, 0]
-            else:
-                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-                dense = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return Representation(self._maybe_normalize(dense))
-        hidden = getattr(self.model, self.model.base_model_prefix)(**inputs).last_hidden_state  # [B, L, H]
-        dense = self._maybe_normalize(self.projection(hidden[:, 0]))
-        return Representation(dense, self._max_pooled_vocab(hidden, attention_mask))
+        return Representation(self._maybe_normalize(self.projection(dense)), self._max_pooled_vocab(hidden, attention_mask))
 
     def _maybe_normalize(self, dense: Tensor) -> Tensor:
         return F.normalize(dense, dim=-1) if self.config.normalize else dense
 
     def _max_pooled_vocab(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        """μ = max over ordinary tokens of MLMHead(h_i) [B, V], computed in token chunks to bound memory."""
-        head = _mlm_head(self.model)
-        # Ordinary tokens: attended, minus position 0 ([CLS]) and each row's last attended position ([SEP]).
-        ordinary = attention_mask.bool().clone()  # [B, L]
-        last = attention_mask.sum(1).long() - 1  # [B]
-        ordinary[torch.arange(len(last), device=last.device), last.clamp(min=0)] = False
-        ordinary[:, 0] = False
-        batch, length = attention_mask.shape
-        chunk = max(1, HEAD_CHUNK_TOKENS // batch)
-        pooled = None
-        for start in range(0, length, chunk):
-            logits = head(hidden[:, start:start + chunk])  # [B, c, V]
-            keep = ordinary[:, start:start + chunk].unsqueeze(-1)  # [B, c, 1]
-            part = logits.masked_fill(~keep, float("-inf")).amax(1)  # [B, V]
-            pooled = part if pooled is None else torch.maximum(pooled, part)
-        # A text with no ordinary token (empty string) has an all -inf max: it gets a zero vector instead.
-        return pooled.masked_fill(~ordinary.any(1, keepdim=True), 0.0)
+        """μ = max over ordinary tokens of MLMHead(h_i) [B, V] (`vocab_max_pool`: vocabulary chunks, arg-max backward);
+        a text without ordinary tokens (the empty string) gets a zero vector."""
+        from pretrain.modeling import split_mlm_head
+        from pretrain.ot_pooling import vocab_max_pool
+
+        transform, projection = split_mlm_head(self.model)
+        bias = projection.bias if self.config.sparse_bias else None
+        return vocab_max_pool(hidden, projection.weight, bias, ordinary_tokens(attention_mask), VOCAB_CHUNK, transform)
 
     def save_pretrained(self, out_dir: str | Path, tokenizer=None) -> None:
         """HF model (+ tokenizer), representation.json, the projection (dupmae) or sentence-transformers modules."""
@@ -251,8 +284,31 @@ class Encoder(nn.Module):
             json.dumps({"max_seq_length": int(max_len), "do_lower_case": False}, indent=2) + "\n")
 
 
+def dupmae_config(base: RepresentationConfig | None, hidden_size: int) -> RepresentationConfig:
+    """The `dupmae` representation of a model whose own representation is `base` (`folder_config`).
+
+    A dupmae config is kept as it is. A sentence embedder's dense half pools and normalizes as the model does
+    (mean + cosine for the packaged MiniLM) through a projection that starts as the identity (dense_dim = hidden
+    size), so it keeps its embedding; a plain encoder (base None) gets the paper's [CLS] projected to 384 dims."""
+    if base is None:
+        return RepresentationConfig(kind="dupmae")
+    if base.kind == "dupmae":
+        return base
+    return replace(base, kind="dupmae", pooling=base.pooling, dense_dim=hidden_size)
+
+
+def new_projection(hidden_size: int, dense_dim: int) -> nn.Linear:
+    """An untrained projection W, initialized from a fixed seed without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        projection = nn.Linear(hidden_size, dense_dim)
+        _init_projection(projection)
+    return projection
+
+
 def _init_projection(projection: nn.Linear) -> None:
-    """Identity when the shapes allow (zero-shot dense = [CLS]), else a Gaussian that preserves dot products on average."""
+    """Identity when the shapes allow (zero-shot dense = the pooled state), else a Gaussian that preserves dot
+    products on average."""
     with torch.no_grad():
         projection.bias.zero_()
         out_dim, in_dim = projection.weight.shape

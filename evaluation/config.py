@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.representation import KINDS, RepresentationConfig
+from common.representation import KINDS, RepresentationConfig, resolve_config
 
 
 def _help(text: str, **extra) -> dict:
@@ -24,6 +24,8 @@ class EvalConfig:
     normalize: bool | None = field(default=None, metadata=_help("L2-normalize the dense part; None: the model's"))
     dense_dim: int | None = field(default=None, metadata=_help("dupmae projection dim; None: the model's / 384"))
     sparse_top_k: int | None = field(default=None, metadata=_help("dupmae document top-k; None: the model's / 384"))
+    sparse_weight: float | None = field(
+        default=None, metadata=_help("dupmae: weight of the sparse score beside the dense one; None: the model's"))
     split: str = field(default="test", metadata=_help("qrels split (qrels/SPLIT.tsv); MS MARCO: dev"))
     batch_size: int = field(default=128, metadata=_help("most texts per batch", aliases=["--per_device_eval_batch_size"]))
     max_tokens: int = field(default=8192, metadata=_help("token budget per batch (rows x longest row)"))
@@ -56,16 +58,16 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.shard_index {self.shard_index} not in [0, {self.num_shards})")
             if self.no_cache:
                 raise ValueError("EvalConfig: --shard_index writes its shard to the cache; it cannot go with --no_cache")
-        self.representation_config()  # validates dense_dim / sparse_top_k
+        for name in ("dense_dim", "sparse_top_k"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.sparse_weight is not None and self.sparse_weight < 0:
+            raise ValueError(f"EvalConfig.sparse_weight must be >= 0, got {self.sparse_weight}")
 
-    def representation_config(self, saved: RepresentationConfig | None = None) -> RepresentationConfig | None:
-        """The model's saved config with the given options applied; None when no option overrides it."""
-        overrides = {k: v for k, v in (("kind", self.representation), ("normalize", self.normalize),
-                                       ("dense_dim", self.dense_dim), ("top_k", self.sparse_top_k)) if v is not None}
-        if not overrides:
-            return None
-        base = saved or RepresentationConfig()
-        return RepresentationConfig(**{**base.__dict__, **overrides})
+    def representation_config(self) -> RepresentationConfig:
+        """The model's saved representation with the options given here applied (`resolve_config`)."""
+        return resolve_config(self.model_name_or_path, kind=self.representation, normalize=self.normalize,
+                              dense_dim=self.dense_dim, top_k=self.sparse_top_k, sparse_weight=self.sparse_weight)
 
     @property
     def cache_path(self) -> Path | None:

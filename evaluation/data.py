@@ -14,6 +14,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
@@ -140,3 +142,24 @@ def load_beir(folder: str | Path, split: str) -> BeirData:
     logger.info("%s: %d documents, %d %s queries", folder.name, len(corpus), len(query_ids), split)
     return BeirData(folder.name, folder, list(corpus), list(corpus.values()), query_ids,
                     [queries[q] for q in query_ids], qrels)
+
+
+def subsample(data: BeirData, max_queries: int, max_docs: int, seed: int = 0) -> BeirData:
+    """A smaller copy for quick, repeatable measurements: a seeded sample of at most `max_queries` queries, every
+    document judged for them, and seeded random other documents up to `max_docs` in all (0 = no limit).
+
+    Scores on it are higher than on the whole corpus (fewer distractors) but compare between models."""
+    rng = np.random.default_rng(seed)
+    query_rows = np.arange(len(data.query_ids))
+    if 0 < max_queries < len(query_rows):
+        query_rows = np.sort(rng.choice(query_rows, max_queries, replace=False))
+    query_ids = [data.query_ids[i] for i in query_rows]
+    judged = {doc for qid in query_ids for doc in data.qrels[qid]}
+    doc_rows = np.arange(len(data.doc_ids))
+    if 0 < max_docs < len(doc_rows):
+        is_judged = np.fromiter((d in judged for d in data.doc_ids), dtype=bool, count=len(data.doc_ids))
+        others = doc_rows[~is_judged]
+        extra = rng.choice(others, min(len(others), max(0, max_docs - int(is_judged.sum()))), replace=False)
+        doc_rows = np.sort(np.concatenate([doc_rows[is_judged], extra]))
+    return BeirData(data.name, data.folder, [data.doc_ids[i] for i in doc_rows], [data.doc_texts[i] for i in doc_rows],
+                    query_ids, [data.query_texts[i] for i in query_rows], {q: data.qrels[q] for q in query_ids})

@@ -94,34 +94,63 @@ def encode_texts(encoder: Encoder, tokenizer, ids: list[str], texts: list[str], 
                  max_length: int, max_tokens: int, batch_size: int, bf16: bool = False,
                  desc: str = "encoding") -> Encoded:
     """Encode texts in length-sorted token-budget batches; rows come back in input order, float32."""
-    device = next(encoder.parameters()).device
+    return encode_texts_many([encoder], tokenizer, ids, texts, documents=documents, max_length=max_length,
+                             max_tokens=max_tokens, batch_size=batch_size, bf16=bf16, desc=desc)[0]
+
+
+def encode_texts_many(encoders: list[Encoder], tokenizer, ids: list[str], texts: list[str], *, documents: bool,
+                      max_length: int, max_tokens: int, batch_size: int, bf16: bool = False,
+                      desc: str = "encoding") -> list[Encoded]:
+    """`encode_texts` for several representations of one encoder network (e.g. mean and dupmae of one model):
+    each batch runs the network once and every encoder represents its hidden states."""
+    base = encoders[0].model.base_model
+    if any(encoder.model.base_model is not base for encoder in encoders):
+        raise ValueError("encode_texts_many: the encoders must share one encoder network")
+    device = next(encoders[0].parameters()).device
     flat, offsets = tokenize(tokenizer, texts, max_length)
-    n = len(texts)
-    dense = vocab = sparse_indices = sparse_values = None
+    outputs = [_Output(len(texts), documents, encoder.config.top_k) for encoder in encoders]
     if bf16 and not native_bf16(device):
         logger.warning("bf16 requested but %s has no native bf16 (CPU capability %s): expect it slower than fp32",
                        device, torch.backends.cpu.get_cpu_capability())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    encoder.eval()
-    with torch.inference_mode(), autocast, tqdm(total=n, desc=desc, unit="text", mininterval=5) as bar:
+    for encoder in encoders:
+        encoder.eval()
+    with torch.inference_mode(), autocast, tqdm(total=len(texts), desc=desc, unit="text", mininterval=5) as bar:
         for rows in token_budget_batches(np.diff(offsets), max_tokens, batch_size):
             input_ids, mask = _pad(flat, offsets, rows, tokenizer.pad_token_id)
-            out = encoder(input_ids.to(device), mask.to(device))
-            if dense is None:
-                dense = np.empty((n, out.dense.shape[1]), dtype=np.float32)
-            dense[rows] = out.dense.float().cpu().numpy()
-            if out.vocab is not None and documents:
-                idx, val = sparsify(out.vocab.float(), encoder.config.top_k)
-                if sparse_indices is None:
-                    sparse_indices = np.empty((n, idx.shape[1]), dtype=np.int32)
-                    sparse_values = np.empty((n, idx.shape[1]), dtype=np.float32)
-                sparse_indices[rows] = idx.cpu().numpy()
-                sparse_values[rows] = val.cpu().numpy()
-            elif out.vocab is not None:
-                if vocab is None:
-                    vocab = np.empty((n, out.vocab.shape[1]), dtype=np.float32)
-                vocab[rows] = out.vocab.float().cpu().numpy()
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            hidden = encoders[0].hidden_states(input_ids, mask)
+            for encoder, output in zip(encoders, outputs):
+                output.add(rows, encoder.represent(hidden, mask))
             bar.update(len(rows))
-    if dense is None:  # no texts at all
-        dense = np.zeros((0, 0), dtype=np.float32)
-    return Encoded(list(ids), dense, sparse_indices, sparse_values, vocab)
+    return [output.finish(ids) for output in outputs]
+
+
+class _Output:
+    """The arrays of one representation, filled batch by batch (shapes known at the first batch)."""
+
+    def __init__(self, n: int, documents: bool, top_k: int):
+        self.n, self.documents, self.top_k = n, documents, top_k
+        self.dense = self.vocab = self.sparse_indices = self.sparse_values = None
+
+    def add(self, rows: np.ndarray, out) -> None:
+        if self.dense is None:
+            self.dense = np.empty((self.n, out.dense.shape[1]), dtype=np.float32)
+        self.dense[rows] = out.dense.float().cpu().numpy()
+        if out.vocab is None:
+            return
+        if self.documents:  # documents keep their top-k entries; queries their whole vector
+            idx, val = sparsify(out.vocab.float(), self.top_k)
+            if self.sparse_indices is None:
+                self.sparse_indices = np.empty((self.n, idx.shape[1]), dtype=np.int32)
+                self.sparse_values = np.empty((self.n, idx.shape[1]), dtype=np.float32)
+            self.sparse_indices[rows] = idx.cpu().numpy()
+            self.sparse_values[rows] = val.cpu().numpy()
+        else:
+            if self.vocab is None:
+                self.vocab = np.empty((self.n, out.vocab.shape[1]), dtype=np.float32)
+            self.vocab[rows] = out.vocab.float().cpu().numpy()
+
+    def finish(self, ids: list[str]) -> Encoded:
+        dense = self.dense if self.dense is not None else np.zeros((0, 0), dtype=np.float32)  # no texts at all
+        return Encoded(list(ids), dense, self.sparse_indices, self.sparse_values, self.vocab)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from common.defaults import resolve_model
-from common.representation import Encoder, saved_config
+from common.representation import Encoder
 from common.tokenizer import load_tokenizer
 from evaluation import cache
 from evaluation.config import EvalConfig
@@ -29,7 +29,7 @@ class Evaluator:
         self.cfg = cfg
         model_path = resolve_model(cfg.model_name_or_path)
         device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-        self.encoder = Encoder.from_pretrained(model_path, cfg.representation_config(saved_config(model_path)))
+        self.encoder = Encoder.from_pretrained(model_path, cfg.representation_config())
         self.encoder.to(device).eval()
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = cfg.max_length or self.encoder.max_seq_length or DEFAULT_MAX_LENGTH
@@ -90,7 +90,7 @@ def run(cfg: EvalConfig) -> dict | None:
             logger.info("%s: shard %d/%d encoded into %s", data.name, cfg.shard_index, cfg.num_shards, cfg.cache_path)
             continue
         queries = evaluator.encode_queries(data)
-        ranking = search(queries, corpus, cfg.depth, cfg.index_factory)
+        ranking = search(queries, corpus, cfg.depth, cfg.index_factory, evaluator.encoder.config.sparse_weight)
         write_run(out / f"{data.name}.run", ranking, tag=run_tag)
         per_dataset[data.name] = evaluate(data.qrels, ranking)
         logger.info("%s: %s", data.name, {k: round(v, 4) for k, v in per_dataset[data.name].items()})

@@ -1,6 +1,6 @@
 """Top-k search over encoded corpora: faiss inner product (dense), exact dense + sparse (dupmae).
 
-The dupmae score is <q,d> = q_dense·d_dense + Σ_{i ∈ kept(d)} q_vocab[i] d_vocab[i]: the corpus's kept entries
+The dupmae score is <q,d> = q_dense·d_dense + w_s Σ_{i ∈ kept(d)} q_vocab[i] d_vocab[i]: the corpus's kept entries
 form a CSR matrix D [N, V], so one query batch costs a dense matmul plus D @ q_vocabᵀ (N·k per query), exact.
 Both searches fetch one extra hit so a document with the query's own id can be dropped (BEIR's convention).
 """
@@ -46,8 +46,10 @@ def _corpus_csr(corpus: Encoded, start: int, stop: int, vocab_size: int):
     return csr_matrix((val.reshape(-1), idx.reshape(-1), np.arange(0, n * k + 1, k)), shape=(n, vocab_size))
 
 
-def dupmae_search(queries: Encoded, corpus: Encoded, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-depth by dense dot + sparse (document top-k) score; (scores, corpus rows) [Q, depth'] best first."""
+def dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-depth by dense dot + sparse_weight x sparse (document top-k) score; (scores, corpus rows)
+    [Q, depth'] best first."""
     if queries.vocab is None or corpus.sparse_indices is None:
         raise ValueError("dupmae search needs query vocab vectors and document sparse entries")
     depth = min(depth, len(corpus.ids))
@@ -61,7 +63,7 @@ def dupmae_search(queries: Encoded, corpus: Encoded, depth: int) -> tuple[np.nda
         q_vocab_t = np.ascontiguousarray(queries.vocab[qs:qs + QUERY_BATCH].T)  # [V, b]
         best_scores = best_rows = None
         for (start, stop), docs in zip(chunks, csr):
-            block = q_dense @ doc_dense[start:stop].T + torch.from_numpy(docs @ q_vocab_t).T  # [b, n]
+            block = q_dense @ doc_dense[start:stop].T + sparse_weight * torch.from_numpy(docs @ q_vocab_t).T  # [b, n]
             scores, rows = torch.topk(block, min(depth, stop - start), dim=1)
             rows += start
             if best_scores is not None:  # merge with the best of earlier chunks
@@ -73,13 +75,14 @@ def dupmae_search(queries: Encoded, corpus: Encoded, depth: int) -> tuple[np.nda
     return np.concatenate(all_scores), np.concatenate(all_rows)
 
 
-def search(queries: Encoded, corpus: Encoded, depth: int, index_factory: str | None = None
-           ) -> dict[str, dict[str, float]]:
-    """{query id: {doc id: score}} with `depth` documents per query, never the query's own id."""
+def search(queries: Encoded, corpus: Encoded, depth: int, index_factory: str | None = None,
+           sparse_weight: float = 1.0) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: score}} with `depth` documents per query, never the query's own id (sparse_weight:
+    the dupmae score's weight on the sparse part)."""
     if corpus.sparse_indices is not None:
         if index_factory:
             raise ValueError("--index_factory applies to dense search only; dupmae search is exact")
-        scores, rows = dupmae_search(queries, corpus, depth + 1)
+        scores, rows = dupmae_search(queries, corpus, depth + 1, sparse_weight)
     else:
         scores, rows = dense_search(queries, corpus, depth + 1, index_factory)
     run = {}

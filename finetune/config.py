@@ -16,10 +16,15 @@ class FinetuneConfig:
 
     # Model and representation
     model_name_or_path: str = arg("default", "HF / sentence-transformers / DupMAE folder; 'default' = packaged MiniLM")
-    representation: Literal["cls", "mean", "dupmae"] = arg("cls", "cls / mean pooling, or DupMAE dense + sparse")
-    normalize: bool = arg(False, "L2-normalize the dense part (cosine scores), as sentence-transformers models do")
-    dense_dim: int = arg(384, "dupmae: output dim of the [CLS] projection")
-    top_k: int = arg(384, "dupmae: vocabulary entries a passage keeps (in training as at search time)")
+    representation: Literal["cls", "mean", "dupmae"] | None = arg(
+        None, "cls / mean pooling, or DupMAE dense + sparse; None: the model folder's own (representation.json or "
+              "sentence-transformers modules), else cls")
+    normalize: bool | None = arg(
+        None, "L2-normalize the dense part (cosine scores), as sentence-transformers models do; None: the model's")
+    dense_dim: int | None = arg(None, "dupmae: output dim of the projection; None: the model's (384 for a plain BERT)")
+    top_k: int | None = arg(None, "dupmae: vocabulary entries a passage keeps (in training as at search time); "
+                                  "None: the model's / 384")
+    sparse_weight: float | None = arg(None, "dupmae: weight of the sparse score beside the dense one; None: the model's")
     untie_encoders: bool = arg(False, "separate query and passage encoders (both start from the same weights)")
     # Data
     data_dir: str = arg("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or preprocessing output")
@@ -29,7 +34,9 @@ class FinetuneConfig:
     query_max_length: int = arg(32, "query tokens, [CLS]/[SEP] included")
     passage_max_length: int = arg(144, "passage tokens (title + text), [CLS]/[SEP] included")
     # Loss
-    temperature: float = arg(0.02, "InfoNCE temperature: scores are divided by it")
+    temperature: float | None = arg(
+        None, "InfoNCE temperature (scores are divided by it); None: 0.05 for cosine scores (cls/mean with "
+              "--normalize), 1.0 for raw dot products (unnormalized, and dupmae, whose sparse part is unbounded)")
     cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
     # Optimization
     deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")
@@ -55,13 +62,18 @@ class FinetuneConfig:
         if not self.deepspeed:
             raise ValueError("--deepspeed is required (e.g. ds_configs/finetune_cpu.json)")
         for name in ("train_group_size", "query_max_length", "passage_max_length", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps", "dense_dim", "top_k"):
+                     "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if min(self.query_max_length, self.passage_max_length) < 3:
             raise ValueError("--query_max_length and --passage_max_length must leave room for [CLS] x [SEP] (>= 3)")
-        if self.temperature <= 0:
+        for name in ("dense_dim", "top_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.sparse_weight is not None and self.sparse_weight < 0:
+            raise ValueError(f"--sparse_weight must be >= 0, got {self.sparse_weight}")
         if self.learning_rate <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:
             raise ValueError("need --learning_rate > 0, --weight_decay >= 0 and 0 <= --warmup_ratio < 1")
         if self.max_steps <= 0 and self.num_train_epochs < 1:

@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.representation import RepresentationConfig
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for the gathered tensor and returns this rank's slice.
@@ -47,6 +49,32 @@ def positive_labels(num_queries: int, group_size: int, offset: int = 0, device=N
     return offset + torch.arange(num_queries, device=device) * group_size
 
 
+#: Temperatures by score kind: cosine scores live in [-1, 1] and need sharpening (sentence-transformers' scale 20);
+#: raw dot products (DPR, the official RetroMAE bi-encoder) are already spread over tens to thousands.
+COSINE_TEMPERATURE = 0.05
+DOT_TEMPERATURE = 1.0
+
+
+def default_temperature(representation: RepresentationConfig) -> float:
+    """0.05 for cosine scores (cls/mean with normalize), 1.0 for raw dot products (unnormalized, and dupmae, whose
+    sparse part is an unbounded dot product). A low temperature on raw scores makes the softmax a hard max: a
+    query whose positive already ranks first gets no gradient at all."""
+    cosine = representation.normalize and representation.kind != "dupmae"
+    return COSINE_TEMPERATURE if cosine else DOT_TEMPERATURE
+
+
 def info_nce(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Mean InfoNCE of scores [Bq, Bp] with positives at labels [Bq]."""
     return F.cross_entropy(scores / temperature, labels)
+
+
+#: A query whose positive has softmax probability above 1 - this gets (almost) no gradient.
+SATURATED = 1e-4
+
+
+def learning_share(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """Share of queries still learning: ∂L/∂s_i = (softmax(s_i / τ) − onehot) / τ vanishes when the positive's
+    probability reaches 1, so this is the fraction with p(positive) < 1 − SATURATED (a too-low temperature on
+    raw scores drives it to the share of queries ranked wrong)."""
+    p_positive = torch.softmax(scores.float() / temperature, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    return (p_positive < 1 - SATURATED).float().mean()

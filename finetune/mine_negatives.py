@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,7 @@ class MiningConfig:
     split: str = arg("train", "qrels split whose queries get negatives")
     method: Literal["dense", "bm25"] = arg("dense", "retrieve with the model, or with BM25 (bm25s)")
     representation: Literal["cls", "mean", "dupmae"] | None = arg(None, "override the folder's representation")
-    normalize: bool = arg(False, "with --representation: L2-normalize the dense part")
+    normalize: bool | None = arg(None, "L2-normalize the dense part; None: the model's")
     depth: int = arg(200, "documents retrieved per query")
     skip_top: int = arg(3, "best-ranked non-positive documents skipped (likely unlabeled positives)")
     query_max_length: int = arg(32, "query tokens, [CLS]/[SEP] included")
@@ -59,14 +59,12 @@ def bm25_search(queries: list[str], corpus: list[str], depth: int) -> list[list[
 
 def dense_search(cfg: MiningConfig, queries: list[str], corpus: list[str]) -> list[list[int]]:
     """Each query's top-`depth` corpus positions by the model's own score (evaluation's encoder and search)."""
-    from common.representation import saved_config
+    from common.representation import resolve_config
     from common.tokenizer import load_tokenizer
     from evaluation.encode import encode_texts
     from evaluation.search import search
 
-    rep = None
-    if cfg.representation is not None:
-        rep = replace(saved_config(cfg.model), kind=cfg.representation, normalize=cfg.normalize)
+    rep = resolve_config(cfg.model, kind=cfg.representation, normalize=cfg.normalize)
     encoder, tokenizer = Encoder.from_pretrained(cfg.model, rep), load_tokenizer(cfg.model)
     positions = [str(i) for i in range(len(corpus))]  # ids that never equal a query's (search drops those)
     options = {"max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size}
@@ -74,7 +72,8 @@ def dense_search(cfg: MiningConfig, queries: list[str], corpus: list[str]) -> li
                      max_length=cfg.query_max_length, desc="queries", **options)
     d = encode_texts(encoder, tokenizer, positions, corpus, documents=True, max_length=cfg.passage_max_length,
                      desc="corpus", **options)
-    return [[int(doc) for doc in hits] for hits in search(q, d, cfg.depth).values()]
+    hits = search(q, d, cfg.depth, sparse_weight=encoder.config.sparse_weight)
+    return [[int(doc) for doc in ranked] for ranked in hits.values()]
 
 
 def hard_negatives(ranked: list[str], positives: list[str], skip_top: int) -> list[str]:

@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from common.representation import Encoder, Representation, RepresentationConfig, score
+from common.representation import Encoder, Representation, resolve_config, score
 from finetune.config import FinetuneConfig
-from finetune.loss import gather_with_grad, info_nce, positive_labels
+from finetune.loss import default_temperature, gather_with_grad, info_nce, learning_share, positive_labels
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BiEncoderOutput:
     loss: Tensor  # scalar InfoNCE of this rank's queries
     accuracy: Tensor  # scalar: fraction of this rank's queries whose positive scores highest
+    learning: Tensor  # scalar: fraction of this rank's queries that still get a gradient (see `learning_share`)
     scores: Tensor  # [Bq, Bp] (Bp counts every rank's passages with cross-device negatives)
 
 
@@ -33,10 +37,14 @@ class BiEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> "BiEncoder":
-        rep = RepresentationConfig(cfg.representation, cfg.normalize, cfg.dense_dim, cfg.top_k)
+        rep = resolve_config(cfg.model_name_or_path, kind=cfg.representation, normalize=cfg.normalize,
+                             dense_dim=cfg.dense_dim, top_k=cfg.top_k, sparse_weight=cfg.sparse_weight)
+        temperature = cfg.temperature if cfg.temperature is not None else default_temperature(rep)
+        logger.info("representation %s, temperature %s%s", rep, temperature,
+                    "" if cfg.temperature is not None else " (default for these scores)")
         query_encoder = Encoder.from_pretrained(cfg.model_name_or_path, rep)
         passage_encoder = copy.deepcopy(query_encoder) if cfg.untie_encoders else None
-        return cls(query_encoder, passage_encoder, cfg.temperature, cfg.train_group_size, cfg.cross_device_negatives)
+        return cls(query_encoder, passage_encoder, temperature, cfg.train_group_size, cfg.cross_device_negatives)
 
     @property
     def passage_side(self) -> Encoder:
@@ -49,12 +57,13 @@ class BiEncoder(nn.Module):
         if self.cross_device_negatives and dist.is_initialized() and dist.get_world_size() > 1:
             offset = dist.get_rank() * p.dense.shape[0]
             p = Representation(gather_with_grad(p.dense), None if p.vocab is None else gather_with_grad(p.vocab))
-        top_k = self.query_encoder.config.top_k if p.vocab is not None else None
-        scores = score(q, p, top_k)  # [Bq, Bp]
+        rep = self.query_encoder.config
+        scores = score(q, p, rep.top_k if p.vocab is not None else None, rep.sparse_weight)  # [Bq, Bp]
         labels = positive_labels(scores.shape[0], self.group_size, offset, scores.device)  # [Bq]
         loss = info_nce(scores, labels, self.temperature)
         accuracy = (scores.argmax(-1) == labels).float().mean()
-        return BiEncoderOutput(loss, accuracy.detach(), scores.detach())
+        return BiEncoderOutput(loss, accuracy.detach(), learning_share(scores.detach(), labels, self.temperature),
+                               scores.detach())
 
     def export(self, out_dir: str | Path, tokenizer) -> list[Path]:
         """Tied: one model in out_dir. Untied: out_dir/query and out_dir/passage. Returns the folders written."""

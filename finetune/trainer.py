@@ -91,7 +91,7 @@ class Trainer:
         """Train to total_steps; returns the export folder on rank 0 (None elsewhere)."""
         engine, cfg = self.engine, self.cfg
         engine.train()
-        sums = torch.zeros(3)  # loss, accuracy, micro-batches since the last log
+        sums = torch.zeros(4)  # loss, accuracy, learning share, micro-batches since the last log
         start = time.time()
         bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc="fine-tune", disable=self.rank != 0)
         epoch, step = self.position
@@ -106,7 +106,7 @@ class Trainer:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             step += 1
-            sums += torch.tensor([output.loss.item(), output.accuracy.item(), 1.0])
+            sums += torch.tensor([output.loss.item(), output.accuracy.item(), output.learning.item(), 1.0])
             if not boundary:
                 continue
             bar.update(1)
@@ -130,17 +130,17 @@ class Trainer:
     def _log(self, step: int, epoch: int, sums: torch.Tensor, seconds: float) -> None:
         totals = sums.to(self.engine.device)  # NCCL reduces device tensors only
         dist.all_reduce(totals)  # every rank's loss / accuracy sums and micro-batch counts
-        loss, accuracy = (totals[:2] / totals[2]).tolist()
+        loss, accuracy, learning = (totals[:3] / totals[3]).tolist()
         if self.rank != 0:
             return
-        record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy,
+        record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy, "learning_queries": learning,
                   "lr": self.engine.get_lr()[0], "seconds": round(seconds, 2)}
         with open(self.out / METRICS, "a") as out:
             out.write(json.dumps(record) + "\n")
-        for name in ("loss", "accuracy", "lr"):
+        for name in ("loss", "accuracy", "learning_queries", "lr"):
             self.writer.add_scalar(f"train/{name}", record[name], step)
-        logger.info("step %d/%d epoch %d loss %.4f accuracy %.3f lr %.2e", step, self.total_steps, epoch, loss,
-                    accuracy, record["lr"])
+        logger.info("step %d/%d epoch %d loss %.4f accuracy %.3f learning queries %.2f lr %.2e", step,
+                    self.total_steps, epoch, loss, accuracy, learning, record["lr"])
 
     def _save(self, step: int) -> None:
         """DeepSpeed state + data position (client state) + this rank's RNG states (one file per rank)."""

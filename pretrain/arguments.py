@@ -18,6 +18,7 @@ from typing import Literal
 
 from pretrain.collator import CollatorConfig
 from pretrain.modeling import DupMAEConfig
+from pretrain.retrieval_probe import ProbeConfig
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,12 @@ class TrainingArguments:
     per_device_train_batch_size: int = _arg(8, "blocks per micro-batch on each rank")
     gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
     learning_rate: float = _arg(1e-4, "peak AdamW learning rate")
+    encoder_learning_rate: float | None = _arg(
+        None, "peak learning rate of the pretrained encoder (embeddings and layers) when lower than the new parts' "
+              "(MLM head, decoder); None: --learning_rate")
+    freeze_encoder_steps: int = _arg(
+        0, "first N steps train only the new parts (encoder without autograd); the encoder then warms up and decays "
+           "over the remaining steps")
     weight_decay: float = _arg(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights)")
     adam_beta1: float = _arg(0.9, "AdamW beta1")
     adam_beta2: float = _arg(0.999, "AdamW beta2")
@@ -94,8 +101,11 @@ class TrainingArguments:
             raise ConfigError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"--stop_at_step must be >= 1, got {self.stop_at_step}")
-        if self.save_steps < 0 or self.warmup_steps < 0:
-            raise ConfigError("--save_steps and --warmup_steps must be >= 0")
+        if self.encoder_learning_rate is not None and not 0 <= self.encoder_learning_rate <= self.learning_rate:
+            raise ConfigError(f"--encoder_learning_rate must be in [0, --learning_rate {self.learning_rate}], got "
+                              f"{self.encoder_learning_rate}")
+        if self.save_steps < 0 or self.warmup_steps < 0 or self.freeze_encoder_steps < 0:
+            raise ConfigError("--save_steps, --warmup_steps and --freeze_encoder_steps must be >= 0")
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise ConfigError(f"--deepspeed {self.deepspeed}: no such file")
 
@@ -104,6 +114,13 @@ class TrainingArguments:
         if self.max_steps > 0:
             return self.max_steps
         return max(1, math.ceil(self.num_train_epochs * steps_per_epoch))
+
+    @property
+    def encoder_lr_ratio(self) -> float:
+        """The encoder's peak learning rate over the new parts'."""
+        if self.encoder_learning_rate is None:
+            return 1.0
+        return self.encoder_learning_rate / self.learning_rate
 
     def warmup(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
@@ -116,9 +133,10 @@ class Arguments:
     collator: CollatorConfig
     loss: DupMAEConfig
     training: TrainingArguments
+    probe: ProbeConfig
 
 
-_GROUPS = (ModelArguments, DataArguments, CollatorConfig, DupMAEConfig, TrainingArguments)
+_GROUPS = (ModelArguments, DataArguments, CollatorConfig, DupMAEConfig, TrainingArguments, ProbeConfig)
 
 
 def _load_config_file(path: str) -> dict:

@@ -32,6 +32,7 @@ from pretrain.checkpoint import read_latest
 from pretrain.collator import DupMAECollator
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.modeling import DupMAEModel
+from pretrain.retrieval_probe import RetrievalProbe
 from pretrain.trainer import Trainer, build_engine
 
 logger = logging.getLogger("pretrain.main")
@@ -59,8 +60,11 @@ def build(argv: list[str] | None):
     model = DupMAEModel.from_pretrained(model_args.model_name_or_path, args.loss, model_args.config_overrides,
                                         model_args.model_config)
     engine = build_engine(model, training, world_size, total_steps)
+    probe = None
+    if args.probe.eval_dataset and rank == 0:
+        probe = RetrievalProbe(args.probe, tokenizer, model.representation, seed=training.seed)
     trainer = Trainer(engine, DupMAECollator.from_tokenizer(tokenizer, args.collator), loader, training,
-                      rank=rank, world_size=world_size, total_steps=total_steps)
+                      rank=rank, world_size=world_size, total_steps=total_steps, probe=probe)
     trainer.resume()
     return trainer, model, tokenizer
 

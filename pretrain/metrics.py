@@ -86,8 +86,9 @@ class MetricsWriter:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(f"train/{key}", value, step)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                self.tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
     def advance(self) -> None:
         if self.enabled:

@@ -2,8 +2,9 @@
 
     L = w_mlm · L_MLM(encoder, masked positions) + w_dec · L_dec([CLS] decoding) + w_bow · L_BoW(OT decoding)
 
-RetroMAE is the same model with bow_weight = 0 (the BoW branch is then skipped). The decoder's prediction
-head is the encoder's MLM head (shared weights, tied to the word embeddings as in BERT).
+RetroMAE is the same model with bow_weight = 0 (the BoW branch is then skipped); plain MLM has decoder_weight = 0
+too (no decoder is built). The decoder's prediction head is the encoder's MLM head (shared weights, tied to the
+word embeddings as in BERT).
 
 Memory: no [B, L, V] tensor exists. MLM logits are computed only at the masked positions and decoder
 logits only at the positions with a target, together in one `linear_cross_entropy` call (row chunks,
@@ -15,6 +16,7 @@ recomputes the map in backward, and `gradient_checkpointing` recomputes whole la
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from common.defaults import resolve_model
+from common.representation import Encoder, RepresentationConfig, dupmae_config, folder_config, new_projection
 from pretrain.cpu_attention import use_fast_cpu_attention
 from pretrain.enhanced_decoder import EnhancedDecoderLayer
 from pretrain.linear_ce import linear_cross_entropy
@@ -87,7 +90,7 @@ class DupMAEOutput:
     bow_recall: Tensor
 
 
-def _split_mlm_head(mlm: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Linear]:
+def split_mlm_head(mlm: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Linear]:
     """(hidden -> transformed hidden, vocabulary projection) of a BERT-style or RoBERTa-style MLM head."""
     projection = mlm.get_output_embeddings()
     predictions = getattr(getattr(mlm, "cls", None), "predictions", None)
@@ -129,14 +132,23 @@ def _config_from_file(path: str):
 
 
 class DupMAEModel(nn.Module):
-    """Encoder + MLM head (`self.mlm`, an AutoModelForMaskedLM) and the enhanced decoder layer."""
+    """Encoder + MLM head (`self.mlm`, an AutoModelForMaskedLM) and the enhanced decoder layer (None when
+    decoder_weight is 0).
 
-    def __init__(self, mlm: nn.Module, config: DupMAEConfig):
+    `encoder_frozen` (set by the trainer for the first --freeze_encoder_steps): the encoder runs without autograd,
+    so only the new parts (MLM head transform and bias, decoder) get gradients and no encoder backward is paid.
+    """
+
+    def __init__(self, mlm: nn.Module, config: DupMAEConfig, representation: RepresentationConfig | None = None):
         super().__init__()
         self.config = config
         self.mlm = mlm
-        self.decoder = EnhancedDecoderLayer(mlm.config, cpu_attention=config.cpu_attention)
-        _split_mlm_head(mlm)  # fail at construction, not at the first step
+        #: The retrieval representation the export records (see `common.representation.dupmae_config`).
+        self.representation = representation or dupmae_config(None, mlm.config.hidden_size)
+        self.decoder = (EnhancedDecoderLayer(mlm.config, cpu_attention=config.cpu_attention)
+                        if config.decoder_weight > 0 else None)
+        self.encoder_frozen = False
+        split_mlm_head(mlm)  # fail at construction, not at the first step
         if config.cpu_attention:
             use_fast_cpu_attention(mlm)
         if config.gradient_checkpointing:
@@ -175,9 +187,10 @@ class DupMAEModel(nn.Module):
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot build model from {model_name_or_path!r} (resolved to {path!r}): "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        model = cls(mlm, config)
+        base = None if model_config_overrides or model_config_file else folder_config(path)
+        model = cls(mlm, config, dupmae_config(base, mlm.config.hidden_size))
         decoder_file = Path(path) / DECODER_FILE
-        if not (model_config_overrides or model_config_file) and decoder_file.is_file():
+        if model.decoder is not None and not (model_config_overrides or model_config_file) and decoder_file.is_file():
             from safetensors.torch import load_file
 
             model.decoder.load_state_dict(load_file(str(decoder_file)))
@@ -189,18 +202,23 @@ class DupMAEModel(nn.Module):
                 bow_weights: Tensor | None = None) -> DupMAEOutput:
         """Batch from `pretrain.collator.DupMAECollator` (shapes there); returns every loss term."""
         cfg = self.config
-        transform, projection = _split_mlm_head(self.mlm)
+        transform, projection = split_mlm_head(self.mlm)
         weight, bias = projection.weight, projection.bias  # [V, H], [V]
-        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+        with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
+            hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
 
         # Encoder MLM at the masked positions and [CLS] decoding at every ordinary token, in one fused call:
         # each row's weight is its term's loss weight over the term's row count (the two means, weighted).
         masked = labels != -100  # [B, L]
         targets = decoder_labels != -100  # [B, L]
-        decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask.bool())  # [B, L, H]
-        n_masked, n_targets = int(masked.sum()), int(targets.sum())
-        rows = transform(torch.cat([hidden[masked], decoded[targets]]))  # [M + T, H]
-        row_labels = torch.cat([labels[masked], decoder_labels[targets]])  # [M + T]
+        if self.decoder is None:  # plain MLM: no decoder rows
+            decoded_rows, decoded_labels = hidden.new_zeros(0, hidden.shape[-1]), labels.new_zeros(0)  # [0, H], [0]
+        else:
+            decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask.bool())  # [B, L, H]
+            decoded_rows, decoded_labels = decoded[targets], decoder_labels[targets]  # [T, H], [T]
+        n_masked, n_targets = int(masked.sum()), len(decoded_labels)
+        rows = transform(torch.cat([hidden[masked], decoded_rows]))  # [M + T, H]
+        row_labels = torch.cat([labels[masked], decoded_labels])  # [M + T]
         row_weights = torch.cat([rows.new_full((n_masked,), cfg.mlm_weight / max(n_masked, 1), dtype=torch.float32),
                                  rows.new_full((n_targets,), cfg.decoder_weight / max(n_targets, 1),
                                                dtype=torch.float32)])
@@ -236,13 +254,15 @@ class DupMAEModel(nn.Module):
         return self.decoder(query_states, kv_states, visible)
 
     def save_export(self, out_dir: str, tokenizer) -> None:
-        """Encoder + MLM head as a HF / sentence-transformers ([CLS] pooling) folder, plus the decoder and config."""
+        """Encoder + MLM head as a HF folder with the `dupmae` representation (projection initialized as
+        `common.representation` does: the identity when square), plus the decoder and the loss config."""
         from safetensors.torch import save_file
 
-        from common.representation import Encoder, RepresentationConfig
-
         out = Path(out_dir)
-        Encoder(self.mlm, RepresentationConfig(kind="cls")).save_pretrained(out, tokenizer)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.decoder.state_dict().items()}
-        save_file(state, str(out / DECODER_FILE))
+        encoder = Encoder(self.mlm, self.representation, new_projection(self.mlm.config.hidden_size,
+                                                                        self.representation.dense_dim))
+        encoder.save_pretrained(out, tokenizer)
+        if self.decoder is not None:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.decoder.state_dict().items()}
+            save_file(state, str(out / DECODER_FILE))
         (out / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")

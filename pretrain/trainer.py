@@ -24,6 +24,7 @@ from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config
 from pretrain.checkpoint import Checkpointer, resolve_resume, tag_for
 from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
+from pretrain.retrieval_probe import RetrievalProbe
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +42,38 @@ def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def encoder_lr_factor(step: int, *, freeze: int, ratio: float, warmup: int, total: int, kind: str) -> float:
+    """The pretrained encoder's factor: 0 for the first `freeze` steps, then `ratio` x its own warm-up and decay
+    over the remaining steps (a continued pre-training recipe: the new head learns before the encoder moves)."""
+    if step < freeze:
+        return 0.0
+    return ratio * lr_factor(step - freeze, warmup=warmup, total=total - freeze, kind=kind)
+
+
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: biases and LayerNorm parameters are not decayed (BERT's recipe)."""
+    """(pretrained encoder | new parts) x (decayed | not), empty groups dropped; each group's "encoder" key says
+    which schedule it follows. Weight decay on matrices only: biases and LayerNorm parameters are not decayed
+    (BERT's recipe). The encoder is `model.mlm.base_model` (embeddings included, so a tied MLM decoder is too)."""
     exempt = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)}
     exempt |= {id(p) for name, p in model.named_parameters() if name.endswith("bias")}
+    encoder = {id(p) for p in model.mlm.base_model.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if (id(p) in encoder) == in_encoder and (id(p) in exempt) == no_decay],
+               "weight_decay": 0.0 if no_decay else weight_decay, "encoder": in_encoder}
+              for in_encoder in (True, False) for no_decay in (False, True)]
+    return [group for group in groups if group["params"]]
+
+
+def _schedules(groups: list[dict], args: TrainingArguments, total_steps: int) -> list:
+    """One LambdaLR factor per parameter group: the new parts follow --learning_rate's schedule, the encoder
+    its frozen-then-scaled one."""
+    new_parts = functools.partial(lr_factor, warmup=args.warmup(total_steps), total=total_steps,
+                                  kind=args.lr_scheduler_type)
+    freeze = min(args.freeze_encoder_steps, total_steps)
+    encoder = functools.partial(encoder_lr_factor, freeze=freeze, ratio=args.encoder_lr_ratio,
+                                warmup=args.warmup(total_steps - freeze), total=total_steps,
+                                kind=args.lr_scheduler_type)
+    return [encoder if group["encoder"] else new_parts for group in groups]
 
 
 def build_engine(model: nn.Module, args: TrainingArguments, world_size: int, total_steps: int):
@@ -55,17 +81,22 @@ def build_engine(model: nn.Module, args: TrainingArguments, world_size: int, tot
     import deepspeed
 
     config = deepspeed_config(args, world_size, total_steps)
+    own_schedule = args.freeze_encoder_steps > 0 or args.encoder_lr_ratio != 1.0
+    if own_schedule and ("optimizer" in config or "scheduler" in config):
+        raise ConfigError(f"--deepspeed {args.deepspeed}: --freeze_encoder_steps and --encoder_learning_rate need "
+                          "the trainer's own AdamW and schedule; remove 'optimizer' and 'scheduler' from the JSON")
+    groups = _param_groups(model, args.weight_decay)
     optimizer = None
     if "optimizer" not in config:
-        optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.learning_rate,
-                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                      eps=args.adam_epsilon)
     scheduler = None
     if "scheduler" not in config:
-        factor = functools.partial(lr_factor, warmup=args.warmup(total_steps), total=total_steps,
-                                   kind=args.lr_scheduler_type)
-        scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=factor)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
-                                      model_parameters=None if optimizer else _param_groups(model, args.weight_decay))
+        scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR,
+                                      lr_lambda=_schedules(groups, args, total_steps))
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config,
+        model_parameters=None if optimizer else groups)
     return engine
 
 
@@ -87,8 +118,9 @@ class Trainer:
     """Runs optimizer steps until the schedule ends, --stop_at_step, or an agreed preemption."""
 
     def __init__(self, engine, collator, loader: RankBatchLoader, args: TrainingArguments, *, rank: int,
-                 world_size: int, total_steps: int):
+                 world_size: int, total_steps: int, probe: RetrievalProbe | None = None):
         self.engine, self.collator, self.loader, self.args = engine, collator, loader, args
+        self.probe = probe  # rank 0 only (None elsewhere): zero-shot retrieval every --eval_steps
         self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
         self.step = 0
         self.checkpointer = Checkpointer(os.path.join(args.output_dir, "checkpoints"),
@@ -126,6 +158,7 @@ class Trainer:
     def _micro_step(self, batches: Prefetcher, reducer: StepReducer) -> None:
         micro, batch = batches.next()
         torch.manual_seed(derived_seed(self.args.seed, self.rank, micro, 1))  # dropout
+        self.engine.module.encoder_frozen = self.step < self.args.freeze_encoder_steps
         batch = {key: value.to(self.engine.device, non_blocking=True) for key, value in batch.items()}
         output = self.engine(**batch)
         self.engine.backward(output.loss)
@@ -140,11 +173,14 @@ class Trainer:
         writer = MetricsWriter(self.args.output_dir, enabled=self.rank == 0, resume_step=self.step,
                                total_steps=self.total_steps, disable_tqdm=self.args.disable_tqdm)
         saved_at, outcome = (self.step or None), "finished"  # a resumed step is already on disk
+        train_start = time.perf_counter()
+        if self.probe is not None and self.step == 0:
+            writer.log({"step": 0, **self.probe(self.engine.module.mlm)})
         window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
         self.engine.train()
         batches = Prefetcher(self._make_batch, start=self.loader.state.micro_batches)
         while self.step < stop_at:
-            lr = self.engine.get_lr()[0]
+            lr, encoder_lr = _group_lrs(self.engine)
             reducer = StepReducer()
             for _ in range(self.args.gradient_accumulation_steps):
                 self._micro_step(batches, reducer)
@@ -154,10 +190,15 @@ class Trainer:
             writer.advance()
             if self.step % self.args.logging_steps == 0 or self.step == stop_at or preempted:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                writer.log({"step": self.step, "epoch": round(self.loader.epoch(), 4), "lr": lr, **values,
+                writer.log({"step": self.step, "epoch": round(self.loader.epoch(), 4), "lr": lr,
+                            "encoder_lr": encoder_lr, **values,
                             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
                             "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed})
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            if self.probe is not None and self.step % self.probe.config.eval_steps == 0:
+                probe_start = time.perf_counter()
+                writer.log({"step": self.step, **self.probe(self.engine.module.mlm)})
+                window_start += time.perf_counter() - probe_start  # throughput counts training time only
             if self.args.save_steps and self.step % self.args.save_steps == 0:
                 self.checkpointer.save(self.engine, self.step, self._train_state())
                 saved_at = self.step
@@ -171,6 +212,10 @@ class Trainer:
         if saved_at != self.step:
             self.checkpointer.save(self.engine, self.step, self._train_state())
         writer.close()
+        if self.probe is not None:
+            total = time.perf_counter() - train_start
+            logger.info("retrieval probes took %.0f s of %.0f s (%.1f%%)", self.probe.seconds, total,
+                        100 * self.probe.seconds / max(total, 1e-9))
         messages = {"preempted": "preempted at step %d", "stopped": "stopped at step %d (--stop_at_step)",
                     "finished": "finished training at step %d"}
         logger.info(messages[outcome], self.step)
@@ -188,6 +233,12 @@ class Trainer:
             logger.info("exported the encoder and the full model to %s", out_dir)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _group_lrs(engine) -> tuple[float, float]:
+    """(learning rate of the new parts, of the pretrained encoder) at this step (see `_param_groups`)."""
+    by_kind = {bool(group.get("encoder")): group["lr"] for group in engine.optimizer.param_groups}
+    return by_kind.get(False, by_kind.get(True)), by_kind.get(True, by_kind.get(False))
 
 
 def _as_float(value) -> float | None:

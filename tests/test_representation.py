@@ -83,7 +83,7 @@ def test_dupmae_forward_equals_reference(tiny_mlm_dir, tokenizer, monkeypatch):
     enc = Encoder.from_pretrained(str(tiny_mlm_dir), RepresentationConfig(kind="dupmae", dense_dim=16, top_k=5)).eval()
     ref = BertForMaskedLM.from_pretrained(tiny_mlm_dir).eval()
     b = batch(tokenizer)
-    monkeypatch.setattr(rep, "HEAD_CHUNK_TOKENS", 7)  # several chunks: the running max must match one pass
+    monkeypatch.setattr(rep, "VOCAB_CHUNK", 7)  # several vocabulary chunks: the running max must match one pass
     with torch.no_grad():
         out = enc(**b)
         ref_out = ref(**b, output_hidden_states=True)
