@@ -1,4 +1,5 @@
-"""The pure parts of preprocessing: sentence splitting, normalization, greedy packing, record parsing."""
+"""The pure parts of preprocessing: sentence splitting, normalization, greedy packing, shard tables, record
+parsing."""
 from __future__ import annotations
 
 import random
@@ -6,9 +7,9 @@ import random
 import numpy as np
 import pytest
 
-from preprocessing.packing import pack_sentences, word_starts_of
+from preprocessing.packing import bow_target, pack_document, pack_sentences, word_starts_of
 from preprocessing.records import InputError, InputFile, expand_inputs, RawRecord, RecordError, RecordSpec, parse_record
-from preprocessing.shards import OutputDirError, prepare_output_dir
+from preprocessing.shards import OutputDirError, blocks_table, prepare_output_dir
 from preprocessing.text import normalize, split_sentences
 
 
@@ -78,6 +79,28 @@ def test_word_starts_restart_at_every_sentence():
     word_ids = np.array([0, 0, 1, 0, 1, 1, 0, 0], dtype=np.int32)  # sentences of 3, 3 and 2 tokens
     expected = [True, False, True, True, True, False, True, False]
     assert word_starts_of(word_ids, np.array([0, 3, 6])).tolist() == expected
+
+
+@pytest.mark.parametrize("weighting, short_seq_prob", [("uniform", 0.0), ("tf", 0.5)])
+def test_shard_rows_equal_a_block_by_block_reference(weighting, short_seq_prob):
+    """pack_document + blocks_table (whole documents, column by column) against slicing every block."""
+    rng = np.random.default_rng(0)
+    documents, reference = [], []
+    for line in range(4):
+        lengths = rng.integers(0, 30, size=rng.integers(1, 12)).tolist() + [5]
+        ids = rng.integers(0, 50, size=sum(lengths)).astype(np.int32)
+        starts = rng.random(len(ids)) < 0.7
+        documents.append(pack_document((0, line), f"d{line}", ids, starts, lengths, 16, short_seq_prob,
+                                       random.Random(line), weighting))
+        for start, end in pack_sentences(lengths, 16, short_seq_prob, random.Random(line)):
+            block_starts = starts[start:end].copy()
+            block_starts[0] = True
+            bow_ids, bow_weights = bow_target(ids[start:end], weighting)
+            reference.append({"doc_id": f"d{line}", "input_ids": ids[start:end].tolist(),
+                              "word_starts": block_starts.tolist(), "bow_ids": bow_ids.tolist(),
+                              "bow_weights": bow_weights.tolist()})
+    assert blocks_table(documents).to_pylist() == reference
+    assert blocks_table([]).num_rows == 0
 
 
 def record(payload, name="x.jsonl", fmt="jsonl") -> RawRecord:
