@@ -7,7 +7,7 @@ Read (JSONL, plain text, Parquet; any Beam filesystem) -> normalize -> split sen
 batches -> pack consecutive sentences of a document into blocks of at most max_seq_length - 2 tokens ->
 BoW target per block -> Arrow IPC shards + manifest.json (common.shard_format). Without --runner it runs
 on the DirectRunner in multi-processing mode over all local cores (cores / --tokenizer_threads worker
-processes, each tokenizing with --tokenizer_threads Rust threads);
+processes, each tokenizing with --tokenizer_threads Rust threads; by default one process per core);
 every Beam option passes through. Output bytes do not depend on the runner: each document is keyed by
 (file, line), goes to a shard by a hash of that key with all its blocks in one element, and each shard
 is sorted by it before writing.
@@ -35,12 +35,14 @@ from preprocessing.packing import BOW_WEIGHTINGS, pack_document
 from preprocessing.records import (
     DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
 )
-from preprocessing.runner import Progress, log_summary, main_entry, make_pipeline, parse_config
+from preprocessing.runner import (
+    Progress, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
+)
 from preprocessing.shards import (
     WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest, write_shard,
 )
 from preprocessing.text import split_sentences
-from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +80,9 @@ class PretrainDataConfig:
     num_shards: int = field(default=0, metadata={"help": "exact shard count (0: from --shard_size_mb)"})
     tokenize_batch_sentences: int = field(default=4096, metadata={"help": "sentences per tokenizer call"})
     tokenizer_threads: int = field(
-        default=2,
-        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"},
+        default=1,
+        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none; local runs start cores / this "
+                          "workers: a third of the work is Python, which only more processes spread over the cores)"},
     )
     seed: int = field(
         default=42,
@@ -109,7 +112,7 @@ class TokenizeAndPack(beam.DoFn):
         self.counters = {n: Metrics.counter("preprocessing", n) for n in ("documents", "blocks", "tokens", "sentences")}
 
     def setup(self):
-        set_worker_threads(self.config.tokenizer_threads, self.launcher_pid)
+        setup_worker_process(self.config.tokenizer_threads, self.launcher_pid)
         self.encoder = BatchEncoder(self.serialized_tokenizer)
         self.progress = Progress("pretrain_data")
 

@@ -1,14 +1,19 @@
 """The pure parts of preprocessing: sentence splitting, normalization, greedy packing, shard tables, record
-parsing."""
+parsing, worker-process settings."""
 from __future__ import annotations
 
+import gc
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from preprocessing.packing import bow_target, pack_document, pack_sentences, word_starts_of
 from preprocessing.records import InputError, InputFile, expand_inputs, RawRecord, RecordError, RecordSpec, parse_record
+from preprocessing.runner import make_pipeline, setup_worker_process
 from preprocessing.shards import OutputDirError, blocks_table, prepare_output_dir
 from preprocessing.text import normalize, split_sentences
 
@@ -101,6 +106,35 @@ def test_shard_rows_equal_a_block_by_block_reference(weighting, short_seq_prob):
                               "bow_weights": bow_weights.tolist()})
     assert blocks_table(documents).to_pylist() == reference
     assert blocks_table([]).num_rows == 0
+
+
+def test_worker_process_settings_apply_only_outside_the_launcher():
+    frozen, threads = gc.get_freeze_count(), os.environ.get("RAYON_NUM_THREADS")
+    setup_worker_process(3, launcher_pid=os.getpid())  # an in-process run: nothing changes
+    assert gc.get_freeze_count() == frozen and os.environ.get("RAYON_NUM_THREADS") == threads
+    worker = ("import gc, os; from preprocessing.runner import setup_worker_process; "
+              "setup_worker_process(3, launcher_pid=-1); "
+              "print(gc.get_freeze_count() > 0, os.environ['RAYON_NUM_THREADS'], os.environ['TOKENIZERS_PARALLELISM'])")
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "3", "true"]
+
+
+def test_command_line_entry_freezes_the_heap_after_the_run():
+    entry = ("import gc; from preprocessing.runner import main_entry; "
+             "main_entry(lambda argv: print(gc.get_freeze_count() == 0), []); print(gc.get_freeze_count() > 0)")
+    done = subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]
+
+
+def test_local_runs_start_one_worker_per_core_by_default():
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    def workers(args, threads):
+        return make_pipeline(args, threads)._options.view_as(DirectOptions).direct_num_workers
+
+    assert workers([], 1) == os.cpu_count()
+    assert workers([], 2) == max(1, os.cpu_count() // 2)
+    assert workers(["--direct_num_workers", "5"], 1) == 5
 
 
 def record(payload, name="x.jsonl", fmt="jsonl") -> RawRecord:
