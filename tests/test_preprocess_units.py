@@ -1,8 +1,9 @@
 """The pure parts of preprocessing: sentence splitting, normalization, greedy packing, shard tables, record
-parsing, worker-process settings."""
+parsing, worker-process settings, and the benchmark's second input."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import random
 import subprocess
@@ -135,6 +136,20 @@ def test_local_runs_start_one_worker_per_core_by_default():
     assert workers([], 1) == os.cpu_count()
     assert workers([], 2) == max(1, os.cpu_count() // 2)
     assert workers(["--direct_num_workers", "5"], 1) == 5
+
+
+def test_benchmark_recut_input_keeps_every_paragraph_in_reverse_book_order(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from preprocess import RECUT_BYTES, write_recut
+
+    books = [json.dumps({"text": "\n\n".join(f"Book {b} paragraph {p}. " * 40 for p in range(300))}).encode() + b"\n"
+             for b in range(3)]
+    write_recut(books, tmp_path / "recut.jsonl")
+    documents = [json.loads(line)["text"] for line in (tmp_path / "recut.jsonl").read_text().splitlines()]
+    expected = [p for book in reversed(books) for p in json.loads(book)["text"].split("\n\n")]
+    assert [p for d in documents for p in d.split("\n\n")] == expected
+    sizes = [len(d.encode()) for d in documents]
+    assert len(documents) > 3 and max(sizes[:-1]) <= RECUT_BYTES[1] + 2000 and min(sizes[:-1]) >= RECUT_BYTES[0]
 
 
 def record(payload, name="x.jsonl", fmt="jsonl") -> RawRecord:
