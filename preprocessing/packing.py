@@ -35,6 +35,30 @@ class PackedDocument:
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
+    def __reduce__(self):
+        """Pickle compactly: Beam's coders pickle each document from the tokenizing worker to the runner and
+        on to the shard writer, and the writer waits for every byte. Token ids go as uint16 when they fit,
+        word starts as bits, uniform BoW weights not at all (recomputed bit for bit): about 2.5 bytes per
+        token instead of 9, the same arrays after unpickling."""
+        ids_type = np.uint16 if self.input_ids.max(initial=0) <= np.iinfo(np.uint16).max else np.int32
+        uniform = np.array_equal(self.bow_weights, _uniform_weights(self.bow_lengths))
+        return _unpickle_document, (
+            self.key, self.doc_id, self.block_lengths, self.input_ids.astype(ids_type), np.packbits(self.word_starts),
+            self.bow_lengths, self.bow_ids.astype(ids_type), None if uniform else self.bow_weights,
+        )
+
+
+def _uniform_weights(bow_lengths: np.ndarray) -> np.ndarray:
+    return np.repeat((1.0 / bow_lengths).astype(np.float32), bow_lengths)
+
+
+def _unpickle_document(key, doc_id, block_lengths, input_ids, word_start_bits, bow_lengths, bow_ids, bow_weights):
+    return PackedDocument(
+        key, doc_id, block_lengths, input_ids.astype(np.int32),
+        np.unpackbits(word_start_bits, count=len(input_ids)).astype(bool), bow_lengths, bow_ids.astype(np.int32),
+        _uniform_weights(bow_lengths) if bow_weights is None else bow_weights,
+    )
+
 
 def pack_sentences(
     lengths: Sequence[int], limit: int, short_seq_prob: float, rng: random.Random

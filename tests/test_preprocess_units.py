@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -107,6 +108,22 @@ def test_shard_rows_equal_a_block_by_block_reference(weighting, short_seq_prob):
                               "bow_weights": bow_weights.tolist()})
     assert blocks_table(documents).to_pylist() == reference
     assert blocks_table([]).num_rows == 0
+
+
+@pytest.mark.parametrize("weighting, vocabulary", [("uniform", 30522), ("tf", 30522), ("uniform", 250002)])
+def test_packed_documents_pickle_compactly_and_come_back_equal(weighting, vocabulary):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocabulary, size=700).astype(np.int32)
+    ids[:40] = 7  # repeated tokens: tf weights differ from uniform ones
+    document = pack_document((2, 9), "d", ids, rng.random(700) < 0.6, [70] * 10, 64, 0.0, random.Random(0), weighting)
+    data = pickle.dumps(document)
+    back = pickle.loads(data)
+    for name in ("block_lengths", "input_ids", "word_starts", "bow_lengths", "bow_ids", "bow_weights"):
+        original, restored = getattr(document, name), getattr(back, name)
+        assert restored.dtype == original.dtype and np.array_equal(restored, original), name
+    assert (back.key, back.doc_id) == ((2, 9), "d")
+    plain = sum(getattr(document, n).nbytes for n in ("input_ids", "word_starts", "bow_ids", "bow_weights"))
+    assert len(data) < plain * (0.75 if vocabulary > 65535 or weighting == "tf" else 0.45)
 
 
 def test_worker_process_settings_apply_only_outside_the_launcher():
