@@ -35,9 +35,11 @@ from preprocessing.records import (
     DEAD_LETTER_TAG, ParseRecords, ReadRecords, RecordError, RecordSpec, WriteDeadLetters, dead_letter,
     decode_line, expand_inputs, json_object,
 )
-from preprocessing.runner import GatherAll, Progress, log_summary, main_entry, make_pipeline, parse_config
+from preprocessing.runner import (
+    GatherAll, Progress, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
+)
 from preprocessing.shards import list_array, prepare_output_dir, read_manifest, write_arrow, write_manifest
-from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ class FinetuneDataConfig:
     passage_max_length: int = field(default=144, metadata={"help": "document tokens kept (no special tokens)"})
     tokenize_batch_size: int = field(default=1024, metadata={"help": "texts per tokenizer call"})
     tokenizer_threads: int = field(
-        default=2,
-        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"},
+        default=1,
+        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none; local runs start cores / this "
+                          "workers: a third of the work is Python, which only more processes spread over the cores)"},
     )
     overwrite: bool = field(default=False, metadata={"help": "replace the outputs of an earlier run in output_dir"})
 
@@ -79,7 +82,7 @@ class TokenizeTexts(beam.DoFn):
         self.tokens = Metrics.counter("preprocessing", "tokens")
 
     def setup(self):
-        set_worker_threads(self.threads, self.launcher_pid)
+        setup_worker_process(self.threads, self.launcher_pid)
         self.encoder = BatchEncoder(self.serialized_tokenizer, self.max_length)
         self.progress = Progress("finetune_data")
 

@@ -7,9 +7,10 @@ Read (JSONL, plain text, Parquet; any Beam filesystem) -> normalize -> split sen
 batches -> pack consecutive sentences of a document into blocks of at most max_seq_length - 2 tokens ->
 BoW target per block -> Arrow IPC shards + manifest.json (common.shard_format). Without --runner it runs
 on the DirectRunner in multi-processing mode over all local cores (cores / --tokenizer_threads worker
-processes, each tokenizing with --tokenizer_threads Rust threads); every Beam option passes through.
-Output bytes do not depend on the runner: each block is keyed by (file, line, block index), documents go
-to shards by a hash of that key, and each shard is sorted by it before writing.
+processes, each tokenizing with --tokenizer_threads Rust threads; by default one process per core);
+every Beam option passes through. Output bytes do not depend on the runner: each document is keyed by
+(file, line), goes to a shard by a hash of that key with all its blocks in one element, and each shard
+is sorted by it before writing.
 """
 from __future__ import annotations
 
@@ -28,18 +29,20 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
-from common.shard_format import Manifest
+from common.shard_format import Manifest, shard_name
 from common.tokenizer import load_tokenizer, vocab_hash
-from preprocessing.packing import BOW_WEIGHTINGS, make_blocks
+from preprocessing.packing import BOW_WEIGHTINGS, pack_document
 from preprocessing.records import (
     DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
 )
-from preprocessing.runner import Progress, log_summary, main_entry, make_pipeline, parse_config
+from preprocessing.runner import (
+    Progress, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
+)
 from preprocessing.shards import (
-    WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest,
+    WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest, write_shard,
 )
 from preprocessing.text import split_sentences
-from preprocessing.tokenize import BatchEncoder, set_worker_threads, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, tokenizer_json
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +80,9 @@ class PretrainDataConfig:
     num_shards: int = field(default=0, metadata={"help": "exact shard count (0: from --shard_size_mb)"})
     tokenize_batch_sentences: int = field(default=4096, metadata={"help": "sentences per tokenizer call"})
     tokenizer_threads: int = field(
-        default=2,
-        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none)"},
+        default=1,
+        metadata={"help": "Rust tokenizer threads per Beam worker process (1: none; local runs start cores / this "
+                          "workers: a third of the work is Python, which only more processes spread over the cores)"},
     )
     seed: int = field(
         default=42,
@@ -98,7 +102,7 @@ class PretrainDataConfig:
 
 
 class TokenizeAndPack(beam.DoFn):
-    """Documents -> (shard, Block); tokenizes the sentences of many documents per tokenizer call."""
+    """Documents -> (shard, PackedDocument); tokenizes the sentences of many documents per tokenizer call."""
 
     def __init__(self, serialized_tokenizer: str, config: PretrainDataConfig, num_shards: int):
         self.serialized_tokenizer = serialized_tokenizer
@@ -108,7 +112,7 @@ class TokenizeAndPack(beam.DoFn):
         self.counters = {n: Metrics.counter("preprocessing", n) for n in ("documents", "blocks", "tokens", "sentences")}
 
     def setup(self):
-        set_worker_threads(self.config.tokenizer_threads, self.launcher_pid)
+        setup_worker_process(self.config.tokenizer_threads, self.launcher_pid)
         self.encoder = BatchEncoder(self.serialized_tokenizer)
         self.progress = Progress("pretrain_data")
 
@@ -142,13 +146,12 @@ class TokenizeAndPack(beam.DoFn):
                 yield dead_letter(document.file, document.key[1], "no_tokens", detail, document.text)
                 continue
             rng = random.Random(f"{cfg.seed}:{name}")
-            blocks = make_blocks(document.key, document.doc_id, enc.input_ids, enc.word_starts, enc.sentence_lengths,
-                                 cfg.max_seq_length - 2, cfg.short_seq_prob, rng, cfg.bow_weighting)
-            shard = shard_of(name, self.num_shards)
-            for block in blocks:
-                yield shard, block
-            documents, tokens = documents + 1, tokens + len(enc.input_ids)
-            self.counters["blocks"].inc(len(blocks))
+            packed = pack_document(document.key, document.doc_id, enc.input_ids, enc.word_starts,
+                                   enc.sentence_lengths, cfg.max_seq_length - 2, cfg.short_seq_prob, rng,
+                                   cfg.bow_weighting)
+            yield shard_of(name, self.num_shards), packed
+            documents, tokens = documents + 1, tokens + packed.num_tokens
+            self.counters["blocks"].inc(len(packed.block_lengths))
             self.counters["sentences"].inc(len(enc.sentence_lengths))
         self.counters["documents"].inc(documents)
         self.counters["tokens"].inc(tokens)
@@ -156,14 +159,19 @@ class TokenizeAndPack(beam.DoFn):
 
 
 class WritePretrainManifest(beam.DoFn):
-    """Runs once, after every shard and the dead-letter file exist: sums their stats into manifest.json."""
+    """Runs once, after every shard and the dead-letter file exist: writes the shards no document went to
+    (empty, so the folder always holds num_shards files) and sums all stats into manifest.json."""
 
-    def __init__(self, output_dir: str, manifest_fields: dict):
+    def __init__(self, output_dir: str, num_shards: int, manifest_fields: dict):
         self.output_dir = output_dir
+        self.num_shards = num_shards
         self.manifest_fields = manifest_fields
 
-    def process(self, all_stats, dead_letter_reasons):
-        stats = sorted(all_stats, key=lambda s: s.info.file)
+    def process(self, written_stats, dead_letter_reasons):
+        written = {s.info.file for s in written_stats}
+        empty = [write_shard(self.output_dir, i, self.num_shards, []) for i in range(self.num_shards)
+                 if shard_name(i, self.num_shards) not in written]
+        stats = sorted([*written_stats, *empty], key=lambda s: s.info.file)
         counts = {
             "documents": sum(s.documents for s in stats),
             "blocks": sum(s.info.rows for s in stats),
@@ -190,11 +198,9 @@ def build_pipeline(
     )
     packed = parsed.documents | "TokenizeAndPack" >> beam.ParDo(
         TokenizeAndPack(tokenizer_json(tokenizer), cfg, num_shards)
-    ).with_outputs(DEAD_LETTER_TAG, main="blocks")
-    every_shard = pipeline | "ShardIndices" >> beam.Create([(i, None) for i in range(num_shards)])
+    ).with_outputs(DEAD_LETTER_TAG, main="documents")
     shard_stats = (
-        (packed.blocks, every_shard)
-        | "FlattenBlocks" >> beam.Flatten()
+        packed.documents
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteShard(cfg.output_dir, num_shards))
     )
@@ -204,11 +210,11 @@ def build_pipeline(
         "tokenizer": cfg.tokenizer, "vocab_hash": vocab_hash(tokenizer), "max_seq_length": cfg.max_seq_length,
         "options": {**asdict(cfg), "pipeline_args": list(pipeline_args), "num_shards": num_shards},
     }
+    manifest_writer = WritePretrainManifest(cfg.output_dir, num_shards, manifest_fields)
     _ = (
         shard_stats
         | "CollectShardStats" >> beam.combiners.ToList()
-        | "WriteManifest"
-        >> beam.ParDo(WritePretrainManifest(cfg.output_dir, manifest_fields), beam.pvalue.AsSingleton(reasons))
+        | "WriteManifest" >> beam.ParDo(manifest_writer, beam.pvalue.AsSingleton(reasons))
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ def main_entry(run, argv: Sequence[str] | None) -> None:
         run(argv)
     except (TokenizerError, PreflightError) as exc:
         sys.exit(f"error: {exc}")
+    gc.freeze()  # the process exits next: spare the interpreter's final collections over torch's and Beam's heap
 
 
 def parse_config(cls, argv: Sequence[str] | None, description: str):
@@ -87,6 +89,22 @@ def make_pipeline(pipeline_args: Sequence[str], threads_per_worker: int) -> beam
         args += ["--direct_num_workers", str(max(1, (os.cpu_count() or 1) // threads_per_worker))]
     options = PipelineOptions(args)
     return beam.Pipeline(runner=_local_runner(options), options=options)
+
+
+def setup_worker_process(threads: int, launcher_pid: int) -> None:
+    """Once per Beam worker process (a DoFn's setup): `threads` Rust tokenizer threads (1: none), and the
+    heap built so far (Beam, our modules, the tokenizer) moved out of the garbage collector's reach.
+
+    make_pipeline runs cores // threads local workers, so tokenizer threads and Beam workers share the
+    cores instead of both claiming all of them. Frozen objects are skipped by every later collection and by
+    the interpreter's collections at exit, which otherwise walk that heap again when the worker stops.
+    Only done in a separate worker process (before its first encode, when the thread pool starts): an
+    in-process run must not change its host's environment or garbage collector.
+    """
+    if os.getpid() != launcher_pid:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        gc.freeze()
 
 
 class GatherAll(beam.PTransform):

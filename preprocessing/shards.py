@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from common.shard_format import MANIFEST_NAME, PRETRAIN_SCHEMA, Manifest, ShardInfo, shard_name
-from preprocessing.packing import Block
+from preprocessing.packing import PackedDocument
 from preprocessing.records import DEAD_LETTER_FILE
 from preprocessing.runner import PreflightError
 
@@ -56,21 +56,33 @@ def shard_of(doc_name: str, num_shards: int) -> int:
     return int.from_bytes(digest, "little") % num_shards
 
 
-def list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    """A list<value_type> Arrow array from numpy arrays without per-row Python conversion."""
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
+def ragged_list_array(row_lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """A list<value_type> Arrow array from flat values and each row's length, without per-row Python work."""
+    offsets = np.zeros(len(row_lengths) + 1, dtype=np.int32)
+    np.cumsum(row_lengths, out=offsets[1:])
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def blocks_table(blocks: Sequence[Block]) -> pa.Table:
+def list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    """A list<value_type> Arrow array with one row per numpy array."""
+    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
+    return ragged_list_array(lengths, _concatenate(arrays), value_type)
+
+
+def _concatenate(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+
+
+def blocks_table(documents: Sequence[PackedDocument]) -> pa.Table:
+    """One row per block of `documents`, in their order."""
+    rows = _concatenate([d.block_lengths for d in documents])
+    bow_rows = _concatenate([d.bow_lengths for d in documents])
     columns = [
-        pa.array([b.doc_id for b in blocks], type=pa.string()),
-        list_array([b.input_ids for b in blocks], pa.int32()),
-        list_array([b.word_starts for b in blocks], pa.bool_()),
-        list_array([b.bow_ids for b in blocks], pa.int32()),
-        list_array([b.bow_weights for b in blocks], pa.float32()),
+        pa.array([d.doc_id for d in documents for _ in range(len(d.block_lengths))], type=pa.string()),
+        ragged_list_array(rows, _concatenate([d.input_ids for d in documents]), pa.int32()),
+        ragged_list_array(rows, _concatenate([d.word_starts for d in documents]), pa.bool_()),
+        ragged_list_array(bow_rows, _concatenate([d.bow_ids for d in documents]), pa.int32()),
+        ragged_list_array(bow_rows, _concatenate([d.bow_weights for d in documents]), pa.float32()),
     ]
     return pa.Table.from_arrays(columns, schema=PRETRAIN_SCHEMA)
 
@@ -93,20 +105,25 @@ class ShardStats:
     tokens: int
 
 
+def write_shard(output_dir: str, index: int, num_shards: int, documents: Iterable[PackedDocument]) -> ShardStats:
+    """One shard file, documents sorted by (file, line): the same bytes on any runner and worker count."""
+    documents = sorted(documents, key=lambda d: d.key)
+    name = shard_name(index, num_shards)
+    table = blocks_table(documents)
+    sha = write_arrow(FileSystems.join(output_dir, name), table)
+    return ShardStats(ShardInfo(name, table.num_rows, sha), len(documents), sum(d.num_tokens for d in documents))
+
+
 class WriteShard(beam.DoFn):
-    """(shard index, blocks) -> the shard file, rows sorted by (file, line, block): the same bytes on any runner."""
+    """(shard index, packed documents) -> the shard file and its ShardStats."""
 
     def __init__(self, output_dir: str, num_shards: int):
         self.output_dir = output_dir
         self.num_shards = num_shards
 
     def process(self, keyed):
-        index, blocks = keyed
-        blocks = sorted((b for b in blocks if b is not None), key=lambda b: b.key)
-        name = shard_name(index, self.num_shards)
-        sha = write_arrow(FileSystems.join(self.output_dir, name), blocks_table(blocks))
-        documents = len({b.key[:2] for b in blocks})
-        yield ShardStats(ShardInfo(name, len(blocks), sha), documents, sum(len(b.input_ids) for b in blocks))
+        index, documents = keyed
+        yield write_shard(self.output_dir, index, self.num_shards, documents)
 
 
 def read_manifest(output_dir: str) -> Manifest:

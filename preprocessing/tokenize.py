@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,18 +26,6 @@ class EncodedDocument:
     input_ids: np.ndarray  # int32, all sentences concatenated
     word_starts: np.ndarray  # bool, True where a token begins a word (always at a sentence's first token)
     sentence_lengths: list[int]
-
-
-def set_worker_threads(threads: int, launcher_pid: int) -> None:
-    """Give each Beam worker process `threads` Rust tokenizer threads (1: none).
-
-    make_pipeline runs cores // threads local workers, so tokenizer threads and Beam workers share the
-    cores instead of both claiming all of them. Only done in a separate worker process (before its first
-    encode, when the thread pool starts): an in-process run must not change its host's environment.
-    """
-    if os.getpid() != launcher_pid:
-        os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-        os.environ["RAYON_NUM_THREADS"] = str(threads)
 
 
 def continuation_table(serialized: str, tokenizer) -> np.ndarray | None:

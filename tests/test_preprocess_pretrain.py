@@ -174,6 +174,15 @@ def test_shards_from_texts_with_tf_weighting(tmp_path):
         assert row["bow_weights"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_shards_no_document_went_to_are_written_empty(tmp_path):
+    manifest = pretrain_data.shards_from_texts(["A single short document."], tmp_path / "few", "--num_shards", "3")
+    assert [s.file for s in manifest.shards] == [f"shard-0000{i}-of-00003.arrow" for i in range(3)]
+    assert sorted(s.rows for s in manifest.shards) == [0, 0, 1] and manifest.counts["blocks"] == 1
+    for shard in manifest.shards:
+        assert hashlib.sha256((tmp_path / "few" / shard.file).read_bytes()).hexdigest() == shard.sha256
+    assert len(read_rows(tmp_path / "few", manifest)) == 1
+
+
 def test_errors_before_any_work(inputs, tmp_path, capsys):
     output = tmp_path / "never"
     with pytest.raises(TokenizerError):

@@ -1,14 +1,22 @@
-"""The pure parts of preprocessing: sentence splitting, normalization, greedy packing, record parsing."""
+"""The pure parts of preprocessing: sentence splitting, normalization, greedy packing, shard tables, record
+parsing, worker-process settings, and the benchmark's second input."""
 from __future__ import annotations
 
+import gc
+import json
+import os
+import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from preprocessing.packing import pack_sentences, word_starts_of
+from preprocessing.packing import bow_target, pack_document, pack_sentences, word_starts_of
 from preprocessing.records import InputError, InputFile, expand_inputs, RawRecord, RecordError, RecordSpec, parse_record
-from preprocessing.shards import OutputDirError, prepare_output_dir
+from preprocessing.runner import make_pipeline, setup_worker_process
+from preprocessing.shards import OutputDirError, blocks_table, prepare_output_dir
 from preprocessing.text import normalize, split_sentences
 
 
@@ -78,6 +86,87 @@ def test_word_starts_restart_at_every_sentence():
     word_ids = np.array([0, 0, 1, 0, 1, 1, 0, 0], dtype=np.int32)  # sentences of 3, 3 and 2 tokens
     expected = [True, False, True, True, True, False, True, False]
     assert word_starts_of(word_ids, np.array([0, 3, 6])).tolist() == expected
+
+
+@pytest.mark.parametrize("weighting, short_seq_prob", [("uniform", 0.0), ("tf", 0.5)])
+def test_shard_rows_equal_a_block_by_block_reference(weighting, short_seq_prob):
+    """pack_document + blocks_table (whole documents, column by column) against slicing every block."""
+    rng = np.random.default_rng(0)
+    documents, reference = [], []
+    for line in range(4):
+        lengths = rng.integers(0, 30, size=rng.integers(1, 12)).tolist() + [5]
+        ids = rng.integers(0, 50, size=sum(lengths)).astype(np.int32)
+        starts = rng.random(len(ids)) < 0.7
+        documents.append(pack_document((0, line), f"d{line}", ids, starts, lengths, 16, short_seq_prob,
+                                       random.Random(line), weighting))
+        for start, end in pack_sentences(lengths, 16, short_seq_prob, random.Random(line)):
+            block_starts = starts[start:end].copy()
+            block_starts[0] = True
+            bow_ids, bow_weights = bow_target(ids[start:end], weighting)
+            reference.append({"doc_id": f"d{line}", "input_ids": ids[start:end].tolist(),
+                              "word_starts": block_starts.tolist(), "bow_ids": bow_ids.tolist(),
+                              "bow_weights": bow_weights.tolist()})
+    assert blocks_table(documents).to_pylist() == reference
+    assert blocks_table([]).num_rows == 0
+
+
+@pytest.mark.parametrize("weighting, vocabulary", [("uniform", 30522), ("tf", 30522), ("uniform", 250002)])
+def test_packed_documents_pickle_compactly_and_come_back_equal(weighting, vocabulary):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, vocabulary, size=700).astype(np.int32)
+    ids[:40] = 7  # repeated tokens: tf weights differ from uniform ones
+    document = pack_document((2, 9), "d", ids, rng.random(700) < 0.6, [70] * 10, 64, 0.0, random.Random(0), weighting)
+    data = pickle.dumps(document)
+    back = pickle.loads(data)
+    for name in ("block_lengths", "input_ids", "word_starts", "bow_lengths", "bow_ids", "bow_weights"):
+        original, restored = getattr(document, name), getattr(back, name)
+        assert restored.dtype == original.dtype and np.array_equal(restored, original), name
+    assert (back.key, back.doc_id) == ((2, 9), "d")
+    plain = sum(getattr(document, n).nbytes for n in ("input_ids", "word_starts", "bow_ids", "bow_weights"))
+    assert len(data) < plain * (0.75 if vocabulary > 65535 or weighting == "tf" else 0.45)
+
+
+def test_worker_process_settings_apply_only_outside_the_launcher():
+    frozen, threads = gc.get_freeze_count(), os.environ.get("RAYON_NUM_THREADS")
+    setup_worker_process(3, launcher_pid=os.getpid())  # an in-process run: nothing changes
+    assert gc.get_freeze_count() == frozen and os.environ.get("RAYON_NUM_THREADS") == threads
+    worker = ("import gc, os; from preprocessing.runner import setup_worker_process; "
+              "setup_worker_process(3, launcher_pid=-1); "
+              "print(gc.get_freeze_count() > 0, os.environ['RAYON_NUM_THREADS'], os.environ['TOKENIZERS_PARALLELISM'])")
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "3", "true"]
+
+
+def test_command_line_entry_freezes_the_heap_after_the_run():
+    entry = ("import gc; from preprocessing.runner import main_entry; "
+             "main_entry(lambda argv: print(gc.get_freeze_count() == 0), []); print(gc.get_freeze_count() > 0)")
+    done = subprocess.run([sys.executable, "-c", entry], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", "True"]
+
+
+def test_local_runs_start_one_worker_per_core_by_default():
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    def workers(args, threads):
+        return make_pipeline(args, threads)._options.view_as(DirectOptions).direct_num_workers
+
+    assert workers([], 1) == os.cpu_count()
+    assert workers([], 2) == max(1, os.cpu_count() // 2)
+    assert workers(["--direct_num_workers", "5"], 1) == 5
+
+
+def test_benchmark_recut_input_keeps_every_paragraph_in_reverse_book_order(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from preprocess import RECUT_BYTES, write_recut
+
+    books = [json.dumps({"text": "\n\n".join(f"Book {b} paragraph {p}. " * 40 for p in range(300))}).encode() + b"\n"
+             for b in range(3)]
+    write_recut(books, tmp_path / "recut.jsonl")
+    documents = [json.loads(line)["text"] for line in (tmp_path / "recut.jsonl").read_text().splitlines()]
+    expected = [p for book in reversed(books) for p in json.loads(book)["text"].split("\n\n")]
+    assert [p for d in documents for p in d.split("\n\n")] == expected
+    sizes = [len(d.encode()) for d in documents]
+    assert len(documents) > 3 and max(sizes[:-1]) <= RECUT_BYTES[1] + 2000 and min(sizes[:-1]) >= RECUT_BYTES[0]
 
 
 def record(payload, name="x.jsonl", fmt="jsonl") -> RawRecord:
