@@ -148,9 +148,9 @@ def main() -> None:
 
     args.model_name_or_path = resolve_model(args.model_name_or_path)  # one path for both Pythons
     baselines = ["official", "full_logits"] if args.official_src else ["full_logits"]
+    fallback_note = "no --official_src: the baseline is the re-implementation benchmarks/full_logits.py"
     if not args.official_src:
-        print("pretrain_step: no --official_src, so the baseline is the re-implementation benchmarks/full_logits.py",
-              file=sys.stderr)
+        print(f"pretrain_step: {fallback_note}", file=sys.stderr)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     baseline_env = {**env, **parse_env(args.baseline_env)}
     runs: dict[str, list[dict]] = {variant: [] for variant in (*OURS, *baselines)}
@@ -174,6 +174,8 @@ def main() -> None:
               "device": args.device}
     if args.baseline_env:
         common["baseline_env"] = parse_env(args.baseline_env)
+    if not args.official_src:
+        common["note"] = fallback_note
     memory = "peak_rss" if args.device == "cpu" else "peak_allocated"
     figures = (("time_per_step", "s", "sec_per_step", 1.0), ("cpu_time_per_step", "CPU s", "cpu_sec_per_step", 1.0),
                (memory, "MiB", "peak_bytes", 2**-20))
