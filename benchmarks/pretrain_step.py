@@ -45,7 +45,7 @@ BOW_WEIGHT = 1.0
 
 
 def build_variant(args: argparse.Namespace, batches: list[dict]):
-    """(module, its batches, output -> loss) for args.variant; ours configures the allocator first."""
+    """(module, the batches in its format, module output -> loss) for args.variant."""
     import torch
 
     torch.manual_seed(0)
