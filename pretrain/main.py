@@ -21,6 +21,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not this folder's modules
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from common.host_allocator import configure_host_allocator
+
+configure_host_allocator()  # before torch's first allocation, which reads the setting
+
 import torch.distributed
 from transformers import set_seed
 
