@@ -42,6 +42,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_dir: str | None = _arg(None, "folder of pre-training Arrow shards with a manifest.json (preprocessing output)")
+    verify_shards: bool = _arg(True, "hash every shard against manifest.json before the first step, split across "
+                                     "ranks, once per output_dir (--no_verify_shards: size and schema only)")
 
     def __post_init__(self):
         if not self.data_dir:

@@ -32,6 +32,7 @@ from pretrain.checkpoint import read_latest
 from pretrain.collator import DupMAECollator
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.modeling import DupMAEModel
+from pretrain.shard_integrity import verify_shards
 from pretrain.trainer import Trainer, build_engine
 
 logger = logging.getLogger("pretrain.main")
@@ -50,6 +51,8 @@ def build(argv: list[str] | None):
     if training.resume is None and read_latest(checkpoints):
         raise ConfigError(f"{checkpoints} holds a run: pass --resume auto to continue it, or another --output_dir")
     rank, _, world_size = init_distributed()
+    if args.data.verify_shards:
+        verify_shards(args.data.data_dir, shards.manifest, training.output_dir, rank=rank, world_size=world_size)
     loader = RankBatchLoader(shards, batch_size=training.per_device_train_batch_size, rank=rank,
                              world_size=world_size, seed=training.seed)
     total_steps = training.total_steps(loader.batches_per_epoch / training.gradient_accumulation_steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,9 @@ from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
 from pretrain.checkpoint import Checkpointer, resolve_resume
 from pretrain.trainer import lr_factor
-from test_pretrain_data import make_texts, write_shards
+from common.shard_format import shard_name
+from pretrain.shard_integrity import VERIFIED_FILE
+from test_pretrain_data import change_one_byte, make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -67,12 +70,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def launch(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> str:
-    """Run the launcher to completion; return its combined output (asserting exit 0)."""
+def run(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> tuple[int, str]:
+    """Run the launcher to completion: (exit code, combined output)."""
     done = subprocess.run(_command(shard_dir, out, *extra, launcher=launcher), cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
+    return done.returncode, done.stdout + done.stderr
+
+
+def launch(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> str:
+    """Run the launcher to completion; return its combined output (asserting exit 0)."""
+    code, log = run(shard_dir, out, *extra, launcher=launcher)
+    assert code == 0, log[-4000:]
     return log
 
 
@@ -88,7 +96,7 @@ def straight(tmp_path_factory, shard_dir) -> Path:
 
 
 @pytest.mark.slow
-def test_two_rank_zero2_run_finishes_and_logs(straight):
+def test_two_rank_zero2_run_finishes_and_logs(straight, shard_dir):
     records = metrics(straight)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for record in records:
@@ -99,6 +107,7 @@ def test_two_rank_zero2_run_finishes_and_logs(straight):
     # warm-up ceil(0.1 * 4) = 1 step, then linear decay to 0 at step 4 (lr logged is the one each step used)
     assert [r["lr"] for r in records] == pytest.approx([1e-4 * f for f in (1, 1, 2 / 3, 1 / 3)])
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((straight / VERIFIED_FILE).read_text())["data_dir"] == str(shard_dir.resolve())
     checkpoints = straight / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000004"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004"]  # --save_total_limit 1
@@ -118,6 +127,7 @@ def test_stop_and_resume_logs_the_same_steps(tmp_path, shard_dir, straight):
     assert not (out / "export").exists()
     log = launch(shard_dir, out, "--resume", "auto", "--gradient_checkpointing", launcher="torchrun")
     assert "resumed from" in log and "step-00000002" in log
+    assert "shards verified earlier" in log  # hashed once, by the first half
     resumed, reference = metrics(out), metrics(straight)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicates after resume
     for ours, theirs in zip(resumed, reference):
@@ -173,6 +183,20 @@ def test_sigusr1_on_one_rank_stops_both_at_the_same_step(tmp_path, shard_dir):
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
     assert len(list((out / "checkpoints" / f"step-{step:08d}").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     assert not (out / "export").exists()
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_stops_every_rank_before_training(tmp_path, shard_dir):
+    data = tmp_path / "data"
+    shutil.copytree(shard_dir, data)
+    change_one_byte(data / shard_name(1, 3))  # hashed by rank 1 of 2
+    out = tmp_path / "out"
+    code, log = run(data, out)
+    assert code != 0
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert errors and all(f"{data / shard_name(1, 3)}: sha256" in line for line in errors), log[-4000:]
+    assert len(errors) == 2  # one line per rank, the same finding
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints" / "latest").exists()
 
 
 def test_config_file_then_flags(tmp_path):
