@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from common.nonfinite import check_finite_weights
+
 logger = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -65,6 +67,7 @@ class Checkpointer:
 
     def save(self, engine, step: int, train_state: dict) -> Path:
         tag = tag_for(step)
+        check_finite_weights(engine.module, f"checkpoint {self.dir / tag}", engine.device)
         engine.save_checkpoint(str(self.dir), tag=tag, client_state={"train_state": train_state}, save_latest=False)
         if dist.is_initialized():
             dist.barrier()  # every rank's shard is on disk before `latest` moves

@@ -9,7 +9,9 @@
 
 Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/, export/ (the encoder
 for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or
-preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data.
+preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data; exit 3
+with one error line after --max_consecutive_nonfinite skipped steps in a row, or before a checkpoint would
+hold a NaN/inf weight.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.distributed
 from transformers import set_seed
 
 from common.distributed import init_distributed
+from common.nonfinite import NonFiniteError, require_skipping_engine
 from common.logging_setup import setup_logging
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
@@ -62,6 +65,7 @@ def build(argv: list[str] | None):
     model = DupMAEModel.from_pretrained(model_args.model_name_or_path, args.loss, model_args.config_overrides,
                                         model_args.model_config)
     engine = build_engine(model, training, world_size, total_steps)
+    require_skipping_engine(engine, training.deepspeed)
     trainer = Trainer(engine, DupMAECollator.from_tokenizer(tokenizer, args.collator), loader, training,
                       rank=rank, world_size=world_size, total_steps=total_steps)
     trainer.resume()
@@ -75,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # ConfigError, DataError, TokenizerError and model config errors
         logger.error("%s", exc)
         return 2
-    if trainer.train() == "finished":
+    try:
+        outcome = trainer.train()
+    except NonFiniteError as exc:  # the same step on every rank; every checkpoint on disk is finite
+        logger.error("%s", exc)
+        return 3
+    if outcome == "finished":
         trainer.export(model, tokenizer, os.path.join(trainer.args.output_dir, "export"))
     torch.distributed.destroy_process_group()
     return 0

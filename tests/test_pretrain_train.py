@@ -18,15 +18,18 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
+from common.nonfinite import NonFiniteError
 from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
 from pretrain.checkpoint import Checkpointer, resolve_resume
 from pretrain.trainer import lr_factor
-from common.shard_format import shard_name
-from pretrain.shard_integrity import VERIFIED_FILE
+from common.shard_format import PRETRAIN_SCHEMA, Manifest, shard_name
+from pretrain.data import PretrainShards, RankBatchLoader
+from pretrain.shard_integrity import VERIFIED_FILE, file_sha256
 from test_pretrain_data import change_one_byte, make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,6 +202,76 @@ def test_a_corrupt_shard_stops_every_rank_before_training(tmp_path, shard_dir):
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints" / "latest").exists()
 
 
+def poison(source: Path, target: Path, rows: list[int]) -> Path:
+    """A copy of the shards in which these rows (global indices, manifest order) have a NaN BoW weight: blocks
+    that pass every check (the manifest carries the new sha256) and give a NaN loss on the rank reading them."""
+    manifest = Manifest.read(source)
+    target.mkdir()
+    start = 0
+    for info in manifest.shards:
+        table = pa.ipc.open_file(str(source / info.file)).read_all().to_pylist()
+        for row in rows:
+            if start <= row < start + info.rows:
+                table[row - start]["bow_weights"][0] = math.nan
+        with pa.ipc.new_file(str(target / info.file), PRETRAIN_SCHEMA) as writer:
+            writer.write_table(pa.Table.from_pylist(table, schema=PRETRAIN_SCHEMA))
+        info.sha256 = file_sha256(target / info.file)
+        start += info.rows
+    manifest.write(target)
+    return target
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_skips_the_step_on_both_and_a_run_of_them_stops(tmp_path, shard_dir):
+    """NaN blocks in rank 1's batch of step 2, rank 0's of step 5 and rank 1's of step 6; at most 2 in a row."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    def first_row(rank: int, step: int) -> int:  # the loader's own arithmetic: micro-batches 2(step - 1), +1
+        loader = RankBatchLoader(PretrainShards(shard_dir), batch_size=2, rank=rank, world_size=2, seed=42)
+        return int(loader.batch_indices(2 * (step - 1))[0])
+
+    data = poison(shard_dir, tmp_path / "data", [first_row(1, 2), first_row(0, 5), first_row(1, 6)])
+    out = tmp_path / "out"
+    code, log = run(data, out, "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "100",
+                    "--max_consecutive_nonfinite", "2")
+    assert code == 3, log[-4000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1, 2, 3]
+    assert [math.isfinite(r["loss"]) for r in records] == [True, False, True, True, False, False]
+    assert all(math.isfinite(r["grad_norm"]) == math.isfinite(r["loss"]) for r in records)
+    assert "step 2: non-finite loss; optimizer step skipped on every rank (1 in a row, 1 in all)" in log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 2 and all("stopping at step 6: 2 optimizer steps in a row" in e for e in errors)
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000005"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{s:08d}" for s in range(1, 6)]
+    assert not (out / "export").exists()
+    # step 2 changed neither rank's partition (fp32 masters, AdamW step and moments); step 3 changed both
+    assert same_partitions(checkpoints / "step-00000001", checkpoints / "step-00000002") == [True, True]
+    assert same_partitions(checkpoints / "step-00000002", checkpoints / "step-00000003") == [False, False]
+    assert all(torch.isfinite(w).all() for w in get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoints), tag="step-00000005").values())
+
+
+def same_partitions(a: Path, b: Path) -> list[bool]:
+    """Per rank: whether two ZeRO checkpoints hold the same optimizer partition (fp32 master weights, and AdamW's
+    step count and moments)."""
+    def partitions(folder: Path) -> list[dict]:
+        files = sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+        return [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+
+    same = []
+    for x, y in zip(partitions(a), partitions(b), strict=True):
+        masters = all(torch.equal(p, q) for p, q in zip(x["single_partition_of_fp32_groups"],
+                                                         y["single_partition_of_fp32_groups"], strict=True))
+        moments = [x["base_optimizer_state"]["state"], y["base_optimizer_state"]["state"]]
+        assert moments[0].keys() == moments[1].keys() != set()
+        same.append(masters and all(torch.equal(v, moments[1][k][n]) for k, s in moments[0].items()
+                                    for n, v in s.items()))
+    return same
+
+
 def test_config_file_then_flags(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data_dir: /data\noutput_dir: /out\nlearning_rate: 0.0003\nmax_steps: 7\nbow_weight: 0.1\n")
@@ -268,8 +341,11 @@ def test_bad_data_and_vocab_mismatch_fail_before_training(tmp_path, shard_dir, t
 class _FakeEngine:
     """Writes what DeepSpeed writes (a tag folder); can fail half-way like a crash mid-save."""
 
+    device = torch.device("cpu")
+
     def __init__(self, fail_at: int | None = None):
         self.fail_at = fail_at
+        self.module = torch.nn.Linear(2, 2)
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # `latest` is ours, written atomically after every rank finished
@@ -287,6 +363,13 @@ def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_pa
     assert sorted(p.name for p in checkpointer.dir.glob("step-*")) == ["step-00000004", "step-00000006"]
     with pytest.raises(OSError):
         checkpointer.save(_FakeEngine(fail_at=8), 8, {"step": 8})
+    assert (checkpointer.dir / "latest").read_text() == "step-00000006"
+    poisoned = _FakeEngine()
+    with torch.no_grad():
+        poisoned.module.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError, match="not writing checkpoint .*step-00000010: weight's weights hold NaN"):
+        checkpointer.save(poisoned, 10, {"step": 10})
+    assert not (checkpointer.dir / "step-00000010").exists()
     assert (checkpointer.dir / "latest").read_text() == "step-00000006"
     assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00000006")
     one = checkpointer.dir / "step-00000004"
