@@ -44,7 +44,9 @@ class FinetuneConfig:
     logging_steps: int = arg(10, "log loss / accuracy / lr every N optimizer steps")
     save_steps: int = arg(500, "checkpoint every N optimizer steps (and at the end)")
     seed: int = arg(42, "seeds model dropout, the query order and the negatives drawn each epoch")
-    resume_from_checkpoint: str | None = arg(None, "a checkpoint folder (output_dir/checkpoints/step-N) to resume")
+    resume_from_checkpoint: str | None = arg(
+        None, "'auto': output_dir/checkpoints/latest if present (else start fresh); or a checkpoint folder "
+              "(output_dir/checkpoints/step-N)")
     max_consecutive_nonfinite: int = arg(20, "stop (exit 3) after this many optimizer steps in a row skipped for a "
                                              "NaN/inf loss or gradient norm")
     local_rank: int = arg(-1, "set by the deepspeed launcher")

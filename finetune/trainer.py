@@ -1,5 +1,6 @@
 """The DeepSpeed training loop: batches from `GroupSampler`, metrics (metrics.jsonl + TensorBoard), checkpoints
-that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every rank's RNG), and the export."""
+that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every rank's RNG, behind the crash-safe
+`latest` of `common.checkpoint`), and the export."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, check_finite_weights, \
-    require_skipping_engine
+from common.checkpoint import Checkpointer, resolve_resume
+from common.metrics_log import keep_steps_up_to
+from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, require_skipping_engine
 from finetune.config import FinetuneConfig
 from finetune.data import Collator, FinetuneData, GroupSampler
 from finetune.model import BiEncoder
@@ -84,13 +86,16 @@ class Trainer:
         require_skipping_engine(self.engine, cfg.deepspeed)
         self.guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
         self.position = (0, 0)  # (epoch, next micro-batch in it)
-        if cfg.resume_from_checkpoint:
-            self._load(Path(cfg.resume_from_checkpoint))
+        self.checkpointer = Checkpointer(self.out / CHECKPOINTS, save_total_limit=None, rank=self.rank)
+        found = resolve_resume(cfg.resume_from_checkpoint, self.checkpointer.dir, "--resume_from_checkpoint")
+        if found is not None:
+            self._load(*found)
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "runs"))
+            keep_steps_up_to(self.out / METRICS, self.engine.global_steps)  # steps logged past the checkpoint
+            self.writer = SummaryWriter(str(self.out / "runs"), purge_step=self.engine.global_steps + 1)
 
     def train(self) -> Path | None:
         """Train to total_steps; returns the export folder on rank 0 (None elsewhere)."""
@@ -153,36 +158,25 @@ class Trainer:
                     accuracy, record["lr"])
 
     def _save(self, step: int) -> None:
-        """DeepSpeed state + data position (client state) + this rank's RNG states (one file per rank)."""
-        tag = f"step-{step}"
-        check_finite_weights(self.engine.module, f"checkpoint {tag}", self.engine.device)
+        """DeepSpeed state + data position and skip count (train state) + this rank's RNG states (its own file)."""
         epoch, micro = self.position
-        self.engine.save_checkpoint(str(self.out / CHECKPOINTS), tag=tag,
-                                    client_state={"epoch": epoch, "micro_step": micro, "world_size": self.world_size,
-                                                  "nonfinite": self.guard.state_dict()})
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, self.out / CHECKPOINTS / tag / f"rng-rank{self.rank}.pt")
-        dist.barrier()
+        self.checkpointer.save(self.engine, step, {"epoch": epoch, "micro_step": micro, "world_size": self.world_size,
+                                                   "nonfinite": self.guard.state_dict()}, rank_state=rng)
 
-    def _load(self, folder: Path) -> None:
-        rng_file = folder / f"rng-rank{self.rank}.pt"
-        if not rng_file.is_file():
-            raise FileNotFoundError(f"{rng_file}: not a fine-tuning checkpoint of this world size "
-                                    f"({self.world_size} ranks)")
-        path, state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
-        if path is None:
-            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint there")
+    def _load(self, load_dir: Path, tag: str) -> None:
+        rng = self.checkpointer.load_rank_state(load_dir, tag)
+        state = self.checkpointer.load(self.engine, load_dir, tag)
         if state["world_size"] != self.world_size:
-            raise ValueError(f"{folder} was written by {state['world_size']} ranks; resume needs the same number "
-                             f"(now {self.world_size}) for the same batches")
+            raise ValueError(f"{load_dir / tag} was written by {state['world_size']} ranks; resume needs the same "
+                             f"number (now {self.world_size}) for the same batches")
         self.position = (state["epoch"], state["micro_step"])
-        self.guard.load_state_dict(state.get("nonfinite", self.guard.state_dict()))
-        rng = torch.load(rng_file, weights_only=False)
+        self.guard.load_state_dict(state["nonfinite"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, self.engine.global_steps,
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", load_dir / tag, self.engine.global_steps,
                     *self.position)

@@ -31,7 +31,7 @@ from common.nonfinite import NonFiniteError, require_skipping_engine
 from common.logging_setup import setup_logging
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
-from pretrain.checkpoint import read_latest
+from common.checkpoint import read_latest
 from pretrain.collator import DupMAECollator
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.modeling import DupMAEModel

@@ -22,7 +22,7 @@ from torch import nn
 
 from common.nonfinite import NonFiniteGuard, backward_loss
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config
-from pretrain.checkpoint import Checkpointer, resolve_resume, tag_for
+from common.checkpoint import Checkpointer, resolve_resume, tag_for
 from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
 

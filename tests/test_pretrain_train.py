@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,14 +23,14 @@ import pyarrow as pa
 import pytest
 import torch
 
+from common.checkpoint import Checkpointer, read_latest, resolve_resume
 from common.nonfinite import NonFiniteError
+from common.shard_format import PRETRAIN_SCHEMA, Manifest, shard_name
 from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
-from pretrain.checkpoint import Checkpointer, resolve_resume
-from pretrain.trainer import lr_factor
-from common.shard_format import PRETRAIN_SCHEMA, Manifest, shard_name
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.shard_integrity import VERIFIED_FILE, file_sha256
+from pretrain.trainer import lr_factor
 from test_pretrain_data import change_one_byte, make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,107 @@ def test_export_loads_with_automodel_and_keeps_fp32_master_weights(straight, tok
     # bf16 training: the exported weights are the fp32 masters, not the bf16 working copies
     weight = encoder.embeddings.word_embeddings.weight
     assert not torch.equal(weight, weight.bfloat16().float())
+
+
+class Crash:
+    """Hard crashes at chosen points of a real multi-rank run, with no hook in the code under test.
+
+    A FIFO stands in for one file the run writes: opening it for writing blocks until the test opens it for
+    reading, as a hung filesystem blocks a write. So the test decides where a rank stalls, then SIGKILLs a
+    rank there, as an OOM kill or a lost node would: nothing runs on the way out (no handler, no atexit),
+    and the launcher kills the other ranks."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        with open(log, "w") as handle:  # a file, not a pipe: an undrained pipe would stall the run itself
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+    def read_fifo_until(self, fifo: Path, step: int, timeout: float = 240) -> str:
+        """The lines rank 0 logs through the FIFO metrics.jsonl (each log opens it, writes a line, closes it),
+        up to `step`'s; the test then stops reading, so rank 0 blocks when it logs the next step."""
+        lines: list[str] = []
+
+        def read() -> None:
+            while not lines or json.loads(lines[-1])["step"] < step:
+                with open(fifo) as handle:  # blocks until rank 0 opens it to log a step
+                    lines.extend(handle.read().splitlines())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        assert not reader.is_alive(), f"no step {step} logged:\n{self.log.read_text()[-4000:]}"
+        return "".join(line + "\n" for line in lines)
+
+    def wait_for(self, path: Path, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not path.exists():
+            assert self.process.poll() is None and time.time() < deadline, self.log.read_text()[-4000:]
+            time.sleep(0.05)
+
+    def kill_rank(self, rank: int, timeout: float = 120) -> None:
+        import psutil
+
+        workers = psutil.Process(self.process.pid).children(recursive=True)
+        next(p for p in workers if p.environ().get("RANK") == str(rank)).send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout) != 0
+
+
+def stall(path: Path) -> None:
+    """Make `path` a FIFO: the run's write of it blocks (see Crash)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+
+
+def kill_between_checkpoints(command: list[str], env: dict[str, str], out: Path) -> None:
+    """A run of 4 steps with checkpoints at 2 and 4, killed after step 4's optimizer step, before its checkpoint.
+
+    metrics.jsonl is a FIFO: the test reads steps 1-3, so rank 0 blocks logging step 4 and rank 1 waits for it in
+    the checkpoint's first collective. SIGKILL rank 1. The lines read then go to a plain metrics.jsonl, as rank 0
+    wrote them."""
+    stall(out / "metrics.jsonl")
+    crash = Crash(command, env, out.parent / f"{out.name}-killed-between.log")
+    lines = crash.read_fifo_until(out / "metrics.jsonl", 3)
+    crash.kill_rank(1)
+    checkpoints = out / "checkpoints"
+    assert read_latest(checkpoints) == "step-00000002" and not (checkpoints / "step-00000004").exists()
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").write_text(lines)
+
+
+def kill_during_checkpoint_write(command: list[str], env: dict[str, str], out: Path) -> None:
+    """The same run resumed from checkpoint 2, killed while it writes checkpoint 4.
+
+    Rank 1's optimizer file of checkpoint 4 is a FIFO: rank 0 writes its files, rank 1 blocks in its write.
+    SIGKILL rank 1. A half-written file then takes the FIFO's place, as a killed write leaves one."""
+    checkpoints = out / "checkpoints"
+    names = {rank: next((checkpoints / "step-00000002").glob(f"*zero_pp_rank_{rank}_*optim_states.pt")).name
+             for rank in (0, 1)}
+    stall(checkpoints / "step-00000004" / names[1])
+    crash = Crash(command, env, out.parent / f"{out.name}-killed-writing.log")
+    crash.wait_for(checkpoints / "step-00000004" / names[0])
+    crash.kill_rank(1)
+    assert "resumed from" in crash.log.read_text() and read_latest(checkpoints) == "step-00000002"
+    half = (checkpoints / "step-00000004" / names[0]).read_bytes()
+    (checkpoints / "step-00000004" / names[1]).unlink()
+    (checkpoints / "step-00000004" / names[1]).write_bytes(half[: len(half) // 2])
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_and_during_a_checkpoint_write_then_resume_auto(tmp_path, shard_dir, straight):
+    """The reference run again, killed with SIGKILL between checkpoints and then during a checkpoint write (see
+    kill_between_checkpoints, kill_during_checkpoint_write), each time resumed with `--resume auto` as a
+    requeued job is: the last run continues from checkpoint 2 and logs the very same per-step numbers as the
+    uninterrupted run."""
+    out = tmp_path / "out"
+    kill_between_checkpoints(_command(shard_dir, out, "--resume", "auto"), _env(), out)
+    kill_during_checkpoint_write(_command(shard_dir, out, "--resume", "auto"), _env(), out)
+    log = launch(shard_dir, out, "--resume", "auto")
+    assert "resumed from" in log and "step-00000002" in log
+    resumed, reference = metrics(out), metrics(straight)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for ours, theirs in zip(resumed, reference):
+        assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}, ours["step"]
+    assert read_latest(out / "checkpoints") == "step-00000004" and (out / "export").is_dir()
 
 
 @pytest.mark.slow
@@ -378,6 +480,8 @@ def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_pa
     assert resolve_resume("auto", tmp_path / "fresh") is None and resolve_resume(None, checkpointer.dir) is None
     with pytest.raises(FileNotFoundError, match="--resume /nowhere"):
         resolve_resume("/nowhere", checkpointer.dir)
+    with pytest.raises(FileNotFoundError, match="step-00000008: an incomplete checkpoint"):  # the failed save
+        resolve_resume(str(checkpointer.dir / "step-00000008"), checkpointer.dir)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
