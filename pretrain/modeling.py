@@ -47,7 +47,8 @@ class DupMAEConfig:
     bow_weight: float = field(
         default=1.0, metadata={"help": "weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)"})
     bow_include_masked: bool = field(
-        default=False, metadata={"help": "max-pool over encoder-masked tokens too (official code) or not (paper)"})
+        default=False, metadata={"help": "BoW max-pool over all ordinary tokens, encoder-masked ones too (the official "
+                                         "code also pools [SEP]); default: the unmasked ones only (paper)"})
     vocab_chunk_size: int = field(
         default=4096, metadata={"help": "vocabulary columns scored at once in the OT max-pool"})
     ce_chunk_size: int = field(
