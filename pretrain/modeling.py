@@ -58,7 +58,7 @@ class DupMAEConfig:
                                         "map for backward (GPU: SDPA either way); false: HF's SDPA attention"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute encoder layers and the decoder in backward: about a fifth less "
-                                         "peak memory for about 16% more time per step"})
+                                         "peak memory for about 16 percent more time per step"})
 
     def __post_init__(self) -> None:
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):

@@ -374,6 +374,15 @@ def same_partitions(a: Path, b: Path) -> list[bool]:
     return same
 
 
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse formats help with %: a bare % in a help text breaks -h
+        parse_args(["-h"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{name}" in text for name in ("max_consecutive_nonfinite", "no_verify_shards", "bow_include_masked",
+                                                 "gradient_checkpointing"))
+
+
 def test_config_file_then_flags(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("data_dir: /data\noutput_dir: /out\nlearning_rate: 0.0003\nmax_steps: 7\nbow_weight: 0.1\n")
