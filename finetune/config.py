@@ -51,7 +51,11 @@ class FinetuneConfig:
     logging_steps: int = arg(10, "log loss / accuracy / lr every N optimizer steps")
     save_steps: int = arg(500, "checkpoint every N optimizer steps (and at the end)")
     seed: int = arg(42, "seeds model dropout, the query order and the negatives drawn each epoch")
-    resume_from_checkpoint: str | None = arg(None, "a checkpoint folder (output_dir/checkpoints/step-N) to resume")
+    resume_from_checkpoint: str | None = arg(
+        None, "'auto': output_dir/checkpoints/latest if present (else start fresh); or a checkpoint folder "
+              "(output_dir/checkpoints/step-N)")
+    max_consecutive_nonfinite: int = arg(20, "stop (exit 3) after this many optimizer steps in a row skipped for a "
+                                             "NaN/inf loss or gradient norm")
     local_rank: int = arg(-1, "set by the deepspeed launcher")
 
     def __post_init__(self) -> None:
@@ -62,7 +66,7 @@ class FinetuneConfig:
         if not self.deepspeed:
             raise ValueError("--deepspeed is required (e.g. ds_configs/finetune_cpu.json)")
         for name in ("train_group_size", "query_max_length", "passage_max_length", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps"):
+                     "gradient_accumulation_steps", "logging_steps", "save_steps", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if min(self.query_max_length, self.passage_max_length) < 3:

@@ -5,6 +5,8 @@ Launch (GPUs):  deepspeed finetune/main.py --deepspeed ds_configs/finetune_zero2
                     --negatives negs.jsonl --train_group_size 8 --cross_device_negatives --output_dir ft_out
 CPU, one process:  python finetune/main.py --deepspeed ds_configs/finetune_cpu.json ...  (gloo backend)
 Writes output_dir/{model/ (export), checkpoints/step-N/, metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl}.
+Exit 3 with one error line after --max_consecutive_nonfinite optimizer steps in a row were skipped for a NaN/inf
+loss or gradient norm, or before a checkpoint would hold a NaN/inf weight.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ import numpy as np
 import torch
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     from common.distributed import init_distributed
     from common.logging_setup import setup_logging
+    from common.nonfinite import NonFiniteError
     from common.tokenizer import load_tokenizer
     from finetune.config import FinetuneConfig
     from finetune.data import DeadLetter, load_finetune_data
@@ -43,9 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = BiEncoder.from_config(cfg)
-    Trainer(cfg, model, tokenizer, data).train()
+    try:
+        Trainer(cfg, model, tokenizer, data).train()
+    except NonFiniteError as exc:  # the same step on every rank; every checkpoint on disk is finite
+        logger.error("%s", exc)
+        return 3
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The DeepSpeed training loop: batches from `GroupSampler`, metrics (metrics.jsonl + TensorBoard), checkpoints
-that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every rank's RNG), and the export."""
+that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every rank's RNG, behind the crash-safe
+`latest` of `common.checkpoint`), and the export."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -13,6 +15,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common.checkpoint import Checkpointer, resolve_resume
+from common.metrics_log import keep_steps_up_to
+from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, require_skipping_engine
 from finetune.config import FinetuneConfig
 from finetune.data import Collator, FinetuneData, GroupSampler
 from finetune.model import BiEncoder
@@ -78,14 +83,19 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
                                                config=deepspeed_config(cfg, self.world_size, self.total_steps))
+        require_skipping_engine(self.engine, cfg.deepspeed)
+        self.guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
         self.position = (0, 0)  # (epoch, next micro-batch in it)
-        if cfg.resume_from_checkpoint:
-            self._load(Path(cfg.resume_from_checkpoint))
+        self.checkpointer = Checkpointer(self.out / CHECKPOINTS, save_total_limit=None, rank=self.rank)
+        found = resolve_resume(cfg.resume_from_checkpoint, self.checkpointer.dir, "--resume_from_checkpoint")
+        if found is not None:
+            self._load(*found)
         self.writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "runs"))
+            keep_steps_up_to(self.out / METRICS, self.engine.global_steps)  # steps logged past the checkpoint
+            self.writer = SummaryWriter(str(self.out / "runs"), purge_step=self.engine.global_steps + 1)
 
     def train(self) -> Path | None:
         """Train to total_steps; returns the export folder on rank 0 (None elsewhere)."""
@@ -95,6 +105,7 @@ class Trainer:
         start = time.time()
         bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc="fine-tune", disable=self.rank != 0)
         epoch, step = self.position
+        finite = True  # every loss of this optimizer step on this rank
         while engine.global_steps < self.total_steps:
             if step == self.sampler.steps_per_epoch:
                 epoch, step = epoch + 1, 0
@@ -102,19 +113,23 @@ class Trainer:
             query, passage = self.collator([self.data.queries[q] for q, _ in batch],
                                            [self.data.corpus[p] for _, ids in batch for p in ids])
             output = engine(*({k: v.to(engine.device) for k, v in part.items()} for part in (query, passage)))
-            engine.backward(output.loss)
+            engine.backward(backward_loss(output.loss))  # a NaN/inf loss makes the engine skip the step
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             step += 1
             sums += torch.tensor([output.loss.item(), output.accuracy.item(), output.learning.item(), 1.0])
+            finite = finite and math.isfinite(output.loss.item())
             if not boundary:
                 continue
             bar.update(1)
             self.position = (epoch, step)
             global_step = engine.global_steps
-            if global_step % cfg.logging_steps == 0 or global_step == self.total_steps:
+            skipped = self.guard.after_step(engine, global_step, all_ranks_finite(finite, engine.device))
+            finite = True
+            if global_step % cfg.logging_steps == 0 or global_step == self.total_steps or skipped:
                 self._log(global_step, epoch, sums, time.time() - start)
                 sums.zero_()
+            self.guard.stop_if_exhausted(global_step)
             if global_step % cfg.save_steps == 0 or global_step == self.total_steps:
                 self._save(global_step)
         bar.close()
@@ -134,7 +149,7 @@ class Trainer:
         if self.rank != 0:
             return
         record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy, "learning_queries": learning,
-                  "lr": self.engine.get_lr()[0], "seconds": round(seconds, 2)}
+                  "lr": self.engine.get_lr()[0], "skipped_steps": self.guard.skipped, "seconds": round(seconds, 2)}
         with open(self.out / METRICS, "a") as out:
             out.write(json.dumps(record) + "\n")
         for name in ("loss", "accuracy", "learning_queries", "lr"):
@@ -143,33 +158,25 @@ class Trainer:
                     self.total_steps, epoch, loss, accuracy, learning, record["lr"])
 
     def _save(self, step: int) -> None:
-        """DeepSpeed state + data position (client state) + this rank's RNG states (one file per rank)."""
-        tag = f"step-{step}"
+        """DeepSpeed state + data position and skip count (train state) + this rank's RNG states (its own file)."""
         epoch, micro = self.position
-        self.engine.save_checkpoint(str(self.out / CHECKPOINTS), tag=tag,
-                                    client_state={"epoch": epoch, "micro_step": micro, "world_size": self.world_size})
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, self.out / CHECKPOINTS / tag / f"rng-rank{self.rank}.pt")
-        dist.barrier()
+        self.checkpointer.save(self.engine, step, {"epoch": epoch, "micro_step": micro, "world_size": self.world_size,
+                                                   "nonfinite": self.guard.state_dict()}, rank_state=rng)
 
-    def _load(self, folder: Path) -> None:
-        rng_file = folder / f"rng-rank{self.rank}.pt"
-        if not rng_file.is_file():
-            raise FileNotFoundError(f"{rng_file}: not a fine-tuning checkpoint of this world size "
-                                    f"({self.world_size} ranks)")
-        path, state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
-        if path is None:
-            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint there")
+    def _load(self, load_dir: Path, tag: str) -> None:
+        rng = self.checkpointer.load_rank_state(load_dir, tag)
+        state = self.checkpointer.load(self.engine, load_dir, tag)
         if state["world_size"] != self.world_size:
-            raise ValueError(f"{folder} was written by {state['world_size']} ranks; resume needs the same number "
-                             f"(now {self.world_size}) for the same batches")
+            raise ValueError(f"{load_dir / tag} was written by {state['world_size']} ranks; resume needs the same "
+                             f"number (now {self.world_size}) for the same batches")
         self.position = (state["epoch"], state["micro_step"])
-        rng = torch.load(rng_file, weights_only=False)
+        self.guard.load_state_dict(state["nonfinite"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
-        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", folder, self.engine.global_steps,
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", load_dir / tag, self.engine.global_steps,
                     *self.position)

@@ -43,6 +43,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_dir: str | None = _arg(None, "folder of pre-training Arrow shards with a manifest.json (preprocessing output)")
+    verify_shards: bool = _arg(True, "hash every shard against manifest.json before the first step, split across "
+                                     "ranks, once per output_dir (--no_verify_shards: size and schema only)")
 
     def __post_init__(self):
         if not self.data_dir:
@@ -81,13 +83,17 @@ class TrainingArguments:
     fp16: bool = _arg(False, "fp16 mixed precision (fills fp16.enabled when the DeepSpeed JSON says auto)")
     resume: str | None = _arg(None, "'auto': continue from OUT/checkpoints/latest if present; or a checkpoint folder")
     stop_at_step: int | None = _arg(None, "checkpoint and exit at this step without changing the --max_steps schedule")
+    max_consecutive_nonfinite: int = _arg(
+        20, "stop (exit 3) after this many optimizer steps in a row skipped for a NaN/inf loss or gradient norm "
+            "(fp16's loss-scale search at the start skips a few; they count)")
     disable_tqdm: bool = _arg(False, "no progress bar")
     local_rank: int = _arg(-1, "set by the deepspeed launcher; ranks are read from the environment")
 
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
-        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps")
+        positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                    "max_consecutive_nonfinite")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")

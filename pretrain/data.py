@@ -64,7 +64,7 @@ class PretrainShards:
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         except (OSError, pa.ArrowInvalid) as exc:
-            raise DataError(f"{path}: not an Arrow IPC file: {exc}") from None
+            raise DataError(f"{path}: not a complete Arrow IPC file (truncated or not Arrow): {exc}") from None
         for expected in PRETRAIN_SCHEMA:
             if expected.name not in table.schema.names:
                 raise DataError(f"{path}: column {expected.name!r} is missing")

@@ -6,9 +6,16 @@ The row weights w fold the loss weights and normalizers in (w_n = mlm_weight / #
 decoder_weight / #targets for decoder rows), so the encoder-MLM and decoder terms share one call and one
 fp32 ∂L/∂W accumulator. The gradient is known in the forward pass,
 ∂L/∂z_n = w_n·(softmax(z_n) − onehot(y_n)), so each chunk of rows computes its logits (fp32 for the
-softmax whatever the weights' dtype), the loss and the gradients w.r.t. h, W and b, then frees the logits; backward only scales the stored gradients by
-the incoming scalar. Peak memory is one [chunk, V] block instead of the [N, V] logits and softmax that
-autograd would keep (the idea of Liger-Kernel's fused linear cross-entropy); FLOPs are the plain path's.
+softmax whatever the weights' dtype), the loss and the gradients w.r.t. h, W and b, then frees the logits;
+backward only scales the stored gradients by the incoming scalar. Peak memory is one [chunk, V] block instead
+of the [N, V] logits and softmax that autograd would keep (the idea of Liger-Kernel's fused linear
+cross-entropy); FLOPs are the plain path's.
+
+Mixed precision: the stored gradients are formed at loss scale 1, where the per-row factor w_n / Σ_v e^{z_nv}
+is about 1e-8 (w_n = 1/#rows, a near-flat softmax over 30k words), below fp16's smallest subnormal. So they
+are kept in fp32 (∂L/∂h [N, H] and ∂L/∂W, ∂L/∂b), multiplied by the incoming loss scale in fp32, and only then
+cast to the model's dtype; the half-precision ∂L/∂W product runs on row factors brought near fp16's top by a
+power of two (exact), never on the raw factors.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         per_row = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)  # CE_n
         correct = torch.empty(n_rows, dtype=torch.bool, device=hidden.device)
         if with_grad:
-            grad_hidden = torch.empty_like(hidden)  # [N, H]
+            accumulate = torch.promote_types(weight.dtype, torch.float32)  # fp32 for bf16/fp16 models
+            grad_hidden = torch.empty(hidden.shape, dtype=accumulate, device=hidden.device)  # [N, H]
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # [V, H]
             grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)  # [V]
         for start in range(0, n_rows, chunk_size):
@@ -41,14 +49,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if with_grad:
                 # w·(probs / total − onehot): the scaling and the one-hot part are applied to the small [n, H]
                 # and [V] operands instead of another pass over [n, V].
-                scale = w / total  # [n]
-                g = probs.to(weight.dtype)  # [n, V]
-                onehot_part = w[:, None].to(weight.dtype) * weight[y]  # [n, H]
-                grad_hidden[rows] = (g @ weight) * scale[:, None].to(weight.dtype) - onehot_part
+                scale = w / total  # [n] fp32, ~1e-8: never cast to the model's dtype
+                g = probs.to(weight.dtype)  # [n, V], entries in [0, 1]
+                onehot_part = w[:, None] * weight[y].to(accumulate)  # [n, H]
+                grad_hidden[rows] = (g @ weight).to(accumulate) * scale[:, None] - onehot_part
                 if g.dtype == torch.float32:
                     grad_weight.addmm_(g.T, h * scale[:, None])
                 else:  # bf16/fp16 product, accumulated in fp32 across chunks
-                    grad_weight += (g.T @ (h * scale[:, None].to(h.dtype))).float()
+                    grad_weight += _half_product(g, h, scale)
                 grad_weight.index_add_(0, y, h.float() * w[:, None], alpha=-1.0)
                 grad_bias += scale @ probs
                 grad_bias.index_add_(0, y, w, alpha=-1.0)
@@ -66,11 +74,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy does not support a second backward through the same graph")
         ctx.used = True
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss.float()
-        grad_h = grad_hidden.mul_(scale.to(grad_hidden.dtype))
+        scale = grad_loss.float()  # the loss scale (2^16 under fp16) multiplies in fp32, then the cast
+        grad_h = grad_hidden.mul_(scale).to(ctx.dtype)
         grad_w = grad_weight.mul_(scale).to(ctx.dtype)
         grad_b = grad_bias.mul_(scale).to(ctx.dtype) if ctx.has_bias else None
         return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _half_product(g: Tensor, h: Tensor, scale: Tensor) -> Tensor:
+    """gᵀ (scale ⊙ h) in fp32 from a half-precision product: g [n, V] in [0, 1], h [n, H], scale [n] fp32.
+
+    The rows h_n·scale_n are multiplied by a power of two c (exact) so that their largest entry is at most
+    2^15 / n: no sum of n products with g ≤ 1 can pass fp16's 65504, and entries down to ~n·2^-29 of the
+    largest stay normal numbers (a near-flat softmax row is ~1/V of a peaked one). The result is divided by c.
+    """
+    rows = h.float() * scale[:, None]  # [n, H]
+    exponent = 15 - torch.ceil(torch.log2(h.shape[0] * rows.abs().max()))  # +inf for all-zero rows
+    c = torch.exp2(exponent.clamp(-126, 126))
+    return (g.T @ (rows * c).to(h.dtype)).float() / c  # [V, H]
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,

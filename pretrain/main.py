@@ -9,7 +9,9 @@
 
 Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/, export/ (the encoder
 for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or
-preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data.
+preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data; exit 3
+with one error line after --max_consecutive_nonfinite skipped steps in a row, or before a checkpoint would
+hold a NaN/inf weight.
 """
 from __future__ import annotations
 
@@ -29,14 +31,16 @@ import torch.distributed
 from transformers import set_seed
 
 from common.distributed import init_distributed
+from common.nonfinite import NonFiniteError, require_skipping_engine
 from common.logging_setup import setup_logging
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
-from pretrain.checkpoint import read_latest
+from common.checkpoint import read_latest
 from pretrain.collator import DupMAECollator
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.modeling import DupMAEModel
 from pretrain.retrieval_probe import RetrievalProbe
+from pretrain.shard_integrity import verify_shards
 from pretrain.trainer import Trainer, build_engine
 
 logger = logging.getLogger("pretrain.main")
@@ -55,6 +59,8 @@ def build(argv: list[str] | None):
     if training.resume is None and read_latest(checkpoints):
         raise ConfigError(f"{checkpoints} holds a run: pass --resume auto to continue it, or another --output_dir")
     rank, _, world_size = init_distributed()
+    if args.data.verify_shards:
+        verify_shards(args.data.data_dir, shards.manifest, training.output_dir, rank=rank, world_size=world_size)
     loader = RankBatchLoader(shards, batch_size=training.per_device_train_batch_size, rank=rank,
                              world_size=world_size, seed=training.seed)
     total_steps = training.total_steps(loader.batches_per_epoch / training.gradient_accumulation_steps)
@@ -64,6 +70,7 @@ def build(argv: list[str] | None):
     model = DupMAEModel.from_pretrained(model_args.model_name_or_path, args.loss, model_args.config_overrides,
                                         model_args.model_config)
     engine = build_engine(model, training, world_size, total_steps)
+    require_skipping_engine(engine, training.deepspeed)
     probe = None
     if args.probe.eval_dataset and rank == 0:
         probe = RetrievalProbe(args.probe, tokenizer, model.representation, seed=training.seed)
@@ -80,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # ConfigError, DataError, TokenizerError and model config errors
         logger.error("%s", exc)
         return 2
-    if trainer.train() == "finished":
+    try:
+        outcome = trainer.train()
+    except NonFiniteError as exc:  # the same step on every rank; every checkpoint on disk is finite
+        logger.error("%s", exc)
+        return 3
+    if outcome == "finished":
         trainer.export(model, tokenizer, os.path.join(trainer.args.output_dir, "export"))
     torch.distributed.destroy_process_group()
     return 0

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.metrics_log import keep_steps_up_to
+
 logger = logging.getLogger(__name__)
 
 #: Fields of the model's output dataclass that are averaged over micro-batches and ranks.
@@ -62,21 +64,13 @@ class MetricsWriter:
         self.bar = None
         if not enabled:
             return
-        self._truncate(resume_step)
+        keep_steps_up_to(self.path, resume_step)  # a crash may have logged steps past the checkpoint
         from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
         self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step + 1)
         self.bar = tqdm(total=total_steps, initial=resume_step, desc="pre-training", unit="step",
                         dynamic_ncols=True, disable=disable_tqdm)
-
-    def _truncate(self, resume_step: int) -> None:
-        """Keep only the lines at or before the step we resume from (a crash may have logged later ones)."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

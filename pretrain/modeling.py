@@ -50,7 +50,8 @@ class DupMAEConfig:
     bow_weight: float = field(
         default=1.0, metadata={"help": "weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)"})
     bow_include_masked: bool = field(
-        default=False, metadata={"help": "max-pool over encoder-masked tokens too (official code) or not (paper)"})
+        default=False, metadata={"help": "BoW max-pool over all ordinary tokens, encoder-masked ones too (the official "
+                                         "code also pools [SEP]); default: the unmasked ones only (paper)"})
     vocab_chunk_size: int = field(
         default=4096, metadata={"help": "vocabulary columns scored at once in the OT max-pool"})
     ce_chunk_size: int = field(
@@ -60,7 +61,7 @@ class DupMAEConfig:
                                         "map for backward (GPU: SDPA either way); false: HF's SDPA attention"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute encoder layers and the decoder in backward: about a fifth less "
-                                         "peak memory for about 16% more time per step"})
+                                         "peak memory for about 16 percent more time per step"})
 
     def __post_init__(self) -> None:
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.nonfinite import NonFiniteGuard, backward_loss
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config
-from pretrain.checkpoint import Checkpointer, resolve_resume, tag_for
+from common.checkpoint import Checkpointer, resolve_resume, tag_for
 from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
 from pretrain.retrieval_probe import RetrievalProbe
@@ -123,6 +124,7 @@ class Trainer:
         self.probe = probe  # rank 0 only (None elsewhere): zero-shot retrieval every --eval_steps
         self.rank, self.world_size, self.total_steps = rank, world_size, total_steps
         self.step = 0
+        self.guard = NonFiniteGuard(args.max_consecutive_nonfinite)
         self.checkpointer = Checkpointer(os.path.join(args.output_dir, "checkpoints"),
                                          save_total_limit=args.save_total_limit, rank=rank)
 
@@ -142,10 +144,11 @@ class Trainer:
                            self.total_steps)
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
+        self.guard.load_state_dict(state.get("nonfinite", self.guard.state_dict()))
 
     def _train_state(self) -> dict:
         return {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world_size,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "nonfinite": self.guard.state_dict()}
 
     def _make_batch(self, micro: int) -> dict[str, torch.Tensor]:
         """Micro-batch `micro` of this rank, masks drawn from (seed, rank, micro): runs in the prefetch thread."""
@@ -161,7 +164,7 @@ class Trainer:
         self.engine.module.encoder_frozen = self.step < self.args.freeze_encoder_steps
         batch = {key: value.to(self.engine.device, non_blocking=True) for key, value in batch.items()}
         output = self.engine(**batch)
-        self.engine.backward(output.loss)
+        self.engine.backward(backward_loss(output.loss))  # a NaN/inf loss makes the engine skip the step
         self.engine.step()  # DeepSpeed steps the optimizer and scheduler only at the accumulation boundary
         self.loader.consumed(micro)
         reducer.add(output, batch["attention_mask"])
@@ -186,15 +189,18 @@ class Trainer:
                 self._micro_step(batches, reducer)
             self.step += 1
             values, preempted = reducer.reduce(flag.raised is not None, self.engine.device)
+            skipped = self.guard.after_step(self.engine, self.step, math.isfinite(values["loss"]))
             window_samples, window_tokens = window_samples + values.pop("samples"), window_tokens + values.pop("tokens")
             writer.advance()
-            if self.step % self.args.logging_steps == 0 or self.step == stop_at or preempted:
+            if self.step % self.args.logging_steps == 0 or self.step == stop_at or preempted or skipped:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 writer.log({"step": self.step, "epoch": round(self.loader.epoch(), 4), "lr": lr,
                             "encoder_lr": encoder_lr, **values,
                             "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                            "skipped_steps": self.guard.skipped,
                             "samples_per_s": window_samples / elapsed, "tokens_per_s": window_tokens / elapsed})
                 window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+            self.guard.stop_if_exhausted(self.step)
             if self.probe is not None and self.step % self.probe.config.eval_steps == 0:
                 probe_start = time.perf_counter()
                 writer.log({"step": self.step, **self.probe(self.engine.module.mlm)})

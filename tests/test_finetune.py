@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,6 +20,7 @@ from finetune.config import FinetuneConfig
 from finetune.data import Collator, DeadLetter, GroupSampler, TrainGroup, load_beir, read_negatives
 from finetune.loss import info_nce, positive_labels
 from finetune.model import BiEncoder
+from test_pretrain_train import kill_between_checkpoints, kill_during_checkpoint_write, same_partitions
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("mean", "dupmae")
@@ -297,12 +299,118 @@ def test_resume_is_exact(tiny_model, beir_dir, tmp_path):
 
     full = run(tmp_path / "full")
     assert [m["step"] for m in full] == [1, 2, 3, 4, 5] and [m["epoch"] for m in full] == [0, 0, 0, 1, 1]
-    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full/checkpoints/step-2"))
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full/checkpoints/step-00000002"))
     assert [m["step"] for m in resumed] == [3, 4, 5]
     for a, b in zip(full[2:], resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["lr"] == b["lr"]
     before = Encoder.from_pretrained(str(tmp_path / "full/model")).state_dict()
     after = Encoder.from_pretrained(str(tmp_path / "resumed/model")).state_dict()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_ranks(model: Path, data: Path, out: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """(command, environment) of the real `deepspeed` launcher with 2 CPU ranks (gloo), 2 queries of 3 passages
+    per rank, a log line per step."""
+    command = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port",
+               str(_free_port()), "finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json",
+               "--model_name_or_path", str(model), "--data_dir", str(data), "--output_dir", str(out),
+               "--train_group_size", "3", "--per_device_train_batch_size", "2", "--passage_max_length", "24",
+               "--logging_steps", "1", "--learning_rate", "1e-3", *extra]
+    return command, {**_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def launch_two_ranks(model: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    command, env = two_ranks(model, data, out, *extra)
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_skips_the_step_on_both_and_a_run_of_them_stops(tiny_model, tokenizer, beir_dir, tmp_path):
+    """A model whose embedding of one word is 1e30 (finite; its LayerNorm gives NaN) and queries holding that word:
+    a step is skipped on both ranks exactly when some rank's batch holds one (the sampler is the reference), and
+    the run stops at the second skip in a row (--max_consecutive_nonfinite 2)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import BertForMaskedLM
+
+    model = BertForMaskedLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[tokenizer.convert_tokens_to_ids("zebra")] = 1e30
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "beir"
+    shutil.copytree(beir_dir, data)
+    poisoned = {"q7", "q10"}
+    queries = [json.loads(line) for line in (data / "queries.jsonl").read_text().splitlines()]
+    (data / "queries.jsonl").write_text("".join(
+        json.dumps({**q, "text": q["text"] + " zebra" if q["_id"] in poisoned else q["text"]}) + "\n"
+        for q in queries))
+    loaded = load_beir(data, "train", None, DeadLetter(None))
+    samplers = [GroupSampler(loaded.groups, list(loaded.corpus), 3, 2, rank, 2, seed=42) for rank in (0, 1)]
+    per_epoch = samplers[0].steps_per_epoch
+    expected, in_a_row = [], 0
+    for step in range(1, 10):  # the reference: skipped iff a batch of either rank holds a poisoned query
+        batches = [s.batch(*divmod(step - 1, per_epoch)) for s in samplers]
+        expected.append(any(q in poisoned for batch in batches for q, _ in batch))
+        in_a_row = in_a_row + 1 if expected[-1] else 0
+        if in_a_row == 2:
+            break
+    assert expected == [False, True, False, True, True]  # a skip, a step, then two skips: stop at step 5
+
+    out = tmp_path / "out"
+    done = launch_two_ranks(tmp_path / "model", data, out, "--max_steps", "9", "--save_steps", "1",
+                            "--max_consecutive_nonfinite", "2")
+    log = done.stdout + done.stderr
+    assert done.returncode == 3, log[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert [not math.isfinite(r["loss"]) for r in records] == expected
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 2, 3]
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 2 and all("stopping at step 5: 2 optimizer steps in a row" in e for e in errors)
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{s:08d}" for s in range(1, 5)]
+    assert not (out / "model").exists()
+    # skipped steps change neither rank's optimizer partition (fp32 masters, AdamW step and moments)
+    for before, after, same in ((1, 2, True), (2, 3, False), (3, 4, True)):
+        assert same_partitions(checkpoints / f"step-{before:08d}", checkpoints / f"step-{after:08d}") == [same, same]
+    assert all(torch.isfinite(w).all() for w in get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoints), tag="step-00000004").values())
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_and_during_a_checkpoint_write_then_resume(tiny_model, beir_dir, tmp_path):
+    """As the pre-training test of the same name (test_pretrain_train.py): a 2-rank run of 4 steps with a checkpoint
+    every 2, killed with SIGKILL between checkpoints 2 and 4, then during the write of checkpoint 4, resumed each
+    time (an explicit --resume_from_checkpoint, then auto), logs the per-step numbers of an uninterrupted run and
+    exports the same model."""
+    options = ("--max_steps", "4", "--save_steps", "2", "--representation", "dupmae", "--top_k", "16")
+    reference = tmp_path / "reference"
+    done = launch_two_ranks(tiny_model, beir_dir, reference, *options)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    out = tmp_path / "out"
+    kill_between_checkpoints(*two_ranks(tiny_model, beir_dir, out, *options), out)
+    kill_during_checkpoint_write(*two_ranks(tiny_model, beir_dir, out, *options, "--resume_from_checkpoint",
+                                            str(out / "checkpoints" / "step-00000002")), out)
+    done = launch_two_ranks(tiny_model, beir_dir, out, *options, "--resume_from_checkpoint", "auto")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "resumed from" in log and "step-00000002" in log, log[-4000:]
+    ours, theirs = ([json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+                    for folder in (out, reference))
+    assert [m["step"] for m in ours] == [m["step"] for m in theirs] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and (a["lr"], a["epoch"]) == (b["lr"], b["epoch"])
+    before = Encoder.from_pretrained(str(reference / "model")).state_dict()
+    after = Encoder.from_pretrained(str(out / "model")).state_dict()
     for name, tensor in before.items():
         torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6, msg=name)
 

@@ -199,6 +199,44 @@ def test_bf16_model_runs_and_tracks_fp32():
     assert all(g is not None and g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
 
 
+
+#: A real run's per-row gradient factor w / Σ_v exp(z_v - max) is ~1e-8 (w = 1/#rows of a 32 × 512 batch, a
+#: near-flat softmax over BERT's 30,522 words), below fp16's smallest number. Here: the real vocabulary, and
+#: the loss weight 1/64 (exact) stands for a batch 64 times this test's ~400 rows.
+FP16_VOCAB = 30522
+FP16_TERMS = {"mlm": DupMAEConfig(1 / 64, 0.0, 0.0), "decoder": DupMAEConfig(0.0, 1 / 64, 0.0),
+              "bow": DupMAEConfig(0.0, 0.0, 1.0)}
+
+
+@pytest.mark.parametrize("loss_scale", [2.0 ** 16, 2.0 ** 15])  # DeepSpeed's first scale, and the next one
+@pytest.mark.parametrize("term", list(FP16_TERMS))
+def test_fp16_gradients_of_each_term_track_fp32(term, loss_scale):
+    """An fp16 step as DeepSpeed runs it (loss × scale, backward, grads / scale) against fp32, one loss term at
+    a time. Tolerance (relative L2 error of each gradient tensor): 2 % for MLM and decoder, and 1 % on the
+    output rows of words absent from the batch, which get only the softmax half; 10 % for BoW, whose max-pool
+    routes each word's gradient to one token and so moves it where fp16 rounding reorders near-ties (bf16
+    differs as much). The attention key biases are left out: their exact gradient is 0 (softmax is
+    shift-invariant), so fp32 holds only rounding noise there."""
+    batch = make_batch(random_rows(16, seed=6, max_len=40), max_len=42)
+    reference = tiny_model(FP16_TERMS[term], vocab_size=FP16_VOCAB).half().float()  # the same (rounded) weights
+    reference(**batch).loss.backward()
+    half = tiny_model(FP16_TERMS[term], vocab_size=FP16_VOCAB).half()
+    (half(**batch).loss * loss_scale).backward()
+    tolerance = 0.1 if term == "bow" else 0.02
+    for (name, param), ours in zip(reference.named_parameters(), half.parameters()):
+        if param.grad is None or "key.bias" in name or not param.grad.any():
+            continue
+        grad = ours.grad.float() / loss_scale
+        assert torch.isfinite(grad).all(), name
+        error = ((grad - param.grad).norm() / param.grad.norm()).item()
+        assert error < tolerance, f"{name}: {error:.3f}"
+    if term != "bow":  # the output rows of words absent from the batch get only the softmax half
+        absent = torch.ones(FP16_VOCAB, dtype=torch.bool)
+        absent[batch["input_ids"].unique()] = False
+        theirs = reference.mlm.get_output_embeddings().weight.grad[absent]
+        grad = half.mlm.get_output_embeddings().weight.grad[absent].float() / loss_scale
+        assert ((grad - theirs).norm() / theirs.norm()).item() < 0.01
+
 # -------------------------------------------------------------------------------------------- primitives
 def test_linear_cross_entropy_equals_plain():
     torch.manual_seed(0)

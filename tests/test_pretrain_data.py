@@ -6,6 +6,7 @@ preprocessing job lays them out (common.shard_format).
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pytest
 from common.shard_format import PRETRAIN_SCHEMA, Manifest, ShardInfo, shard_name
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.data import DataError, Prefetcher, PretrainShards, RankBatchLoader
+from pretrain import shard_integrity
+from pretrain.shard_integrity import VERIFIED_FILE, file_sha256, verify_shards
 
 WORDS = ("retrieval encoder decoder masked language model dense sparse vector token sentence passage query "
          "document corpus training duplex bag words representation attention layer embedding").split()
@@ -46,7 +49,7 @@ def write_shards(folder: Path, tokenizer, texts: list[str], *, num_shards: int =
         table = pa.Table.from_pylist(part, schema=PRETRAIN_SCHEMA)
         with pa.ipc.new_file(str(folder / name), PRETRAIN_SCHEMA) as writer:
             writer.write_table(table, max_chunksize=4)  # several record batches per shard
-        shards.append(ShardInfo(file=name, rows=len(part), sha256=""))
+        shards.append(ShardInfo(file=name, rows=len(part), sha256=file_sha256(folder / name)))
     Manifest(kind="pretrain", tokenizer="test", vocab_hash=hash_override or vocab_hash(tokenizer),
              max_seq_length=max_seq_length, shards=shards, counts={"blocks": len(rows)}, options={}).write(folder)
     return folder
@@ -172,6 +175,51 @@ def test_bad_data_dirs_fail_with_one_clear_line(tmp_path, shard_dir, tokenizer):
     with pytest.raises(DataError, match="shard-00000-of-00002.arrow: listed in manifest.json but missing"):
         PretrainShards(broken)
 
+
+
+def change_one_byte(path: Path) -> None:
+    """A doc id's last digit changed in place: the file still opens with the same schema and rows."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"doc1") + 3
+    data[at] = ord("7")
+    path.write_bytes(bytes(data))
+
+
+def test_a_changed_byte_fails_the_hash_and_a_truncated_shard_fails_to_open(tmp_path, tokenizer):
+    folder = write_shards(tmp_path / "data", tokenizer, make_texts(12), num_shards=3)
+    change_one_byte(folder / shard_name(1, 3))
+    shards = PretrainShards(folder)  # size, schema and rows cannot see it
+    with pytest.raises(DataError, match=r"shard-00001-of-00003.arrow: sha256 \w{16}\.\.\. differs from manifest.json's") \
+            as info:
+        verify_shards(folder, shards.manifest, tmp_path / "out", rank=0, world_size=1)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out" / VERIFIED_FILE).exists()
+    truncated = write_shards(tmp_path / "truncated", tokenizer, make_texts(12), num_shards=3)
+    path = truncated / shard_name(2, 3)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"shard-00002-of-00003.arrow: not a complete Arrow IPC file") as info:
+        PretrainShards(truncated)
+    assert "\n" not in str(info.value)
+
+
+def test_verification_is_recorded_and_redone_only_when_the_files_change(tmp_path, tokenizer, monkeypatch):
+    folder = write_shards(tmp_path / "data", tokenizer, make_texts(12), num_shards=3)
+    manifest = PretrainShards(folder).manifest
+    hashed = []
+    original = shard_integrity.file_sha256
+    monkeypatch.setattr(shard_integrity, "file_sha256", lambda path: hashed.append(path.name) or original(path))
+    verify_shards(folder, manifest, tmp_path / "out", rank=0, world_size=1)
+    assert hashed == [shard_name(i, 3) for i in range(3)]
+    verify_shards(folder, manifest, tmp_path / "out", rank=0, world_size=1)  # a resume: the record says done
+    assert len(hashed) == 3
+    stat = (folder / shard_name(0, 3)).stat()
+    os.utime(folder / shard_name(0, 3), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a copy made again
+    verify_shards(folder, manifest, tmp_path / "out", rank=0, world_size=1)
+    assert len(hashed) == 6
+    # rank 1 of 2 hashes shards 1 only (rank 0 takes 0 and 2); without a process group nothing is gathered
+    hashed.clear()
+    verify_shards(folder, manifest, tmp_path / "out2", rank=1, world_size=2)
+    assert hashed == [shard_name(1, 3)] and not (tmp_path / "out2" / VERIFIED_FILE).exists()
 
 def test_too_little_data_for_one_batch_per_rank(shard_dir):
     with pytest.raises(DataError, match="cannot fill one batch of 32 on each of 2 ranks"):

@@ -10,21 +10,28 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
+from common.checkpoint import Checkpointer, read_latest, resolve_resume
+from common.nonfinite import NonFiniteError
+from common.shard_format import PRETRAIN_SCHEMA, Manifest, shard_name
 from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
-from pretrain.checkpoint import Checkpointer, resolve_resume
+from pretrain.data import PretrainShards, RankBatchLoader
+from pretrain.shard_integrity import VERIFIED_FILE, file_sha256
 from pretrain.trainer import lr_factor
-from test_pretrain_data import make_texts, write_shards
+from test_pretrain_data import change_one_byte, make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -67,12 +74,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def launch(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> str:
-    """Run the launcher to completion; return its combined output (asserting exit 0)."""
+def run(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> tuple[int, str]:
+    """Run the launcher to completion: (exit code, combined output)."""
     done = subprocess.run(_command(shard_dir, out, *extra, launcher=launcher), cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-4000:]
+    return done.returncode, done.stdout + done.stderr
+
+
+def launch(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed") -> str:
+    """Run the launcher to completion; return its combined output (asserting exit 0)."""
+    code, log = run(shard_dir, out, *extra, launcher=launcher)
+    assert code == 0, log[-4000:]
     return log
 
 
@@ -88,7 +100,7 @@ def straight(tmp_path_factory, shard_dir) -> Path:
 
 
 @pytest.mark.slow
-def test_two_rank_zero2_run_finishes_and_logs(straight):
+def test_two_rank_zero2_run_finishes_and_logs(straight, shard_dir):
     records = metrics(straight)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for record in records:
@@ -99,6 +111,7 @@ def test_two_rank_zero2_run_finishes_and_logs(straight):
     # warm-up ceil(0.1 * 4) = 1 step, then linear decay to 0 at step 4 (lr logged is the one each step used)
     assert [r["lr"] for r in records] == pytest.approx([1e-4 * f for f in (1, 1, 2 / 3, 1 / 3)])
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((straight / VERIFIED_FILE).read_text())["data_dir"] == str(shard_dir.resolve())
     checkpoints = straight / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000004"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000004"]  # --save_total_limit 1
@@ -118,6 +131,7 @@ def test_stop_and_resume_logs_the_same_steps(tmp_path, shard_dir, straight):
     assert not (out / "export").exists()
     log = launch(shard_dir, out, "--resume", "auto", "--gradient_checkpointing", launcher="torchrun")
     assert "resumed from" in log and "step-00000002" in log
+    assert "shards verified earlier" in log  # hashed once, by the first half
     resumed, reference = metrics(out), metrics(straight)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # no duplicates after resume
     for ours, theirs in zip(resumed, reference):
@@ -147,6 +161,107 @@ def test_export_loads_with_automodel_and_keeps_fp32_master_weights(straight, tok
     assert not torch.equal(weight, weight.bfloat16().float())
 
 
+class Crash:
+    """Hard crashes at chosen points of a real multi-rank run, with no hook in the code under test.
+
+    A FIFO stands in for one file the run writes: opening it for writing blocks until the test opens it for
+    reading, as a hung filesystem blocks a write. So the test decides where a rank stalls, then SIGKILLs a
+    rank there, as an OOM kill or a lost node would: nothing runs on the way out (no handler, no atexit),
+    and the launcher kills the other ranks."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path):
+        self.log = log
+        with open(log, "w") as handle:  # a file, not a pipe: an undrained pipe would stall the run itself
+            self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+    def read_fifo_until(self, fifo: Path, step: int, timeout: float = 240) -> str:
+        """The lines rank 0 logs through the FIFO metrics.jsonl (each log opens it, writes a line, closes it),
+        up to `step`'s; the test then stops reading, so rank 0 blocks when it logs the next step."""
+        lines: list[str] = []
+
+        def read() -> None:
+            while not lines or json.loads(lines[-1])["step"] < step:
+                with open(fifo) as handle:  # blocks until rank 0 opens it to log a step
+                    lines.extend(handle.read().splitlines())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        assert not reader.is_alive(), f"no step {step} logged:\n{self.log.read_text()[-4000:]}"
+        return "".join(line + "\n" for line in lines)
+
+    def wait_for(self, path: Path, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while not path.exists():
+            assert self.process.poll() is None and time.time() < deadline, self.log.read_text()[-4000:]
+            time.sleep(0.05)
+
+    def kill_rank(self, rank: int, timeout: float = 120) -> None:
+        import psutil
+
+        workers = psutil.Process(self.process.pid).children(recursive=True)
+        next(p for p in workers if p.environ().get("RANK") == str(rank)).send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout) != 0
+
+
+def stall(path: Path) -> None:
+    """Make `path` a FIFO: the run's write of it blocks (see Crash)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+
+
+def kill_between_checkpoints(command: list[str], env: dict[str, str], out: Path) -> None:
+    """A run of 4 steps with checkpoints at 2 and 4, killed after step 4's optimizer step, before its checkpoint.
+
+    metrics.jsonl is a FIFO: the test reads steps 1-3, so rank 0 blocks logging step 4 and rank 1 waits for it in
+    the checkpoint's first collective. SIGKILL rank 1. The lines read then go to a plain metrics.jsonl, as rank 0
+    wrote them."""
+    stall(out / "metrics.jsonl")
+    crash = Crash(command, env, out.parent / f"{out.name}-killed-between.log")
+    lines = crash.read_fifo_until(out / "metrics.jsonl", 3)
+    crash.kill_rank(1)
+    checkpoints = out / "checkpoints"
+    assert read_latest(checkpoints) == "step-00000002" and not (checkpoints / "step-00000004").exists()
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").write_text(lines)
+
+
+def kill_during_checkpoint_write(command: list[str], env: dict[str, str], out: Path) -> None:
+    """The same run resumed from checkpoint 2, killed while it writes checkpoint 4.
+
+    Rank 1's optimizer file of checkpoint 4 is a FIFO: rank 0 writes its files, rank 1 blocks in its write.
+    SIGKILL rank 1. A half-written file then takes the FIFO's place, as a killed write leaves one."""
+    checkpoints = out / "checkpoints"
+    names = {rank: next((checkpoints / "step-00000002").glob(f"*zero_pp_rank_{rank}_*optim_states.pt")).name
+             for rank in (0, 1)}
+    stall(checkpoints / "step-00000004" / names[1])
+    crash = Crash(command, env, out.parent / f"{out.name}-killed-writing.log")
+    crash.wait_for(checkpoints / "step-00000004" / names[0])
+    crash.kill_rank(1)
+    assert "resumed from" in crash.log.read_text() and read_latest(checkpoints) == "step-00000002"
+    half = (checkpoints / "step-00000004" / names[0]).read_bytes()
+    (checkpoints / "step-00000004" / names[1]).unlink()
+    (checkpoints / "step-00000004" / names[1]).write_bytes(half[: len(half) // 2])
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_and_during_a_checkpoint_write_then_resume_auto(tmp_path, shard_dir, straight):
+    """The reference run again, killed with SIGKILL between checkpoints and then during a checkpoint write (see
+    kill_between_checkpoints, kill_during_checkpoint_write), each time resumed with `--resume auto` as a
+    requeued job is: the last run continues from checkpoint 2 and logs the very same per-step numbers as the
+    uninterrupted run."""
+    out = tmp_path / "out"
+    kill_between_checkpoints(_command(shard_dir, out, "--resume", "auto"), _env(), out)
+    kill_during_checkpoint_write(_command(shard_dir, out, "--resume", "auto"), _env(), out)
+    log = launch(shard_dir, out, "--resume", "auto")
+    assert "resumed from" in log and "step-00000002" in log
+    resumed, reference = metrics(out), metrics(straight)
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for ours, theirs in zip(resumed, reference):
+        assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}, ours["step"]
+    assert read_latest(out / "checkpoints") == "step-00000004" and (out / "export").is_dir()
+
+
 @pytest.mark.slow
 def test_sigusr1_on_one_rank_stops_both_at_the_same_step(tmp_path, shard_dir):
     """Under torchrun this time: rank 1 alone is signalled; both ranks must checkpoint the same step and exit 0."""
@@ -173,6 +288,99 @@ def test_sigusr1_on_one_rank_stops_both_at_the_same_step(tmp_path, shard_dir):
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step:08d}"
     assert len(list((out / "checkpoints" / f"step-{step:08d}").glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     assert not (out / "export").exists()
+
+
+@pytest.mark.slow
+def test_a_corrupt_shard_stops_every_rank_before_training(tmp_path, shard_dir):
+    data = tmp_path / "data"
+    shutil.copytree(shard_dir, data)
+    change_one_byte(data / shard_name(1, 3))  # hashed by rank 1 of 2
+    out = tmp_path / "out"
+    code, log = run(data, out)
+    assert code != 0
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert errors and all(f"{data / shard_name(1, 3)}: sha256" in line for line in errors), log[-4000:]
+    assert len(errors) == 2  # one line per rank, the same finding
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints" / "latest").exists()
+
+
+def poison(source: Path, target: Path, rows: list[int]) -> Path:
+    """A copy of the shards in which these rows (global indices, manifest order) have a NaN BoW weight: blocks
+    that pass every check (the manifest carries the new sha256) and give a NaN loss on the rank reading them."""
+    manifest = Manifest.read(source)
+    target.mkdir()
+    start = 0
+    for info in manifest.shards:
+        table = pa.ipc.open_file(str(source / info.file)).read_all().to_pylist()
+        for row in rows:
+            if start <= row < start + info.rows:
+                table[row - start]["bow_weights"][0] = math.nan
+        with pa.ipc.new_file(str(target / info.file), PRETRAIN_SCHEMA) as writer:
+            writer.write_table(pa.Table.from_pylist(table, schema=PRETRAIN_SCHEMA))
+        info.sha256 = file_sha256(target / info.file)
+        start += info.rows
+    manifest.write(target)
+    return target
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_skips_the_step_on_both_and_a_run_of_them_stops(tmp_path, shard_dir):
+    """NaN blocks in rank 1's batch of step 2, rank 0's of step 5 and rank 1's of step 6; at most 2 in a row."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    def first_row(rank: int, step: int) -> int:  # the loader's own arithmetic: micro-batches 2(step - 1), +1
+        loader = RankBatchLoader(PretrainShards(shard_dir), batch_size=2, rank=rank, world_size=2, seed=42)
+        return int(loader.batch_indices(2 * (step - 1))[0])
+
+    data = poison(shard_dir, tmp_path / "data", [first_row(1, 2), first_row(0, 5), first_row(1, 6)])
+    out = tmp_path / "out"
+    code, log = run(data, out, "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "100",
+                    "--max_consecutive_nonfinite", "2")
+    assert code == 3, log[-4000:]
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1, 2, 3]
+    assert [math.isfinite(r["loss"]) for r in records] == [True, False, True, True, False, False]
+    assert all(math.isfinite(r["grad_norm"]) == math.isfinite(r["loss"]) for r in records)
+    assert "step 2: non-finite loss; optimizer step skipped on every rank (1 in a row, 1 in all)" in log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 2 and all("stopping at step 6: 2 optimizer steps in a row" in e for e in errors)
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000005"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == [f"step-{s:08d}" for s in range(1, 6)]
+    assert not (out / "export").exists()
+    # step 2 changed neither rank's partition (fp32 masters, AdamW step and moments); step 3 changed both
+    assert same_partitions(checkpoints / "step-00000001", checkpoints / "step-00000002") == [True, True]
+    assert same_partitions(checkpoints / "step-00000002", checkpoints / "step-00000003") == [False, False]
+    assert all(torch.isfinite(w).all() for w in get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoints), tag="step-00000005").values())
+
+
+def same_partitions(a: Path, b: Path) -> list[bool]:
+    """Per rank: whether two ZeRO checkpoints hold the same optimizer partition (fp32 master weights, and AdamW's
+    step count and moments)."""
+    def partitions(folder: Path) -> list[dict]:
+        files = sorted(folder.glob("*zero_pp_rank_*_optim_states.pt"))
+        return [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+
+    same = []
+    for x, y in zip(partitions(a), partitions(b), strict=True):
+        masters = all(torch.equal(p, q) for p, q in zip(x["single_partition_of_fp32_groups"],
+                                                         y["single_partition_of_fp32_groups"], strict=True))
+        moments = [x["base_optimizer_state"]["state"], y["base_optimizer_state"]["state"]]
+        assert moments[0].keys() == moments[1].keys() != set()
+        same.append(masters and all(torch.equal(v, moments[1][k][n]) for k, s in moments[0].items()
+                                    for n, v in s.items()))
+    return same
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse formats help with %: a bare % in a help text breaks -h
+        parse_args(["-h"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{name}" in text for name in ("max_consecutive_nonfinite", "no_verify_shards", "bow_include_masked",
+                                                 "gradient_checkpointing"))
 
 
 def test_config_file_then_flags(tmp_path):
@@ -244,8 +452,11 @@ def test_bad_data_and_vocab_mismatch_fail_before_training(tmp_path, shard_dir, t
 class _FakeEngine:
     """Writes what DeepSpeed writes (a tag folder); can fail half-way like a crash mid-save."""
 
+    device = torch.device("cpu")
+
     def __init__(self, fail_at: int | None = None):
         self.fail_at = fail_at
+        self.module = torch.nn.Linear(2, 2)
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # `latest` is ours, written atomically after every rank finished
@@ -264,6 +475,13 @@ def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_pa
     with pytest.raises(OSError):
         checkpointer.save(_FakeEngine(fail_at=8), 8, {"step": 8})
     assert (checkpointer.dir / "latest").read_text() == "step-00000006"
+    poisoned = _FakeEngine()
+    with torch.no_grad():
+        poisoned.module.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError, match="not writing checkpoint .*step-00000010: weight's weights hold NaN"):
+        checkpointer.save(poisoned, 10, {"step": 10})
+    assert not (checkpointer.dir / "step-00000010").exists()
+    assert (checkpointer.dir / "latest").read_text() == "step-00000006"
     assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00000006")
     one = checkpointer.dir / "step-00000004"
     assert resolve_resume(str(one), checkpointer.dir) == (checkpointer.dir, "step-00000004")
@@ -271,6 +489,8 @@ def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_pa
     assert resolve_resume("auto", tmp_path / "fresh") is None and resolve_resume(None, checkpointer.dir) is None
     with pytest.raises(FileNotFoundError, match="--resume /nowhere"):
         resolve_resume("/nowhere", checkpointer.dir)
+    with pytest.raises(FileNotFoundError, match="step-00000008: an incomplete checkpoint"):  # the failed save
+        resolve_resume(str(checkpointer.dir / "step-00000008"), checkpointer.dir)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
