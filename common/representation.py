@@ -214,6 +214,12 @@ class Encoder(nn.Module):
             encoder.max_seq_length = json.loads(st_config.read_text()).get("max_seq_length")
         return encoder
 
+    def with_config(self, config: RepresentationConfig) -> "Encoder":
+        """Another representation over the same network (and projection, for dupmae): no weights are copied."""
+        if config.kind == "dupmae" and self.projection is None:
+            raise ValueError(f"with_config: a {self.config.kind} encoder has no MLM head and projection for dupmae")
+        return Encoder(self.model, config, self.projection if config.kind == "dupmae" else None)
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Representation:
         return self.represent(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
 

@@ -4,7 +4,7 @@ Pre-training losses keep falling long after retrieval stops improving (or while 
 early gradients can wreck a trained embedder), so rank 0 searches a small, fixed sample of a BEIR dataset
 (`evaluation.data.subsample`: seeded queries, their judged documents and random others) with every
 representation the model has: `cls` and `mean` pooling (cosine) and the `dupmae` representation its export will
-record. One encoder pass per batch serves all three (`encode_texts_many`); search and metrics are evaluation's.
+record, scored by `evaluation.compare` (one encoder pass per batch serves all three).
 The other ranks wait at the next step's all-reduce. Scores on the sample are higher than on the whole corpus
 (fewer distractors) but compare across steps.
 
@@ -53,7 +53,6 @@ class RetrievalProbe:
     """Loads and samples the dataset once; each call scores the model as it is now."""
 
     QUERY_MAX_LENGTH = 64
-    MAX_TOKENS = 8192
 
     def __init__(self, config: ProbeConfig, tokenizer, representation: RepresentationConfig, seed: int):
         from evaluation.data import load_beir, subsample
@@ -76,24 +75,14 @@ class RetrievalProbe:
     @torch.no_grad()
     def __call__(self, mlm: nn.Module) -> dict[str, float]:
         """{"eval/<representation>/<metric>": value} for the current weights, plus "eval_seconds"."""
-        from evaluation.encode import encode_texts_many
-        from evaluation.metrics import evaluate
-        from evaluation.search import search
+        from evaluation.compare import score_representations
 
         start = time.perf_counter()
         was_training = mlm.training
-        encoders = self.encoders(mlm)
-        options = {"max_tokens": self.MAX_TOKENS, "batch_size": 128}
-        docs = encode_texts_many(list(encoders.values()), self.tokenizer, self.data.doc_ids, self.data.doc_texts,
-                                 documents=True, max_length=self.config.eval_max_length, desc="probe corpus", **options)
-        queries = encode_texts_many(list(encoders.values()), self.tokenizer, self.data.query_ids,
-                                    self.data.query_texts, documents=False, max_length=self.QUERY_MAX_LENGTH,
-                                    desc="probe queries", **options)
+        scores = score_representations(self.encoders(mlm), self.tokenizer, self.data,
+                                       max_length=self.config.eval_max_length, query_max_length=self.QUERY_MAX_LENGTH)
         mlm.train(was_training)
-        results = {}
-        for (name, encoder), d, q in zip(encoders.items(), docs, queries):
-            scores = evaluate(self.data.qrels, search(q, d, 100, sparse_weight=encoder.config.sparse_weight))
-            results.update({f"eval/{name}/{metric}": scores[metric] for metric in METRICS})
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        return {**results, "eval_seconds": seconds}
+        return {**{f"eval/{name}/{metric}": values[metric] for name, values in scores.items() for metric in METRICS},
+                "eval_seconds": seconds}
