@@ -38,6 +38,9 @@ class ModelArguments:
         None, "e.g. 'hidden_size=32,num_hidden_layers=2': random init from the modified config")
     model_config: str | None = _arg(None, "a model config JSON: random init from it (instead of pretrained weights)")
     tokenizer_name: str | None = _arg(None, "tokenizer name or folder; defaults to --model_name_or_path")
+    init_head_bias: Literal["unigram", "zero"] = _arg(
+        "unigram", "output bias of an MLM head this run initializes (a model without one, or random init): the "
+                   "shards' log unigram frequencies, or 0 (transformers' init)")
 
 
 @dataclass

@@ -75,6 +75,21 @@ class PretrainShards:
             raise DataError(f"{path}: {table.num_rows} rows, manifest.json says {rows}")
         return table.select(PRETRAIN_SCHEMA.names)
 
+    def log_unigram_prior(self, vocab_size: int, max_tokens: int = 50_000_000) -> np.ndarray:
+        """log P(token) [V] from the first rows' tokens (up to max_tokens, add-one smoothed): the same on every rank."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        seen = 0
+        for batch in self.table.column("input_ids").chunks:
+            ids = batch.flatten().to_numpy()[: max_tokens - seen]
+            if ids.size and int(ids.max()) >= vocab_size:
+                raise DataError(f"token id {int(ids.max())} in the shards is outside the model's vocabulary "
+                                f"({vocab_size})")
+            counts += np.bincount(ids, minlength=vocab_size)
+            seen += ids.size
+            if seen >= max_tokens:
+                break
+        return np.log((counts + 1) / (counts.sum() + vocab_size))
+
     def rows(self, indices: np.ndarray) -> list[dict]:
         """The rows at these global indices, as dicts of the schema's columns (lists of Python values)."""
         return self.table.take(pa.array(indices, type=pa.int64())).to_pylist()

@@ -27,6 +27,7 @@ from common.host_allocator import configure_host_allocator
 
 configure_host_allocator()  # before torch's first allocation, which reads the setting
 
+import torch
 import torch.distributed
 from transformers import set_seed
 
@@ -69,6 +70,9 @@ def build(argv: list[str] | None):
     set_seed(training.seed)  # the same random init (new MLM head, decoder, --config_overrides) on every run
     model = DupMAEModel.from_pretrained(model_args.model_name_or_path, args.loss, model_args.config_overrides,
                                         model_args.model_config)
+    if model.new_head and model_args.init_head_bias == "unigram":
+        model.init_head_bias(torch.from_numpy(shards.log_unigram_prior(model.mlm.config.vocab_size)))
+        logger.info("new MLM head: output bias set to the shards' log unigram frequencies")
     engine = build_engine(model, training, world_size, total_steps)
     require_skipping_engine(engine, training.deepspeed)
     probe = None

@@ -149,6 +149,7 @@ class DupMAEModel(nn.Module):
         self.decoder = (EnhancedDecoderLayer(mlm.config, cpu_attention=config.cpu_attention)
                         if config.decoder_weight > 0 else None)
         self.encoder_frozen = False
+        self.new_head = False  # the MLM head was initialized here (from_pretrained sets it), not loaded
         split_mlm_head(mlm)  # fail at construction, not at the first step
         if config.cpu_attention:
             use_fast_cpu_attention(mlm)
@@ -169,6 +170,7 @@ class DupMAEModel(nn.Module):
         path = resolve_model(model_name_or_path)
         if model_config_overrides and model_config_file:
             raise ValueError("give model_config_overrides or model_config_file, not both")
+        head_missing: list[str] = []
         try:
             if model_config_file:
                 mlm = AutoModelForMaskedLM.from_config(_config_from_file(model_config_file))
@@ -190,6 +192,7 @@ class DupMAEModel(nn.Module):
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         base = None if model_config_overrides or model_config_file else folder_config(path)
         model = cls(mlm, config, dupmae_config(base, mlm.config.hidden_size))
+        model.new_head = bool(head_missing or model_config_overrides or model_config_file)
         decoder_file = Path(path) / DECODER_FILE
         if model.decoder is not None and not (model_config_overrides or model_config_file) and decoder_file.is_file():
             from safetensors.torch import load_file
@@ -197,6 +200,19 @@ class DupMAEModel(nn.Module):
             model.decoder.load_state_dict(load_file(str(decoder_file)))
             logger.info("restored the decoder from %s", decoder_file)
         return model
+
+    @torch.no_grad()
+    def init_head_bias(self, log_prior: Tensor) -> None:
+        """Start the MLM head's output bias at the corpus's log unigram frequencies (centered).
+
+        A new head otherwise spends its first steps learning which tokens are common, and a learning rate that
+        moves each weight by about 1e-3 per step takes thousands of steps to shift a bias by the ~10 nats between
+        frequent and rare tokens. Starting there, the head learns context from the first step, and the bias keeps
+        the corpus prior apart from the evidence of each text (the `sparse_bias` = False representation)."""
+        bias = split_mlm_head(self.mlm)[1].bias
+        if bias is None:
+            raise ValueError(f"{type(self.mlm).__name__}: the MLM head has no output bias to initialize")
+        bias.copy_((log_prior - log_prior.mean()).to(bias))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, decoder_input_ids: Tensor,
                 decoder_attention_mask: Tensor, decoder_labels: Tensor, bow_ids: Tensor | None = None,
