@@ -10,8 +10,9 @@ any fine-tuning the dense half is exactly the base model's own pooled embedding.
 MLM head's output bias from μ: that bias holds the corpus prior of each token (it is initialized to the log
 unigram frequency in continued pre-training), and what is left scores a token by the text's evidence for it.
 
-`cls` / `mean` folders are saved with a sentence-transformers `modules.json`, so `SentenceTransformer(path)`
-gives the same embeddings; any folder with `representation.json` reloads with the config it was saved with.
+Saved folders load in sentence-transformers with the same vectors (`common.st_modules`): `SentenceTransformer(path)`
+gives the dense part of every kind, `SparseEncoder(path/sparse)` dupmae's vocabulary part; any folder with
+`representation.json` reloads here with the config it was saved with.
 """
 from __future__ import annotations
 
@@ -251,7 +252,10 @@ class Encoder(nn.Module):
         return vocab_max_pool(hidden, projection.weight, bias, ordinary_tokens(attention_mask), VOCAB_CHUNK, transform)
 
     def save_pretrained(self, out_dir: str | Path, tokenizer=None) -> None:
-        """HF model (+ tokenizer), representation.json, the projection (dupmae) or sentence-transformers modules."""
+        """HF model (+ tokenizer), representation.json, the projection (dupmae) and sentence-transformers modules
+        (`common.st_modules`: the dense half for `SentenceTransformer`, and for dupmae sparse/ for `SparseEncoder`)."""
+        from common.st_modules import save_sentence_transformers
+
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
@@ -263,31 +267,7 @@ class Encoder(nn.Module):
 
             save_file({k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()},
                       str(out / PROJECTION_NAME))
-            return
-        self._save_sentence_transformers(out, tokenizer)
-
-    def _save_sentence_transformers(self, out: Path, tokenizer) -> None:
-        modules = [
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        ]
-        if self.config.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-            (out / "2_Normalize").mkdir(exist_ok=True)
-        (out / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
-        (out / "1_Pooling").mkdir(exist_ok=True)
-        pooling = {  # the legacy keys: read by sentence-transformers 3 to 6
-            "word_embedding_dimension": self.model.config.hidden_size,
-            "pooling_mode_cls_token": self.config.kind == "cls",
-            "pooling_mode_mean_tokens": self.config.kind == "mean",
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        }
-        (out / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n")
-        max_len = self.max_seq_length or min(getattr(tokenizer, "model_max_length", 512) or 512,
-                                             self.model.config.max_position_embeddings)
-        (out / "sentence_bert_config.json").write_text(
-            json.dumps({"max_seq_length": int(max_len), "do_lower_case": False}, indent=2) + "\n")
+        save_sentence_transformers(self, out, tokenizer)
 
 
 def dupmae_config(base: RepresentationConfig | None, hidden_size: int) -> RepresentationConfig:

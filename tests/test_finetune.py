@@ -172,14 +172,13 @@ def test_export_round_trip(tiny_model, tokenizer, tmp_path, kind, normalize):
         torch.testing.assert_close(after.dense, before.dense)
         if kind == "dupmae":
             torch.testing.assert_close(after.vocab, before.vocab)
-    if kind != "dupmae":
-        from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # the dense half (dupmae's sparse half: test_st_loaders)
 
-        texts = ["gene risk in mice", "blood dose"]
-        st = SentenceTransformer(str(folders[1]), device="cpu").encode(texts, convert_to_tensor=True)
-        with torch.no_grad():
-            ours = model.passage_encoder(**Collator(tokenizer, 32, 32).encode(texts, 32)).dense
-        torch.testing.assert_close(st, ours, rtol=1e-4, atol=1e-5)
+    texts = ["gene risk in mice", "blood dose"]
+    st = SentenceTransformer(str(folders[1]), device="cpu").encode(texts, convert_to_tensor=True)
+    with torch.no_grad():
+        ours = model.passage_encoder(**Collator(tokenizer, 32, 32).encode(texts, 32)).dense
+    torch.testing.assert_close(st, ours, rtol=1e-4, atol=1e-5)
 
 
 def test_sampler_is_seeded_per_epoch_and_never_draws_positives():

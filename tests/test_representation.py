@@ -104,9 +104,8 @@ def test_dupmae_save_load_round_trip(tiny_mlm_dir, tokenizer, tmp_path):
         enc.projection.weight.add_(0.5)  # a "trained" projection must survive the round trip
         before = enc(**batch(tokenizer))
     enc.save_pretrained(tmp_path, tokenizer)
-    loaded = Encoder.from_pretrained(str(tmp_path)).eval()  # the saved config wins
+    loaded = Encoder.from_pretrained(str(tmp_path)).eval()  # the saved config wins over modules.json (dense half)
     assert loaded.config == cfg
-    assert not (tmp_path / "modules.json").exists()
     with torch.no_grad():
         after = loaded(**batch(tokenizer))
     torch.testing.assert_close(after.dense, before.dense)
@@ -153,6 +152,7 @@ def test_dense_save_load_matches_sentence_transformers(tiny_mlm_dir, tokenizer, 
 
     enc.save_pretrained(tmp_path, tokenizer)
     assert json.loads((tmp_path / "representation.json").read_text())["kind"] == kind
+    assert not (tmp_path / "sparse").exists() and not (tmp_path / "config_sentence_transformers.json").exists()
     assert Encoder.from_pretrained(str(tmp_path)).config == cfg
     (tmp_path / "representation.json").unlink()  # sentence-transformers modules alone give the same config
     assert Encoder.from_pretrained(str(tmp_path)).config == cfg
