@@ -5,10 +5,16 @@ DupMAE (see ../shared/DUPMAE.md) represents a text by two parts:
                                                               for sentence-transformers models trained with it)
   vocab  μ = max over ordinary tokens of MLMHead(h_i)   [B, V]   (not [CLS]/[SEP]/padding; inputs are [CLS] x [SEP])
 and scores  <q, d> = ĥ_q·ĥ_d + w_s Σ_{i ∈ top-k(μ_d)} μ_q[i] μ_d[i]  (only the document side is sparsified;
-w_s = `sparse_weight`, 1 in the paper). W starts as the identity when dense_dim equals the hidden size, so before
-any fine-tuning the dense half is exactly the base model's own pooled embedding. `sparse_bias` = False drops the
-MLM head's output bias from μ: that bias holds the corpus prior of each token (it is initialized to the log
-unigram frequency in continued pre-training), and what is left scores a token by the text's evidence for it.
+w_s = `sparse_weight`, 1 in the paper). The paper's settings are the defaults. Three options make the
+representation work before any fine-tuning, for a sentence embedder adapted by continued pre-training
+(`dupmae_config` picks them; the README gives the measurements that chose them):
+- W starts as the identity when dense_dim equals the hidden size, so the dense half is the base model's own
+  pooled embedding;
+- `sparse_bias` = False drops the MLM head's output bias from μ: continued pre-training starts that bias at the
+  corpus's log unigram frequencies, so it holds the prior, and what is left scores a token by the text's evidence;
+- `sparse_values` = "probs" scores softmax(μ), the bag-of-words distribution the OT loss trains: under that loss
+  the logits are defined only up to a per-text constant, which a dot product of raw logits does not ignore;
+- `normalize` L2-normalizes both halves, so the score is cos(dense) + w_s cos(sparse), on one scale.
 
 Saved folders load in sentence-transformers with the same vectors (`common.st_modules`): `SentenceTransformer(path)`
 gives the dense part of every kind, `SparseEncoder(path/sparse)` dupmae's vocabulary part; any folder with
@@ -34,6 +40,7 @@ CONFIG_NAME = "representation.json"
 PROJECTION_NAME = "projection.safetensors"
 KINDS = ("cls", "mean", "dupmae")
 POOLINGS = ("cls", "mean")
+SPARSE_VALUES = ("logits", "probs")
 #: Seed for weights a checkpoint lacks (MLM head, projection), so two loads of one folder encode identically.
 INIT_SEED = 0
 #: Vocabulary rows of the MLM head scored at once by the max-pool (`vocab_max_pool`).
@@ -51,6 +58,7 @@ class RepresentationConfig:
     pooling: Literal["cls", "mean"] = "cls"  # token states the dense part pools (cls/mean kinds: the kind itself)
     sparse_weight: float = 1.0  # dupmae: weight of the sparse dot product in the score (paper: 1)
     sparse_bias: bool = True  # dupmae: μ includes the MLM head's output bias (paper); False: bias-free evidence
+    sparse_values: Literal["logits", "probs"] = "logits"  # dupmae: μ as is (paper), or softmax(μ)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,6 +69,9 @@ class RepresentationConfig:
             raise ValueError(f"RepresentationConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.sparse_weight < 0:
             raise ValueError(f"RepresentationConfig.sparse_weight must be >= 0, got {self.sparse_weight}")
+        if self.sparse_values not in SPARSE_VALUES:
+            raise ValueError(f"RepresentationConfig.sparse_values must be one of {SPARSE_VALUES}, got "
+                             f"{self.sparse_values!r}")
         if self.dense_dim <= 0:
             raise ValueError(f"RepresentationConfig.dense_dim must be positive, got {self.dense_dim}")
         if self.top_k <= 0:
@@ -236,14 +247,16 @@ class Encoder(nn.Module):
         dense = pool(hidden, attention_mask, self.config.pooling)  # [B, H]
         if self.config.kind != "dupmae":
             return Representation(self._maybe_normalize(dense))
-        return Representation(self._maybe_normalize(self.projection(dense)), self._max_pooled_vocab(hidden, attention_mask))
+        sparse = sparse_half(self._max_pooled_vocab(hidden, attention_mask), attention_mask, self.config.sparse_values,
+                             self.config.normalize)
+        return Representation(self._maybe_normalize(self.projection(dense)), sparse)
 
     def _maybe_normalize(self, dense: Tensor) -> Tensor:
         return F.normalize(dense, dim=-1) if self.config.normalize else dense
 
     def _max_pooled_vocab(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        """μ = max over ordinary tokens of MLMHead(h_i) [B, V] (`vocab_max_pool`: vocabulary chunks, arg-max backward);
-        a text without ordinary tokens (the empty string) gets a zero vector."""
+        """μ = max over ordinary tokens of MLMHead(h_i) [B, V] (`vocab_max_pool`: vocabulary chunks, arg-max
+        backward), without the head's output bias unless `sparse_bias`."""
         from pretrain.modeling import split_mlm_head
         from pretrain.ot_pooling import vocab_max_pool
 
@@ -270,17 +283,33 @@ class Encoder(nn.Module):
         save_sentence_transformers(self, out, tokenizer)
 
 
+def sparse_half(pooled: Tensor, attention_mask: Tensor, values: str, normalize: bool) -> Tensor:
+    """The sparse half from the max-pooled vocabulary vector μ [B, V]: softmax(μ) for values "probs", then
+    L2-normalized with `normalize`; a text without ordinary tokens (the empty string) gets a zero vector."""
+    if values == "probs":
+        pooled = torch.softmax(pooled.float(), dim=-1).to(pooled.dtype)
+    if normalize:
+        pooled = F.normalize(pooled, dim=-1)
+    return pooled.masked_fill(~ordinary_tokens(attention_mask).any(1, keepdim=True), 0.0)
+
+
+#: Sparse-half options of a sentence embedder's dupmae representation (`dupmae_config`), chosen on the train
+#: queries of SciFact and of the docstring set (see the README's adaptation results).
+ZERO_SHOT_SPARSE = {"sparse_bias": False, "sparse_values": "probs", "sparse_weight": 0.2}
+
+
 def dupmae_config(base: RepresentationConfig | None, hidden_size: int) -> RepresentationConfig:
     """The `dupmae` representation of a model whose own representation is `base` (`folder_config`).
 
-    A dupmae config is kept as it is. A sentence embedder's dense half pools and normalizes as the model does
-    (mean + cosine for the packaged MiniLM) through a projection that starts as the identity (dense_dim = hidden
-    size), so it keeps its embedding; a plain encoder (base None) gets the paper's [CLS] projected to 384 dims."""
+    A dupmae config is kept as it is. A plain encoder (base None) gets the paper's representation: [CLS]
+    projected to 384 dims, raw logits, weight 1. A sentence embedder's dense half pools and normalizes as the model
+    does (mean + cosine for the packaged MiniLM) through a projection that starts as the identity (dense_dim =
+    hidden size), so it keeps its embedding, and its sparse half is ZERO_SHOT_SPARSE (see the module docstring)."""
     if base is None:
         return RepresentationConfig(kind="dupmae")
     if base.kind == "dupmae":
         return base
-    return replace(base, kind="dupmae", pooling=base.pooling, dense_dim=hidden_size)
+    return replace(base, kind="dupmae", pooling=base.pooling, dense_dim=hidden_size, **ZERO_SHOT_SPARSE)
 
 
 def new_projection(hidden_size: int, dense_dim: int) -> nn.Linear:

@@ -13,7 +13,7 @@
             modules.json                 Transformer (fill-mask: MLM logits) -> 1_DupMAESparsePooling
             config_sentence_transformers.json    model_type SparseEncoder, similarity "dot"
             sentence_bert_config.json    transformer_task fill-mask
-            1_DupMAESparsePooling/config.json    top_k, sparse_bias
+            1_DupMAESparsePooling/config.json    top_k, sparse_bias, sparse_values, normalize
             config.json, model.safetensors, tokenizer files, ...    links to OUT's files (one copy of the weights)
 
 Why two folders: each loader reads modules.json and config_sentence_transformers.json's model_type from the folder
@@ -36,7 +36,7 @@ import torch
 from sentence_transformers.base.modules import Module
 from torch import Tensor
 
-from common.representation import ordinary_tokens, sparsify
+from common.representation import ordinary_tokens, sparse_half, sparsify
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +49,18 @@ class DupMAESparsePooling(Module):
     """MLM logits [B, L, V] -> DupMAE's vocabulary vector μ [B, V], as `Encoder` computes it.
 
     μ = max over ordinary tokens (attended, minus [CLS] and each row's last attended token [SEP]) of the logits, minus
-    the head's output bias when `sparse_bias` is False; a text without ordinary tokens gets a zero vector. Queries
+    the head's output bias when `sparse_bias` is False, then `sparse_half` (softmax for `sparse_values` "probs",
+    L2-normalized with `normalize`); a text without ordinary tokens gets a zero vector. Queries
     (`encode_query`, task "query") keep the whole vector, as the score reads it at each document's kept entries;
     documents and plain `encode` keep their `top_k` largest entries. Inputs must be padded (unpad_inputs false).
     """
 
-    config_keys = ["top_k", "sparse_bias"]
+    config_keys = ["top_k", "sparse_bias", "sparse_values", "normalize"]
     forward_kwargs = {"task"}
 
-    def __init__(self, top_k: int, sparse_bias: bool = True):
+    def __init__(self, top_k: int, sparse_bias: bool = True, sparse_values: str = "logits", normalize: bool = False):
         super().__init__()
-        self.top_k, self.sparse_bias = top_k, sparse_bias
+        self.top_k, self.sparse_bias, self.sparse_values, self.normalize = top_k, sparse_bias, sparse_values, normalize
         self.vocab_size: int | None = None  # known once the model is built
         self.register_parameter("output_bias", None)  # sparse_bias False: the head's bias, tied (`on_model_ready`)
 
@@ -77,7 +78,7 @@ class DupMAESparsePooling(Module):
         pooled = logits.masked_fill_(~keep[:, :, None], float("-inf")).amax(1)  # [B, V]
         if self.output_bias is not None:
             pooled = pooled - self.output_bias
-        pooled = pooled.masked_fill(~keep.any(1, keepdim=True), 0.0)  # no ordinary token: zero vector
+        pooled = sparse_half(pooled, features["attention_mask"], self.sparse_values, self.normalize)
         if task != "query":
             indices, values = sparsify(pooled, self.top_k)
             pooled = torch.zeros_like(pooled).scatter(-1, indices, values)  # [B, V], top_k entries kept
@@ -117,7 +118,8 @@ def save_sentence_transformers(encoder, out: Path, tokenizer) -> None:
     if config.kind == "dupmae":
         _write_json(out / "config_sentence_transformers.json",
                     {"model_type": "SentenceTransformer", "similarity_fn_name": "dot"})
-        _save_sparse(out, DupMAESparsePooling(config.top_k, config.sparse_bias), int(max_len))
+        _save_sparse(out, DupMAESparsePooling(config.top_k, config.sparse_bias, config.sparse_values, config.normalize),
+                     int(max_len))
 
 
 def _save_dense(projection: torch.nn.Linear, folder: Path) -> None:

@@ -35,8 +35,8 @@ class FinetuneConfig:
     passage_max_length: int = arg(144, "passage tokens (title + text), [CLS]/[SEP] included")
     # Loss
     temperature: float | None = arg(
-        None, "InfoNCE temperature (scores are divided by it); None: 0.05 for cosine scores (cls/mean with "
-              "--normalize), 1.0 for raw dot products (unnormalized, and dupmae, whose sparse part is unbounded)")
+        None, "InfoNCE temperature (scores are divided by it); None: 0.05 for cosine scores (--normalize; for dupmae "
+              "both halves), 1.0 for raw dot products (unnormalized)")
     cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
     # Optimization
     deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")

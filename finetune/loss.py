@@ -56,11 +56,10 @@ DOT_TEMPERATURE = 1.0
 
 
 def default_temperature(representation: RepresentationConfig) -> float:
-    """0.05 for cosine scores (cls/mean with normalize), 1.0 for raw dot products (unnormalized, and dupmae, whose
-    sparse part is an unbounded dot product). A low temperature on raw scores makes the softmax a hard max: a
-    query whose positive already ranks first gets no gradient at all."""
-    cosine = representation.normalize and representation.kind != "dupmae"
-    return COSINE_TEMPERATURE if cosine else DOT_TEMPERATURE
+    """0.05 for cosine scores (`normalize`: for dupmae both halves, so the score is cos + w cos), 1.0 for raw dot
+    products. A low temperature on raw scores makes the softmax a hard max: a query whose positive already ranks
+    first gets no gradient at all."""
+    return COSINE_TEMPERATURE if representation.normalize else DOT_TEMPERATURE
 
 
 def info_nce(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:

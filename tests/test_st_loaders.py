@@ -70,7 +70,9 @@ def assert_loaders_equal(folder, tokenizer, reference: Encoder):
 
 
 @pytest.mark.parametrize("fields", [dict(pooling="cls", normalize=False, dense_dim=16, top_k=5, sparse_bias=True),
-                                    dict(pooling="mean", normalize=True, dense_dim=32, top_k=7, sparse_bias=False)])
+                                    dict(pooling="mean", normalize=True, dense_dim=32, top_k=7, sparse_bias=False),
+                                    dict(pooling="mean", normalize=True, dense_dim=32, top_k=7, sparse_bias=False,
+                                         sparse_values="probs", sparse_weight=0.2)])
 def test_loaders_give_encoder_vectors(tokenizer, tmp_path, fields):
     saved = export(tokenizer, tmp_path, **fields)
     loaded = Encoder.from_pretrained(str(tmp_path))
