@@ -67,8 +67,8 @@ def info_nce(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
     return F.cross_entropy(scores / temperature, labels)
 
 
-#: A query whose positive has softmax probability above 1 - this gets (almost) no gradient.
-SATURATED = 1e-4
+#: A query whose positive has softmax probability above 1 - this (a loss below about 1e-3) gets almost no gradient.
+SATURATED = 1e-3
 
 
 def learning_share(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:

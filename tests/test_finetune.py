@@ -446,3 +446,52 @@ def test_arrow_groups_from_preprocessing(tokenizer, tmp_path):
     Manifest("finetune", "other", "0" * 64, 144, [], {}, {}).write(tmp_path)
     with pytest.raises(TokenizerError, match="vocabulary differs"):
         load_finetune_data(str(tmp_path), "train", None, tokenizer, DeadLetter(None))
+
+
+TOPICS = [
+    ("Insulin is secreted by beta cells in the pancreas to lower blood glucose.", "which cells secrete insulin"),
+    ("Mosquitoes transmit the malaria parasite between human hosts.", "how is malaria spread"),
+    ("Statins reduce LDL cholesterol by inhibiting HMG-CoA reductase in the liver.", "how do statins lower cholesterol"),
+    ("The hippocampus is essential for forming new long-term memories.", "brain region for memory formation"),
+    ("Smoking tobacco is the leading cause of lung cancer worldwide.", "main cause of lung cancer"),
+    ("Vaccines train the immune system to recognize a pathogen before infection.", "how vaccines work"),
+    ("Low birth weight raises the risk of infant death in the first month.", "birth weight and infant mortality"),
+    ("Antibiotics kill bacteria but have no effect on viruses such as influenza.", "do antibiotics treat the flu"),
+    ("Regular aerobic exercise lowers resting heart rate and blood pressure.", "exercise effect on blood pressure"),
+    ("Vitamin D is produced in the skin when it is exposed to sunlight.", "how the body makes vitamin D"),
+    ("Red blood cells carry oxygen bound to hemoglobin.", "what carries oxygen in blood"),
+    ("Type 1 diabetes is an autoimmune destruction of insulin-producing cells.", "cause of type 1 diabetes"),
+    ("CRISPR-Cas9 cuts DNA at a location chosen by a guide RNA.", "how CRISPR edits genes"),
+    ("Alzheimer's disease is marked by amyloid plaques and tau tangles.", "brain changes in Alzheimer's"),
+    ("Sleep deprivation impairs attention and working memory.", "effects of lack of sleep on the mind"),
+    ("Folic acid taken in pregnancy prevents neural tube defects.", "why take folic acid when pregnant"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,learning", [([], True), (["--normalize", "false", "--temperature", "0.02"], False)])
+def test_readme_dupmae_command_keeps_most_queries_learning(minilm_path, tokenizer, tmp_path, flags, learning):
+    """The README's `--representation dupmae` fine-tuning of a pre-training export, on easy pairs the packaged model
+    already ranks right: with the default temperature (0.05: the export scores cos + w cos) most queries still get a
+    gradient; the old defaults, 0.02 on raw dot products, turned the softmax into a hard max (the bug of issue 13)."""
+    from pretrain.modeling import DupMAEConfig, DupMAEModel
+
+    export = tmp_path / "export"
+    DupMAEModel.from_pretrained(minilm_path, DupMAEConfig()).save_export(str(export), tokenizer)
+    data = tmp_path / "data"
+    (data / "qrels").mkdir(parents=True)
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": doc}) + "\n"
+                                               for i, (doc, _) in enumerate(TOPICS)))
+    (data / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": query}) + "\n"
+                                                for i, (_, query) in enumerate(TOPICS)))
+    (data / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                              "".join(f"q{i}\td{i}\t1\n" for i in range(len(TOPICS))))
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json",
+                    "--model_name_or_path", str(export), "--representation", "dupmae", "--data_dir", str(data),
+                    "--train_group_size", "2", "--per_device_train_batch_size", "8", "--max_steps", "1",
+                    "--learning_rate", "1e-6", "--logging_steps", "1", "--output_dir", str(out), *flags],
+                   check=True, env=_env(), cwd=REPO, capture_output=True)
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert record["accuracy"] >= 0.75  # the positives already rank first
+    assert (record["learning_queries"] > 0.5) == learning, record

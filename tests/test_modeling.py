@@ -365,3 +365,56 @@ def test_export_round_trip(minilm_path, tmp_path):
     restored = DupMAEModel.from_pretrained(str(tmp_path), DupMAEConfig())
     for key, value in model.decoder.state_dict().items():
         assert torch.equal(restored.decoder.state_dict()[key], value), key
+
+
+def test_mlm_mode_builds_no_decoder_and_scores_the_same_mlm_term():
+    full = tiny_model()
+    mlm_only = DupMAEModel(full.mlm, DupMAEConfig(decoder_weight=0.0, bow_weight=0.0)).eval()
+    assert mlm_only.decoder is None
+    assert not any(name.startswith("decoder.") for name, _ in mlm_only.named_parameters())
+    batch = make_batch(random_rows(4, seed=9))
+    out, reference = mlm_only(**batch), full(**batch)
+    assert out.mlm_loss.item() == pytest.approx(reference.mlm_loss.item(), rel=1e-6)
+    assert out.decoder_loss.item() == 0.0 and out.bow_loss.item() == 0.0 and out.bow_recall.item() == 0.0
+    assert out.loss.item() == pytest.approx(out.mlm_loss.item(), rel=1e-6)
+    out.loss.backward()
+    assert full.mlm.cls.predictions.transform.dense.weight.grad.abs().sum() > 0
+
+
+def test_export_without_decoder_round_trips(minilm_path, tmp_path):
+    from common.tokenizer import load_tokenizer
+
+    model = DupMAEModel(tiny_model(vocab_size=len(load_tokenizer(minilm_path))).mlm,
+                        DupMAEConfig(decoder_weight=0.0, bow_weight=0.0))
+    model.save_export(str(tmp_path), load_tokenizer(minilm_path))
+    assert not (tmp_path / DECODER_FILE).exists()
+    assert DupMAEModel.from_pretrained(str(tmp_path), DupMAEConfig()).decoder is not None  # a new one, untrained
+
+
+def test_init_head_bias_sets_the_centered_log_prior():
+    model = tiny_model()
+    prior = torch.log_softmax(torch.randn(VOCAB, dtype=torch.float64), 0)
+    model.init_head_bias(prior)
+    bias = model.mlm.get_output_embeddings().bias
+    torch.testing.assert_close(bias, (prior - prior.mean()).float())
+    assert bias is model.mlm.cls.predictions.bias  # the head's one bias (tied), not a copy
+
+
+def test_minilm_export_dense_half_is_the_packaged_embedding(minilm_path, tmp_path):
+    """Before any training step the dupmae export of a sentence embedder scores with its own embedding."""
+    from sentence_transformers import SentenceTransformer
+
+    from common.representation import Encoder, RepresentationConfig
+    from common.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(minilm_path)
+    DupMAEModel.from_pretrained(minilm_path, DupMAEConfig()).save_export(str(tmp_path), tokenizer)
+    encoder = Encoder.from_pretrained(str(tmp_path)).eval()
+    assert encoder.config == RepresentationConfig(kind="dupmae", pooling="mean", normalize=True, dense_dim=384,
+                                                  sparse_bias=False, sparse_values="probs", sparse_weight=0.2)
+    texts = ["Nanotechnologies track stem cells.", "low birth weight and perinatal mortality"]
+    with torch.no_grad():
+        ours = encoder(**tokenizer(texts, padding=True, return_tensors="pt"))
+    packaged = SentenceTransformer(minilm_path, device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(ours.dense, packaged, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(ours.vocab.norm(dim=-1), torch.ones(2))  # the sparse half is normalized too

@@ -224,3 +224,16 @@ def test_verification_is_recorded_and_redone_only_when_the_files_change(tmp_path
 def test_too_little_data_for_one_batch_per_rank(shard_dir):
     with pytest.raises(DataError, match="cannot fill one batch of 32 on each of 2 ranks"):
         RankBatchLoader(PretrainShards(shard_dir), batch_size=32, rank=0, world_size=2, seed=0)
+
+
+def test_log_unigram_prior_counts_the_shards_tokens(shard_dir, tokenizer):
+    vocab = len(tokenizer)
+    counts = np.zeros(vocab)
+    for row in _plain_rows(shard_dir):
+        for token in row["input_ids"]:
+            counts[token] += 1
+    prior = PretrainShards(shard_dir).log_unigram_prior(vocab)
+    np.testing.assert_allclose(prior, np.log((counts + 1) / (counts.sum() + vocab)), rtol=1e-12)
+    assert np.exp(prior).sum() == pytest.approx(1.0)
+    with pytest.raises(DataError, match="outside the model's vocabulary"):
+        PretrainShards(shard_dir).log_unigram_prior(100)

@@ -506,3 +506,65 @@ def test_schedule_matches_a_plain_formula(kind):
     args = TrainingArguments(output_dir="/o", num_train_epochs=2.5, warmup_ratio=0.1)
     assert args.total_steps(steps_per_epoch=6) == 15 and args.warmup(15) == 2
     assert TrainingArguments(output_dir="/o", max_steps=7, num_train_epochs=2.5).total_steps(6) == 7
+
+
+def _tiny_beir(folder: Path, texts: list[str]) -> Path:
+    """A BEIR folder over `texts`: every fourth text's first words are a query whose answer is that text."""
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                                 for i, t in enumerate(texts)))
+    queries = {f"q{i}": " ".join(texts[i].split()[:5]) for i in range(0, len(texts), 4)}
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                               "".join(f"{q}\td{q[1:]}\t1\n" for q in queries))
+    return folder
+
+
+@pytest.mark.slow
+def test_frozen_encoder_steps_then_its_own_schedule_and_the_retrieval_probe(tmp_path, shard_dir, minilm_path):
+    """--freeze_encoder_steps 2 of 3: the packaged encoder's fp32 weights stay exactly its own while the new head
+    learns, then move; the probe's step-0 figures are the packaged model's own retrieval on the same data."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModel
+
+    from common.representation import Encoder
+    from evaluation.compare import score_representations
+    from evaluation.data import load_beir
+
+    beir = _tiny_beir(tmp_path / "beir", make_texts(24, seed=3))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "pretrain/main.py", "--deepspeed", "ds_configs/zero2_cpu.json",
+                           "--data_dir", str(shard_dir), "--output_dir", str(out), "--model_name_or_path", minilm_path,
+                           "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--max_steps", "3",
+                           "--freeze_encoder_steps", "2", "--learning_rate", "1e-3", "--encoder_learning_rate", "1e-4",
+                           "--warmup_steps", "1", "--save_steps", "1", "--logging_steps", "1", "--eval_dataset",
+                           str(beir), "--eval_steps", "2", "--eval_max_docs", "0", "--disable_tqdm"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "retrieval probes took" in done.stderr + done.stdout
+    masters = {step: get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step-{step:08d}")
+               for step in (1, 2, 3)}
+    packaged = AutoModel.from_pretrained(minilm_path).state_dict()
+    encoder_keys = [k for k in masters[1] if k.startswith("mlm.bert.")]
+    assert len(encoder_keys) > 50
+    for step in (1, 2):
+        for key in encoder_keys:
+            assert torch.equal(masters[step][key], packaged[key[len("mlm.bert."):]]), (step, key)
+    head = "mlm.cls.predictions.transform.dense.weight"
+    assert not torch.equal(masters[1][head], masters[2][head])  # the new head learns during the freeze
+    moved = [k for k in encoder_keys if not torch.equal(masters[3][k], masters[2][k])]
+    assert len(moved) > len(encoder_keys) // 2  # and the encoder after it
+
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert [r["encoder_lr"] for r in train] == pytest.approx([0.0, 0.0, 1e-4])  # warm-up 1 step: full at step 3
+    assert [r["lr"] for r in train] == pytest.approx([1e-3, 1e-3 * 2 / 2, 1e-3 * 1 / 2])
+    probes = [r for r in records if "eval_seconds" in r]
+    assert [r["step"] for r in probes] == [0, 2]
+    for name in ("cls", "mean", "dupmae"):
+        assert all(0 <= r[f"eval/{name}/nDCG@10"] <= 1 and 0 <= r[f"eval/{name}/Recall@100"] <= 1 for r in probes)
+    own = Encoder.from_pretrained(minilm_path)  # mean + cosine, as it ships
+    expected = score_representations({"mean": own}, load_tokenizer(minilm_path), load_beir(beir, "test"),
+                                     max_length=128, query_max_length=64)["mean"]
+    assert probes[0]["eval/mean/nDCG@10"] == pytest.approx(expected["nDCG@10"], abs=1e-9)
+    assert probes[0]["eval/mean/Recall@100"] == pytest.approx(expected["Recall@100"], abs=1e-9)

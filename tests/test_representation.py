@@ -159,3 +159,26 @@ def test_dense_save_load_matches_sentence_transformers(tiny_mlm_dir, tokenizer, 
     st = SentenceTransformer(str(tmp_path), device="cpu")
     st_emb = st.encode(TEXTS, convert_to_tensor=True, batch_size=4)
     torch.testing.assert_close(st_emb, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("values,normalize", [("logits", False), ("probs", False), ("probs", True), ("logits", True)])
+def test_sparse_half_equals_reference(values, normalize):
+    from common.representation import sparse_half
+
+    pooled = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])  # row 1 is [CLS] [SEP]: no ordinary token
+    expected = torch.softmax(pooled, -1) if values == "probs" else pooled.clone()
+    if normalize:
+        expected = expected / expected.norm(dim=-1, keepdim=True)
+    expected[1] = 0
+    torch.testing.assert_close(sparse_half(pooled, mask, values, normalize), expected)
+
+
+def test_dupmae_config_of_plain_encoders_and_sentence_embedders():
+    from common.representation import ZERO_SHOT_SPARSE, dupmae_config
+
+    assert dupmae_config(None, 768) == RepresentationConfig(kind="dupmae")  # the paper's
+    st = dupmae_config(RepresentationConfig(kind="mean", normalize=True), 768)
+    assert (st.pooling, st.normalize, st.dense_dim) == ("mean", True, 768)
+    assert {k: getattr(st, k) for k in ZERO_SHOT_SPARSE} == ZERO_SHOT_SPARSE
+    assert dupmae_config(st, 32) is st
