@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.defaults import resolve_model
+from common.vocab_pooling import split_mlm_head, vocab_max_pool
 
 logger = logging.getLogger(__name__)
 
@@ -257,9 +258,6 @@ class Encoder(nn.Module):
     def _max_pooled_vocab(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """μ = max over ordinary tokens of MLMHead(h_i) [B, V] (`vocab_max_pool`: vocabulary chunks, arg-max
         backward), without the head's output bias unless `sparse_bias`."""
-        from pretrain.modeling import split_mlm_head
-        from pretrain.ot_pooling import vocab_max_pool
-
         transform, projection = split_mlm_head(self.model)
         bias = projection.bias if self.config.sparse_bias else None
         return vocab_max_pool(hidden, projection.weight, bias, ordinary_tokens(attention_mask), VOCAB_CHUNK, transform)

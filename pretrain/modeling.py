@@ -9,7 +9,7 @@ word embeddings as in BERT).
 Memory: no [B, L, V] tensor exists. MLM logits are computed only at the masked positions and decoder
 logits only at the positions with a target, together in one `linear_cross_entropy` call (row chunks,
 gradient formed in forward); the OT max-pool runs in vocabulary chunks keeping only arg-max indices
-(`ot_pooling`). Every softmax runs in fp32, so the model may be cast to bf16 as a whole (DeepSpeed).
+(`common.vocab_pooling`). Every softmax runs in fp32, so the model may be cast to bf16 as a whole (DeepSpeed).
 What is left is the encoder's own activations (dropout keeps CPU attention on the plain path, one
 [B, heads, L, L] map per layer); `cpu_attention` (on CPU) keeps only a bool dropout mask per layer and
 recomputes the map in backward, and `gradient_checkpointing` recomputes whole layers.
@@ -21,7 +21,6 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +31,8 @@ from common.representation import Encoder, RepresentationConfig, dupmae_config, 
 from pretrain.cpu_attention import use_fast_cpu_attention
 from pretrain.enhanced_decoder import EnhancedDecoderLayer
 from pretrain.linear_ce import linear_cross_entropy
-from pretrain.ot_pooling import bow_loss, vocab_max_pool
+from common.vocab_pooling import split_mlm_head, vocab_max_pool
+from pretrain.bow_loss import bow_loss
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +89,6 @@ class DupMAEOutput:
     mlm_accuracy: Tensor
     decoder_accuracy: Tensor
     bow_recall: Tensor
-
-
-def split_mlm_head(mlm: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Linear]:
-    """(hidden -> transformed hidden, vocabulary projection) of a BERT-style or RoBERTa-style MLM head."""
-    projection = mlm.get_output_embeddings()
-    predictions = getattr(getattr(mlm, "cls", None), "predictions", None)
-    if predictions is not None and hasattr(predictions, "transform"):  # BERT family
-        return predictions.transform, projection
-    lm_head = getattr(mlm, "lm_head", None)
-    if lm_head is not None and hasattr(lm_head, "dense") and hasattr(lm_head, "layer_norm"):  # RoBERTa family
-        from transformers.activations import gelu
-
-        return lambda x: lm_head.layer_norm(gelu(lm_head.dense(x))), projection
-    raise ValueError(f"{type(mlm).__name__}: unsupported MLM head (expected BERT `cls.predictions` or RoBERTa "
-                     "`lm_head`)")
 
 
 def _enable_checkpointing(mlm: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""pretrain.modeling / linear_ce / ot_pooling against plain per-sample references, bf16, loading and export."""
+"""pretrain.modeling / linear_ce / bow_loss and common.vocab_pooling against plain per-sample references, bf16, loading and export."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from pretrain.collator import CollatorConfig, DupMAECollator
 from pretrain.linear_ce import linear_cross_entropy
 from pretrain.modeling import DECODER_FILE, DupMAEConfig, DupMAEModel
-from pretrain import ot_pooling
-from pretrain.ot_pooling import bow_loss, vocab_max_pool
+from common import vocab_pooling
+from common.vocab_pooling import vocab_max_pool
+from pretrain.bow_loss import bow_loss
 
 VOCAB = 97
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -273,8 +274,8 @@ def test_linear_cross_entropy_refuses_a_second_backward():
 
 @pytest.mark.parametrize("sparse_backward", [True, False])
 def test_chunked_max_pool_equals_plain_in_value_and_gradient(sparse_backward, monkeypatch):
-    monkeypatch.setattr(ot_pooling, "_use_sparse", lambda hidden: sparse_backward)
-    monkeypatch.setattr(ot_pooling, "_BACKWARD_SLICE_ELEMENTS", 4 * 6 * 5)  # several slices
+    monkeypatch.setattr(vocab_pooling, "_use_sparse", lambda hidden: sparse_backward)
+    monkeypatch.setattr(vocab_pooling, "_BACKWARD_SLICE_ELEMENTS", 4 * 6 * 5)  # several slices
     torch.manual_seed(1)
     hidden = torch.randn(4, 9, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(29, 6, dtype=torch.float64, requires_grad=True)

@@ -1,8 +1,10 @@
-"""OT (ordinary-token) decoding: max-pool the MLM head's vocabulary scores over tokens, then a BoW loss.
+"""DupMAE's vocabulary vector μ: the MLM head's scores max-pooled over a text's tokens, memory-bounded.
 
     z_i = W t_i + b  ∈ R^V  for each kept token i (t_i = the MLM head's transform of h_i)
     μ   = max_i z_i  ∈ R^V                                     (element-wise over the kept tokens)
-    L_BoW = − Σ_t w_t · log softmax(μ)[t]                    (w = the block's BoW target, Σ w = 1)
+
+Pre-training's OT decoding trains μ with a bag-of-words loss (`pretrain.bow_loss`); the retrieval
+representation's sparse half is μ (`common.representation`). One implementation serves both.
 
 A plain implementation keeps the [B, L, V] scores for backward (1 GB in bf16 at B=32, L=512, V=30522).
 The max only routes gradient to one token per (sample, vocabulary entry), so `_VocabMaxPool` computes the
@@ -15,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 #: Elements of the [B, chunk, H] gradient slices materialized at once in backward.
 _BACKWARD_SLICE_ELEMENTS = 1 << 24
@@ -112,25 +114,16 @@ def vocab_max_pool(hidden: Tensor, weight: Tensor, bias: Tensor | None, keep: Te
     return pooled.masked_fill((counts == 0)[:, None], 0.0)
 
 
-def bow_loss(pooled: Tensor, bow_ids: Tensor, bow_weights: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean BoW cross-entropy, mean BoW recall) over the rows with valid[b] (0-dim fp32 tensors).
+def split_mlm_head(mlm: nn.Module) -> tuple[Callable[[Tensor], Tensor], nn.Linear]:
+    """(hidden -> transformed hidden, vocabulary projection) of a BERT-style or RoBERTa-style MLM head."""
+    projection = mlm.get_output_embeddings()
+    predictions = getattr(getattr(mlm, "cls", None), "predictions", None)
+    if predictions is not None and hasattr(predictions, "transform"):  # BERT family
+        return predictions.transform, projection
+    lm_head = getattr(mlm, "lm_head", None)
+    if lm_head is not None and hasattr(lm_head, "dense") and hasattr(lm_head, "layer_norm"):  # RoBERTa family
+        from transformers.activations import gelu
 
-    pooled [B, V] (μ), bow_ids [B, T] (unique ids, padded), bow_weights [B, T] (target weights, 0 = padding),
-    valid [B] bool (rows that had a kept token). log-softmax runs in fp32.
-    BoW recall of a row = |top-k(μ) ∩ targets| / k with k = its number of target ids (weight > 0):
-    the fraction of the block's unique tokens that the k highest vocabulary scores recover.
-    """
-    log_probs = torch.log_softmax(pooled.float(), dim=-1)  # [B, V]
-    weights = bow_weights.float() * valid[:, None]  # [B, T]
-    per_row = -(weights * log_probs.gather(1, bow_ids)).sum(1)  # [B]
-    n_rows = valid.sum().clamp(min=1)
-    loss = per_row.sum() / n_rows
-    with torch.no_grad():
-        is_target = bow_weights > 0  # [B, T]
-        k = is_target.sum(1)  # [B]
-        top = torch.topk(pooled, int(k.max().clamp(min=1)), dim=-1).indices  # [B, kmax]
-        target_set = torch.zeros_like(pooled, dtype=torch.int32).scatter_add_(1, bow_ids, is_target.int()) > 0  # [B, V]
-        in_top = target_set.gather(1, top) & (torch.arange(top.shape[1], device=top.device)[None] < k[:, None])
-        recall = in_top.sum(1).float() / k.clamp(min=1)  # [B]
-        recall = (recall * valid).sum() / n_rows
-    return loss, recall
+        return lambda x: lm_head.layer_norm(gelu(lm_head.dense(x))), projection
+    raise ValueError(f"{type(mlm).__name__}: unsupported MLM head (expected BERT `cls.predictions` or RoBERTa "
+                     "`lm_head`)")
