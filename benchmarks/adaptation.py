@@ -5,19 +5,8 @@ corpus, against the same budget without it, zero-shot and after the same fine-tu
     python benchmarks/adaptation.py --datasets BEIR_DIR... [--corpus DIR_OR_JSONL...] --output_dir OUT \
         [--seeds 2] [--variants none,dupmae]
 
-Variants, all from the same base model with the same pre-training budget (steps, batch, length, corpus, seed)
-and the same continued-pre-training recipe (`--freeze_encoder_steps`, learning rates; see the README):
-  none             the base model as it is
-  mlm              MLM only (--decoder_weight 0 --bow_weight 0: no decoder is built, no BoW branch)
-  retromae         MLM + [CLS] decoding (--bow_weight 0)
-  dupmae           MLM + [CLS] decoding + BoW, the paper's weights 1/1/1
-  dupmae-official  the official code's settings: BoW weight 0.1, masked tokens pooled (--bow_include_masked)
-For each variant and dataset: zero-shot nDCG@10 and Recall@100 with `mean` and `cls` pooling (cosine) and, for
-the DupMAE variants, the `dupmae` representation the export records; then, where the dataset has
-qrels/train.tsv, the same fine-tuning for every variant (BM25 negatives mined once, same steps, seed and
-options; each variant's retrieval representation: `mean` for none/mlm/retromae, `dupmae` for the DupMAE variants),
-then that representation's scores. BM25 (bm25s) is a reference
-row. Without --corpus each dataset's own corpus is its adaptation corpus (the paper's "DupMAE†").
+Variants, stages and the recipe: `demo/adaptation.py`. BM25 (bm25s) is a reference row. Without --corpus each
+dataset's own corpus is its adaptation corpus (the paper's "DupMAE†").
 
 Output in OUTPUT_DIR: one JSON line per (variant, dataset, stage, representation, metric) on stdout and in
 results.jsonl, {"bench": "adaptation", ..., "ours", "baseline" (`none`, same stage, dataset and metric, its best
@@ -33,186 +22,19 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from demo.stages import Stage, run_stage  # noqa: E402
+from demo.adaptation import VARIANTS, AdaptationConfig, Experiment, bm25_scores, prepare  # noqa: E402
 
 logger = logging.getLogger("adaptation")
 
 SHARED_SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 METRICS = ("nDCG@10", "Recall@100")
 STAGES = ("zero-shot", "fine-tuned")
-
-
-@dataclass(frozen=True)
-class Variant:
-    pretrain_flags: tuple[str, ...] | None  # None: no pre-training (the base model)
-    dupmae: bool  # trained the BoW head: the dupmae representation applies
-
-
-VARIANTS = {
-    "none": Variant(None, False),
-    "mlm": Variant(("--decoder_weight", "0", "--bow_weight", "0"), False),
-    "retromae": Variant(("--bow_weight", "0"), False),
-    "dupmae": Variant((), True),
-    "dupmae-official": Variant(("--bow_weight", "0.1", "--bow_include_masked"), True),
-}
-
-
-@dataclass
-class AdaptationConfig:
-    """The experiment's options; the pre-training ones are `pretrain/main.py`'s flags of the same names."""
-
-    output_dir: str
-    datasets: list[str] = field(default_factory=list)  # BEIR folders; empty: ../shared SciFact + the docstring set
-    corpus: list[str] = field(default_factory=list)  # adaptation corpus (BEIR folders or JSONL); empty: own corpus
-    variants: tuple[str, ...] = tuple(VARIANTS)
-    seeds: int = 1
-    model_name_or_path: str = "default"
-    # continued pre-training (the recipe the README documents for adapting an existing encoder)
-    max_steps: int = 100
-    per_device_train_batch_size: int = 16
-    max_seq_length: int = 128
-    learning_rate: float = 3e-3
-    encoder_learning_rate: float = 5e-6
-    freeze_encoder_steps: int = 100  # >= max_steps: the encoder never moves (what measured best, see the README)
-    # evaluation
-    max_length: int = 128  # document tokens at evaluation (queries: 64)
-    max_eval_docs: int = 0  # 0: the whole corpus; else the test queries' judged documents plus random others
-    # fine-tuning
-    finetune_steps: int = 30
-    finetune_batch_size: int = 16
-    finetune_learning_rate: float = 5e-5
-
-    def __post_init__(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-        if "none" not in self.variants:
-            self.variants = ("none", *self.variants)  # every line's baseline
-        if self.seeds < 1 or self.max_steps < 1 or self.finetune_steps < 1:
-            raise ValueError("--seeds, --max_steps and --finetune_steps must be >= 1")
-
-    def pretrain_flags(self) -> list[str]:
-        return ["--max_steps", str(self.max_steps), "--per_device_train_batch_size",
-                str(self.per_device_train_batch_size), "--max_seq_length", str(self.max_seq_length),
-                "--learning_rate", str(self.learning_rate), "--encoder_learning_rate", str(self.encoder_learning_rate),
-                "--freeze_encoder_steps", str(self.freeze_encoder_steps)]
-
-
-def _python(*argv: str) -> list[str]:
-    return ["python", *argv]
-
-
-def _corpus_inputs(sources: list[Path]) -> tuple[list[str], list[str]]:
-    """(files, text fields) for the preprocessing job: BEIR folders give corpus.jsonl (title + text)."""
-    files = [str(s / "corpus.jsonl") if s.is_dir() else str(s) for s in sources]
-    for file in files:
-        if not Path(file).is_file():
-            raise FileNotFoundError(f"--corpus {file}: no such file (a BEIR folder or a JSONL file)")
-    with open(files[0], encoding="utf-8") as handle:
-        first = json.loads(handle.readline())
-    return files, [name for name in ("title", "text") if name in first] or ["text"]
-
-
-class Experiment:
-    """Runs every stage of one dataset and seed, reusing finished ones; returns the scores."""
-
-    def __init__(self, cfg: AdaptationConfig, dataset: Path, seed: int, shards: Path, negatives: Path | None):
-        self.cfg, self.dataset, self.seed, self.shards, self.negatives = cfg, dataset, seed, shards, negatives
-        self.out = Path(cfg.output_dir) / dataset.name / f"seed-{seed}"
-        self.seconds: dict[str, float] = {}
-
-    def run(self, variant: str) -> dict[str, dict[str, dict[str, float]]]:
-        """{stage: {representation: metrics}} of one variant."""
-        spec, out = VARIANTS[variant], self.out / variant
-        model = self.cfg.model_name_or_path
-        if spec.pretrain_flags is not None:
-            model = str(self._pretrain(variant, spec, out / "pretrain") / "export")
-        scores = {"zero-shot": self._evaluate(f"{variant} zero-shot", model, spec.dupmae, out / "zero-shot.json")}
-        if self.negatives is not None:
-            representation = "dupmae" if spec.dupmae else "mean"
-            tuned = self._finetune(variant, model, representation, out / "finetune")
-            result = self._evaluate(f"{variant} fine-tuned", str(tuned / "model"), spec.dupmae,
-                                    out / "fine-tuned.json")
-            scores["fine-tuned"] = {representation: result[representation]}  # the representation it was tuned for
-        return scores
-
-    def _pretrain(self, variant: str, spec: Variant, out: Path) -> Path:
-        cfg = self.cfg
-        command = ["deepspeed", "--num_gpus", "1", "--master_port", str(29500 + os.getpid() % 2000),
-                   "pretrain/main.py", "--deepspeed", "ds_configs/zero2_cpu.json", "--data_dir", str(self.shards),
-                   "--model_name_or_path", cfg.model_name_or_path, "--output_dir", str(out), "--seed", str(self.seed),
-                   *cfg.pretrain_flags(), *spec.pretrain_flags, "--logging_steps", "10", "--save_steps", "0",
-                   "--save_total_limit", "1", "--disable_tqdm"]
-        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-pretrain", command, out, {"DS_ACCELERATOR": "cpu"})
-        return out
-
-    def _finetune(self, variant: str, model: str, representation: str, out: Path) -> Path:
-        cfg = self.cfg
-        command = _python("finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json", "--model_name_or_path",
-                          model, "--representation", representation, "--data_dir", str(self.dataset),
-                          "--negatives", str(self.negatives), "--max_steps", str(cfg.finetune_steps),
-                          "--per_device_train_batch_size", str(cfg.finetune_batch_size), "--train_group_size", "2",
-                          "--learning_rate", str(cfg.finetune_learning_rate), "--passage_max_length",
-                          str(cfg.max_length), "--logging_steps", "10", "--save_steps", str(cfg.finetune_steps),
-                          "--seed", str(self.seed), "--output_dir", str(out))
-        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-finetune-{representation}", command, out,
-                    {"DS_ACCELERATOR": "cpu"})
-        return out
-
-    def _stage(self, name: str, command: list[str], out: Path, env: dict[str, str]) -> None:
-        self.seconds[name] = run_stage(Stage(name, command, out, env), self.out / "logs")
-
-    def _evaluate(self, name: str, model: str, dupmae: bool, result_file: Path) -> dict[str, dict[str, float]]:
-        """{representation: metrics} on the test split, cached in result_file (keyed by the options)."""
-        key = {"model": model, "dupmae": dupmae, "max_length": self.cfg.max_length,
-               "max_eval_docs": self.cfg.max_eval_docs, "dataset": str(self.dataset)}
-        if result_file.is_file() and (cached := json.loads(result_file.read_text()))["key"] == key:
-            return cached["scores"]
-        start = time.perf_counter()
-        scores = evaluate_model(model, dupmae, self.dataset, self.cfg.max_length, self.cfg.max_eval_docs)
-        self.seconds[f"{self.dataset.name}-s{self.seed}-{name}"] = time.perf_counter() - start
-        result_file.parent.mkdir(parents=True, exist_ok=True)
-        result_file.write_text(json.dumps({"key": key, "scores": scores}, indent=2) + "\n")
-        logger.info("%s %s: %s", self.dataset.name, name,
-                    {rep: round(values["nDCG@10"], 4) for rep, values in scores.items()})
-        return scores
-
-
-def evaluate_model(model: str, dupmae: bool, dataset: Path, max_length: int, max_docs: int) -> dict:
-    """mean and cls (cosine) and, when `dupmae`, the folder's dupmae representation, from one encoder pass."""
-    from common.representation import Encoder, RepresentationConfig
-    from common.tokenizer import load_tokenizer
-    from evaluation.compare import score_representations
-    from evaluation.data import load_beir, subsample
-
-    encoder = Encoder.from_pretrained(model)  # the folder's own config: an export's dupmae, the base model's pooling
-    if dupmae and encoder.config.kind != "dupmae":
-        raise ValueError(f"{model}: expected a dupmae export, its representation is {encoder.config.kind}")
-    encoders = {"mean": encoder.with_config(RepresentationConfig(kind="mean", normalize=True)),
-                "cls": encoder.with_config(RepresentationConfig(kind="cls", normalize=True))}
-    if dupmae:
-        encoders["dupmae"] = encoder
-    data = subsample(load_beir(dataset, "test"), 0, max_docs)
-    return score_representations(encoders, load_tokenizer(model), data, max_length=max_length, query_max_length=64)
-
-
-def bm25_scores(dataset: Path, max_docs: int) -> dict[str, float]:
-    """BM25 (bm25s, English stop words) on the test split: the lexical reference row."""
-    from evaluation.data import load_beir, subsample
-    from evaluation.metrics import evaluate
-    from finetune.mine_negatives import bm25_search
-
-    data = subsample(load_beir(dataset, "test"), 0, max_docs)
-    ranked = bm25_search(data.query_texts, data.doc_texts, 100)
-    run = {qid: {data.doc_ids[i]: float(100 - r) for r, i in enumerate(rows) if data.doc_ids[i] != qid}
-           for qid, rows in zip(data.query_ids, ranked)}
-    return evaluate(data.qrels, run)
 
 
 def report(cfg: AdaptationConfig, results: dict, bm25: dict[str, dict[str, float]]) -> list[dict]:
@@ -303,20 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     results, bm25, seconds = {}, {}, {}
     for dataset in datasets:
-        corpus = [Path(c).resolve() for c in cfg.corpus] or [dataset]
-        files, fields = _corpus_inputs(corpus)
-        shards = out / "shards" / dataset.name
-        seconds[f"{dataset.name}-preprocess"] = run_stage(Stage(
-            f"{dataset.name}-preprocess", _python("-m", "preprocessing.pretrain_data", "--input", *files,
-                                                  "--text_fields", *fields, "--output_dir", str(shards),
-                                                  "--max_seq_length", str(cfg.max_seq_length)), shards), out / "logs")
-        negatives = None
-        if (dataset / "qrels" / "train.tsv").is_file():
-            negatives = out / "negatives" / dataset.name / "negatives.jsonl"
-            seconds[f"{dataset.name}-mine"] = run_stage(Stage(
-                f"{dataset.name}-mine-bm25", _python("-m", "finetune.mine_negatives", "--method", "bm25",
-                                                     "--data_dir", str(dataset), "--out", str(negatives)),
-                negatives.parent), out / "logs")
+        shards, negatives, prep_seconds = prepare(cfg, dataset, out / "logs")
+        seconds.update(prep_seconds)
         bm25[dataset.name] = bm25_scores(dataset, cfg.max_eval_docs)
         results[dataset.name] = []
         for seed in range(cfg.seeds):
