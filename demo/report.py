@@ -1,5 +1,5 @@
-"""The demo's summary: a results table (zero-shot vs DupMAE pre-trained + fine-tuned), stage times, and a
-plot of the pre-training loss terms over steps."""
+"""The demo's summary: a results table (the packaged model and the DupMAE-adapted one, zero-shot and fine-tuned),
+stage times, and a plot of pre-training: the loss terms and the retrieval probe's scores over the steps."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,8 @@ from pathlib import Path
 
 METRICS = ("nDCG@10", "MRR@10", "Recall@100")
 LOSS_TERMS = (("mlm_loss", "encoder MLM"), ("decoder_loss", "[CLS] decoder"), ("bow_loss", "bag of words (OT)"))
-
-
-def dataset_scores(results_file: Path) -> dict[str, float]:
-    """The one dataset's metrics from an `evaluation.beir` results.json (its "average" when there are several)."""
-    results = json.loads(Path(results_file).read_text())
-    return results["average"] if "average" in results else next(iter(results.values()))
+PROBES = (("eval/mean/nDCG@10", "mean pooling"), ("eval/cls/nDCG@10", "[CLS]"),
+          ("eval/dupmae/nDCG@10", "dupmae (dense + sparse)"))
 
 
 def results_table(rows: dict[str, dict[str, float]], stage_seconds: dict[str, float]) -> str:
@@ -25,24 +21,27 @@ def results_table(rows: dict[str, dict[str, float]], stage_seconds: dict[str, fl
     return "\n".join(lines)
 
 
-def plot_pretrain_losses(metrics_jsonl: Path, png: Path) -> None:
-    """One line per loss term of pre-training against the optimizer step."""
+def plot_pretrain_curves(metrics_jsonl: Path, png: Path) -> None:
+    """Left: each pre-training loss term against the step. Right: the retrieval probe's nDCG@10 per representation
+    (step 0 is the model before any step), so when retrieval stops improving shows beside the losses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    records = [r for r in records if "step" in r and "loss" in r]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for key, label in LOSS_TERMS:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            axis.plot(*zip(*points), label=label)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss")
-    axis.set_title("DupMAE pre-training loss terms")
-    axis.legend()
+    figure, (losses, probes) = plt.subplots(1, 2, figsize=(12, 4))
+    for axis, series, title, ylabel in ((losses, LOSS_TERMS, "loss terms", "loss"),
+                                        (probes, PROBES, "zero-shot retrieval (probe sample)", "nDCG@10")):
+        for key, label in series:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                axis.plot(*zip(*points), marker="o" if axis is probes else None, label=label)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(ylabel)
+        axis.set_title(f"DupMAE pre-training: {title}")
+        if axis.get_lines():
+            axis.legend()
     figure.tight_layout()
     figure.savefig(png, dpi=120)
     plt.close(figure)

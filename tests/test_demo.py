@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from demo.docstring_corpus import build
-from demo.report import dataset_scores, plot_pretrain_losses, results_table
+from demo.__main__ import rows, verdict
+from demo.report import plot_pretrain_curves, results_table
 from demo.stages import Stage, StageFailed, run_stage
 
 
@@ -70,13 +71,28 @@ def test_failed_stage_names_itself_and_its_log(tmp_path):
 
 
 def test_report_table_and_plot(tmp_path):
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps({"docstrings": {"nDCG@10": 0.5, "MRR@10": 0.4, "Recall@100": 0.9}}))
-    table = results_table({"zero-shot": dataset_scores(results)}, {"evaluate": 12.4})
+    scores = {"nDCG@10": 0.5, "MRR@10": 0.4, "Recall@100": 0.9}
+    table = results_table({"zero-shot": scores}, {"evaluate": 12.4})
     assert "| zero-shot | 0.5000 | 0.4000 | 0.9000 |" in table and "| evaluate | 12 |" in table
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0, "mlm_loss": 1.0, "decoder_loss": 1.5,
-                                           "bow_loss": 0.5}) + "\n" for s in range(1, 6)))
-    png = tmp_path / "losses.png"
-    plot_pretrain_losses(metrics, png)
+    lines = [{"step": s, "loss": 3.0, "mlm_loss": 1.0, "decoder_loss": 1.5, "bow_loss": 0.5} for s in range(1, 6)]
+    lines += [{"step": s, "eval/mean/nDCG@10": 0.5, "eval/dupmae/nDCG@10": 0.52} for s in (0, 5)]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    png = tmp_path / "curves.png"
+    plot_pretrain_curves(metrics, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rows_are_the_four_of_the_story():
+    def metrics(value):
+        return {"nDCG@10": value, "MRR@10": value, "Recall@100": value}
+
+    results = {"none": {"zero-shot": {"mean": metrics(0.1), "cls": metrics(0.0)}, "fine-tuned": {"mean": metrics(0.2)}},
+               "dupmae": {"zero-shot": {"mean": metrics(0.1), "dupmae": metrics(0.3)},
+                          "fine-tuned": {"dupmae": metrics(0.4)}}}
+    assert [v["nDCG@10"] for v in rows(results).values()] == [0.1, 0.2, 0.3, 0.4]
+    assert verdict(rows(results)) == ("zero-shot, DupMAE pre-training is better than its control by +0.2000 nDCG@10; "
+                                      "after fine-tuning, DupMAE pre-training is better than its control by +0.2000 "
+                                      "nDCG@10.")
+    del results["none"]["fine-tuned"], results["dupmae"]["fine-tuned"]  # a dataset without train qrels
+    assert list(rows(results)) == ["packaged all-MiniLM-L6-v2, zero-shot", "DupMAE-adapted, zero-shot"]
