@@ -16,6 +16,7 @@ stage's output and log. A finished stage is reused when the script runs again wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -124,22 +125,25 @@ def main(argv: list[str] | None = None) -> None:
     datasets = [Path(d).resolve() for d in cfg.datasets] or default_datasets(out)
     start = time.perf_counter()
     results, bm25, seconds = {}, {}, {}
-    for dataset in datasets:
-        shards, negatives, prep_seconds = prepare(cfg, dataset, out / "logs")
-        seconds.update(prep_seconds)
-        bm25[dataset.name] = bm25_scores(dataset, cfg.max_eval_docs)
-        results[dataset.name] = []
-        for seed in range(cfg.seeds):
-            experiment = Experiment(cfg, dataset, 42 + seed, shards, negatives)
-            results[dataset.name].append({variant: experiment.run(variant) for variant in cfg.variants})
-            seconds.update(experiment.seconds)
+    with contextlib.redirect_stdout(sys.stderr):  # the stages' streamed output; stdout carries the JSON lines only
+        for dataset in datasets:
+            shards, negatives, prep_seconds = prepare(cfg, dataset, out / "logs")
+            seconds.update(prep_seconds)
+            bm25[dataset.name] = bm25_scores(dataset, cfg.max_eval_docs)
+            results[dataset.name] = []
+            for seed in range(cfg.seeds):
+                experiment = Experiment(cfg, dataset, 42 + seed, shards, negatives)
+                results[dataset.name].append({variant: experiment.run(variant) for variant in cfg.variants})
+                seconds.update(experiment.seconds)
+    minutes = (time.perf_counter() - start) / 60
     lines = report(cfg, results, bm25)
     (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (out / "results.md").write_text(markdown(lines) + "\n")
-    (out / "stage_seconds.json").write_text(json.dumps(seconds, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(lines) + f"\n\nThis run: {minutes:.1f} min on {os.cpu_count()} cores "
+                                    "(finished stages reused from earlier runs take no time).\n")
+    (out / "stage_seconds.json").write_text(json.dumps({**seconds, "total": minutes * 60}, indent=2) + "\n")
     for line in lines:
         print(json.dumps(line))
-    logger.info("done in %.1f min; %s/results.md", (time.perf_counter() - start) / 60, out)
+    logger.info("done in %.1f min; %s/results.md", minutes, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +144,7 @@ class Experiment:
 
     def _pretrain(self, variant: str, spec: Variant, out: Path) -> Path:
         cfg = self.cfg
-        command = ["deepspeed", "--num_gpus", "1", "--master_port", str(29500 + os.getpid() % 2000),
-                   "pretrain/main.py", "--deepspeed", "ds_configs/zero2_cpu.json", "--data_dir", str(self.shards),
+        command = [*_python("pretrain/main.py"), "--deepspeed", "ds_configs/zero2_cpu.json", "--data_dir", str(self.shards),
                    "--model_name_or_path", cfg.model_name_or_path, "--output_dir", str(out), "--seed", str(self.seed),
                    *cfg.pretrain_flags(), *spec.pretrain_flags, *cfg.pretrain_extra, "--logging_steps", "10",
                    "--save_steps", "0",

@@ -1,0 +1,89 @@
+"""benchmarks/adaptation.py end to end on a tiny model and a tiny BEIR folder: every variant, both stages, the
+report's lines and table (the real experiment's numbers are in the README; no timing here)."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("protein cell gene virus cancer brain heart drug dose mouse risk blood insulin liver kidney lung "
+         "vaccine fever sleep memory").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm_path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    from common.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(minilm_path)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny")
+    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=len(tokenizer), max_position_embeddings=160)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def beir(folder: Path, n_docs: int = 60) -> Path:
+    """Documents of random topic words; a query is three words of its document; train and test queries."""
+    rng = random.Random(0)
+    (folder / "qrels").mkdir(parents=True)
+    docs = [" ".join(rng.choices(WORDS, k=rng.randint(8, 30))) for _ in range(n_docs)]
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n"
+                                                 for i, t in enumerate(docs)))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": " ".join(t.split()[:3])}) + "\n"
+                                                  for i, t in enumerate(docs)))
+    for split, ids in (("train", range(0, n_docs, 2)), ("test", range(1, n_docs, 2))):
+        (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                                       "".join(f"q{i}\td{i}\t1\n" for i in ids))
+    return folder
+
+
+@pytest.mark.slow
+def test_every_variant_end_to_end(tiny_model, tmp_path):
+    data = beir(tmp_path / "tinybeir")
+    out = tmp_path / "out"
+    command = [sys.executable, "benchmarks/adaptation.py", "--output_dir", str(out), "--datasets", str(data),
+               "--model_name_or_path", str(tiny_model), "--max_steps", "2", "--freeze_encoder_steps", "1",
+               "--per_device_train_batch_size", "4", "--max_seq_length", "64", "--finetune_steps", "2",
+               "--finetune_batch_size", "4"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines == [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_key = {(x["variant"], x["stage"], x["representation"], x["metric"]): x for x in lines}
+    variants = ("none", "mlm", "retromae", "dupmae", "dupmae-official")
+    for variant in variants:
+        dupmae = variant.startswith("dupmae")
+        for metric in ("nDCG@10", "Recall@100"):
+            for representation in ("mean", "cls") + (("dupmae",) if dupmae else ()):
+                assert (variant, "zero-shot", representation, metric) in by_key
+            assert (variant, "fine-tuned", "dupmae" if dupmae else "mean", metric) in by_key
+    assert ("bm25", "zero-shot", "bm25", "nDCG@10") in by_key
+    for line in lines:
+        if line["variant"] == "bm25":
+            continue
+        none_best = max(v["ours"] for k, v in by_key.items()
+                        if k[0] == "none" and k[1] == line["stage"] and k[3] == line["metric"])
+        assert line["baseline"] == none_best and line["ratio"] == pytest.approx(line["ours"] / none_best, abs=1e-3)
+        assert line["per_seed"] == [line["ours"]] and line["spread"] == 0 and line["dataset"] == "tinybeir"
+    # the variants' flags reached the model: mlm has no decoder, only the DupMAE variants trained a BoW head
+    runs = out / "tinybeir" / "seed-42"
+    assert not (runs / "mlm" / "pretrain" / "export" / "dupmae_decoder.safetensors").exists()
+    assert (runs / "retromae" / "pretrain" / "export" / "dupmae_decoder.safetensors").exists()
+    for variant, bow in (("mlm", 0.0), ("retromae", 0.0), ("dupmae", 1.0), ("dupmae-official", 0.1)):
+        config = json.loads((runs / variant / "pretrain" / "export" / "dupmae_config.json").read_text())
+        assert config["bow_weight"] == bow and config["bow_include_masked"] == (variant == "dupmae-official")
+    table = (out / "results.md").read_text()
+    assert "### tinybeir" in table and "| dupmae | fine-tuned | dupmae |" in table
+    # a second run with the same options reuses every stage
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and [json.loads(x) for x in again.stdout.splitlines()] == lines
+    assert "running:" not in again.stderr
