@@ -233,7 +233,8 @@ class Encoder(nn.Module):
             raise ValueError(f"with_config: a {self.config.kind} encoder has no MLM head and projection for dupmae")
         return Encoder(self.model, config, self.projection if config.kind == "dupmae" else None)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Representation:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor,
+                token_type_ids: Tensor | None = None) -> Representation:
         return self.represent(self.hidden_states(input_ids, attention_mask, token_type_ids), attention_mask)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None) -> Tensor:

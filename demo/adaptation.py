@@ -144,11 +144,11 @@ class Experiment:
 
     def _pretrain(self, variant: str, spec: Variant, out: Path) -> Path:
         cfg = self.cfg
-        command = [*_python("pretrain/main.py"), "--deepspeed", "ds_configs/zero2_cpu.json", "--data_dir", str(self.shards),
-                   "--model_name_or_path", cfg.model_name_or_path, "--output_dir", str(out), "--seed", str(self.seed),
-                   *cfg.pretrain_flags(), *spec.pretrain_flags, *cfg.pretrain_extra, "--logging_steps", "10",
-                   "--save_steps", "0",
-                   "--save_total_limit", "1", "--disable_tqdm"]
+        command = [*_python("pretrain/main.py"), "--deepspeed", "ds_configs/zero2_cpu.json",
+                   "--data_dir", str(self.shards), "--model_name_or_path", cfg.model_name_or_path,
+                   "--output_dir", str(out), "--seed", str(self.seed), *cfg.pretrain_flags(), *spec.pretrain_flags,
+                   *cfg.pretrain_extra, "--logging_steps", "10", "--save_steps", "0", "--save_total_limit", "1",
+                   "--disable_tqdm"]
         self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-pretrain", command, out, {"DS_ACCELERATOR": "cpu"})
         return out
 

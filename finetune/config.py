@@ -24,7 +24,8 @@ class FinetuneConfig:
     dense_dim: int | None = arg(None, "dupmae: output dim of the projection; None: the model's (384 for a plain BERT)")
     top_k: int | None = arg(None, "dupmae: vocabulary entries a passage keeps (in training as at search time); "
                                   "None: the model's / 384")
-    sparse_weight: float | None = arg(None, "dupmae: weight of the sparse score beside the dense one; None: the model's")
+    sparse_weight: float | None = arg(
+        None, "dupmae: weight of the sparse score beside the dense one; None: the model's")
     untie_encoders: bool = arg(False, "separate query and passage encoders (both start from the same weights)")
     # Data
     data_dir: str = arg("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) or preprocessing output")

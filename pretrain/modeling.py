@@ -207,7 +207,8 @@ class DupMAEModel(nn.Module):
         transform, projection = split_mlm_head(self.mlm)
         weight, bias = projection.weight, projection.bias  # [V, H], [V]
         with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
-            hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, H]
+            hidden = self.mlm.base_model(input_ids=input_ids,
+                                         attention_mask=attention_mask).last_hidden_state  # [B, L, H]
 
         # Encoder MLM at the masked positions and [CLS] decoding at every ordinary token, in one fused call:
         # each row's weight is its term's loss weight over the term's row count (the two means, weighted).

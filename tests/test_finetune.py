@@ -451,7 +451,7 @@ def test_arrow_groups_from_preprocessing(tokenizer, tmp_path):
 TOPICS = [
     ("Insulin is secreted by beta cells in the pancreas to lower blood glucose.", "which cells secrete insulin"),
     ("Mosquitoes transmit the malaria parasite between human hosts.", "how is malaria spread"),
-    ("Statins reduce LDL cholesterol by inhibiting HMG-CoA reductase in the liver.", "how do statins lower cholesterol"),
+    ("Statins reduce LDL cholesterol by inhibiting HMG-CoA reductase.", "how do statins lower cholesterol"),
     ("The hippocampus is essential for forming new long-term memories.", "brain region for memory formation"),
     ("Smoking tobacco is the leading cause of lung cancer worldwide.", "main cause of lung cancer"),
     ("Vaccines train the immune system to recognize a pathogen before infection.", "how vaccines work"),

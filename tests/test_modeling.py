@@ -1,4 +1,5 @@
-"""pretrain.modeling / linear_ce / bow_loss and common.vocab_pooling against plain per-sample references, bf16, loading and export."""
+"""pretrain.modeling / linear_ce / bow_loss and common.vocab_pooling against plain per-sample references, bf16,
+loading and export."""
 from __future__ import annotations
 
 import json
