@@ -448,25 +448,40 @@ def test_arrow_groups_from_preprocessing(tokenizer, tmp_path):
         load_finetune_data(str(tmp_path), "train", None, tokenizer, DeadLetter(None))
 
 
-TOPICS = [
-    ("Insulin is secreted by beta cells in the pancreas to lower blood glucose.", "which cells secrete insulin"),
-    ("Mosquitoes transmit the malaria parasite between human hosts.", "how is malaria spread"),
-    ("Statins reduce LDL cholesterol by inhibiting HMG-CoA reductase.", "how do statins lower cholesterol"),
-    ("The hippocampus is essential for forming new long-term memories.", "brain region for memory formation"),
-    ("Smoking tobacco is the leading cause of lung cancer worldwide.", "main cause of lung cancer"),
-    ("Vaccines train the immune system to recognize a pathogen before infection.", "how vaccines work"),
-    ("Low birth weight raises the risk of infant death in the first month.", "birth weight and infant mortality"),
-    ("Antibiotics kill bacteria but have no effect on viruses such as influenza.", "do antibiotics treat the flu"),
-    ("Regular aerobic exercise lowers resting heart rate and blood pressure.", "exercise effect on blood pressure"),
-    ("Vitamin D is produced in the skin when it is exposed to sunlight.", "how the body makes vitamin D"),
-    ("Red blood cells carry oxygen bound to hemoglobin.", "what carries oxygen in blood"),
-    ("Type 1 diabetes is an autoimmune destruction of insulin-producing cells.", "cause of type 1 diabetes"),
-    ("CRISPR-Cas9 cuts DNA at a location chosen by a guide RNA.", "how CRISPR edits genes"),
-    ("Alzheimer's disease is marked by amyloid plaques and tau tangles.", "brain changes in Alzheimer's"),
-    ("Sleep deprivation impairs attention and working memory.", "effects of lack of sleep on the mind"),
-    ("Folic acid taken in pregnancy prevents neural tube defects.", "why take folic acid when pregnant"),
+TOPICS = [  # (document, query, a near miss: same subject, does not answer)
+    ("Insulin is secreted by beta cells in the pancreas to lower blood glucose.", "which cells secrete insulin",
+     "Insulin resistance develops when muscle cells respond poorly to insulin."),
+    ("Mosquitoes transmit the malaria parasite between human hosts.", "how is malaria spread",
+     "Malaria causes recurring fever and anemia in children."),
+    ("Statins lower LDL cholesterol by inhibiting HMG-CoA reductase in the liver.", "how statins lower cholesterol",
+     "Statins can cause muscle pain in some patients."),
+    ("The hippocampus is essential for forming new long-term memories.", "brain region for memory formation",
+     "The cerebellum coordinates balance and fine movements."),
+    ("Smoking tobacco is the leading cause of lung cancer worldwide.", "main cause of lung cancer",
+     "Lung cancer is often diagnosed late because early symptoms are mild."),
+    ("Vaccines train the immune system to recognize a pathogen before infection.", "how vaccines work",
+     "Vaccines are stored at low temperatures during transport."),
+    ("Low birth weight raises the risk of infant death in the first month.", "birth weight and infant mortality",
+     "Birth weight is recorded in grams at delivery."),
+    ("Antibiotics kill bacteria but have no effect on viruses such as influenza.", "do antibiotics treat the flu",
+     "Influenza vaccines are updated every year."),
+    ("Regular aerobic exercise lowers resting heart rate and blood pressure.", "exercise effect on blood pressure",
+     "Blood pressure is measured with a cuff on the upper arm."),
+    ("Vitamin D is produced in the skin when it is exposed to sunlight.", "how the body makes vitamin D",
+     "Vitamin C is found in citrus fruits."),
+    ("Red blood cells carry oxygen bound to hemoglobin.", "what carries oxygen in blood",
+     "White blood cells fight infections."),
+    ("Type 1 diabetes is an autoimmune destruction of insulin-producing cells.", "cause of type 1 diabetes",
+     "Type 2 diabetes is managed with diet and metformin."),
+    ("CRISPR-Cas9 cuts DNA at a location chosen by a guide RNA.", "how CRISPR edits genes",
+     "Gene sequencing costs have fallen sharply."),
+    ("Alzheimer's disease is marked by amyloid plaques and tau tangles.", "brain changes in Alzheimer's",
+     "Alzheimer's disease affects millions of older adults."),
+    ("Sleep deprivation impairs attention and working memory.", "effects of lack of sleep on the mind",
+     "Adults are advised to sleep seven to nine hours."),
+    ("Folic acid taken in pregnancy prevents neural tube defects.", "why take folic acid when pregnant",
+     "Pregnancy lasts about forty weeks."),
 ]
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags,learning", [([], True), (["--normalize", "false", "--temperature", "0.02"], False)])
@@ -480,16 +495,21 @@ def test_readme_dupmae_command_keeps_most_queries_learning(minilm_path, tokenize
     DupMAEModel.from_pretrained(minilm_path, DupMAEConfig()).save_export(str(export), tokenizer)
     data = tmp_path / "data"
     (data / "qrels").mkdir(parents=True)
-    (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": doc}) + "\n"
-                                               for i, (doc, _) in enumerate(TOPICS)))
+    docs = {f"d{i}": doc for i, (doc, _, _) in enumerate(TOPICS)}
+    docs.update({f"n{i}": near_miss for i, (_, _, near_miss) in enumerate(TOPICS)})  # no passage twice in a batch
+    (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "title": "", "text": t}) + "\n"
+                                               for d, t in docs.items()))
     (data / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": query}) + "\n"
-                                                for i, (_, query) in enumerate(TOPICS)))
+                                                for i, (_, query, _) in enumerate(TOPICS)))
     (data / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                               "".join(f"q{i}\td{i}\t1\n" for i in range(len(TOPICS))))
+    negatives = tmp_path / "negs.jsonl"
+    negatives.write_text("".join(json.dumps({"query_id": f"q{i}", "negatives": [f"n{i}"]}) + "\n"
+                                 for i in range(len(TOPICS))))
     out = tmp_path / "run"
     subprocess.run([sys.executable, "finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json",
                     "--model_name_or_path", str(export), "--representation", "dupmae", "--data_dir", str(data),
-                    "--train_group_size", "2", "--per_device_train_batch_size", "8", "--max_steps", "1",
+                    "--negatives", str(negatives), "--train_group_size", "2", "--per_device_train_batch_size", "16", "--max_steps", "1",
                     "--learning_rate", "1e-6", "--logging_steps", "1", "--output_dir", str(out), *flags],
                    check=True, env=_env(), cwd=REPO, capture_output=True)
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
