@@ -53,7 +53,7 @@ class RepresentationConfig:
     """How token states become a text representation."""
 
     kind: Literal["cls", "mean", "dupmae"] = "cls"  # cls / mean pooling (dense) or DupMAE dense + sparse
-    normalize: bool = False  # L2-normalize the dense part (cosine similarity)
+    normalize: bool = False  # L2-normalize the dense part, for dupmae the sparse part too (cosine scores)
     dense_dim: int = 384  # dupmae: output dim of the projection W
     top_k: int = 384  # dupmae: vocabulary entries a document keeps (the query keeps all)
     pooling: Literal["cls", "mean"] = "cls"  # token states the dense part pools (cls/mean kinds: the kind itself)
@@ -184,13 +184,13 @@ def resolve_config(name_or_path: str | None, **overrides) -> RepresentationConfi
 
 
 class Encoder(nn.Module):
-    """A HF encoder plus the pooling (and, for dupmae, the MLM head and [CLS] projection) that make a vector."""
+    """A HF encoder plus the pooling (and, for dupmae, the MLM head and the projection W) that make a vector."""
 
     def __init__(self, model: nn.Module, config: RepresentationConfig, projection: nn.Linear | None = None):
         super().__init__()
         self.config = config
         self.model = model  # AutoModel (cls/mean) or AutoModelForMaskedLM (dupmae)
-        self.projection = projection  # dupmae only: W_cls
+        self.projection = projection  # dupmae only: W
         self.max_seq_length: int | None = None  # from sentence_bert_config.json when the folder has one
 
     @classmethod
