@@ -195,21 +195,29 @@ class Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None, config: RepresentationConfig | None = None) -> "Encoder":
-        """Load a HF / sentence-transformers / DupMAE folder (None or "default": the packaged MiniLM)."""
+        """Load a HF / sentence-transformers / DupMAE folder (None or "default": the packaged MiniLM).
+
+        A DupMAE folder keeps its MLM head under any config, so a `mean` fine-tuning of a DupMAE export exports the
+        head too, and the result can still be scored as dupmae (its trained sparse half on the tuned encoder)."""
         from transformers import AutoModel, AutoModelForMaskedLM
 
         path = resolve_model(name_or_path)
         folder = Path(path)
-        config = config or saved_config(path)  # an explicit config wins over the folder's
+        saved = folder_config(path)
+        config = config or saved or RepresentationConfig()  # an explicit config wins over the folder's
         # Weights missing from the checkpoint are initialized from a fixed seed without touching the caller's RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
-            if config.kind == "dupmae":
+            if config.kind == "dupmae" or (saved is not None and saved.kind == "dupmae"):
                 model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
                 head_missing = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
-                if head_missing:
+                if head_missing and config.kind == "dupmae":
                     logger.warning("%s has no trained MLM head (%d tensors initialized): the sparse part is untrained",
                                    path, len(head_missing))
+            else:
+                model = AutoModel.from_pretrained(path)
+            projection = None
+            if config.kind == "dupmae":
                 projection = new_projection(model.config.hidden_size, config.dense_dim)
                 projection_file = folder / PROJECTION_NAME
                 if projection_file.is_file():
@@ -219,8 +227,6 @@ class Encoder(nn.Module):
                 else:
                     logger.warning("%s has no %s: projection initialized (%s)", path, PROJECTION_NAME,
                                    "identity" if config.dense_dim == model.config.hidden_size else f"seed {INIT_SEED}")
-            else:
-                model, projection = AutoModel.from_pretrained(path), None
         encoder = cls(model, config, projection)
         st_config = folder / "sentence_bert_config.json"
         if st_config.is_file():

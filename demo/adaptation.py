@@ -10,9 +10,9 @@ and the same continued-pre-training recipe (`--freeze_encoder_steps`, learning r
   dupmae           MLM + [CLS] decoding + BoW, the paper's weights 1/1/1
   dupmae-official  the official code's settings: BoW weight 0.1, masked tokens pooled (--bow_include_masked)
 Each variant is scored zero-shot with `mean` and `cls` pooling (cosine) and, for the DupMAE variants, the `dupmae`
-representation its export records; then, where the dataset has qrels/train.tsv, fine-tuned the same way (BM25
-negatives mined once, same steps, seed and options, each variant's retrieval representation: `mean`, or `dupmae`
-for the DupMAE variants) and scored with that representation. Every stage is a subprocess with its own log, reused
+representation its export records; then, where the dataset has qrels/train.tsv, fine-tuned the same way for every
+variant (BM25 negatives mined once; same steps, seed and options; the base model's own embedding, `mean`), and
+scored the same way again (a DupMAE variant's `dupmae`: the tuned dense half plus its pre-trained sparse half). Every stage is a subprocess with its own log, reused
 when its command is unchanged (`demo.stages`); evaluations are cached by their options.
 """
 from __future__ import annotations
@@ -135,11 +135,9 @@ class Experiment:
             model = str(self._pretrain(variant, spec, out / "pretrain") / "export")
         scores = {"zero-shot": self._evaluate(f"{variant} zero-shot", model, spec.dupmae, out / "zero-shot.json")}
         if self.negatives is not None:
-            representation = "dupmae" if spec.dupmae else "mean"
-            tuned = self._finetune(variant, model, representation, out / "finetune")
-            result = self._evaluate(f"{variant} fine-tuned", str(tuned / "model"), spec.dupmae,
-                                    out / "fine-tuned.json")
-            scores["fine-tuned"] = {representation: result[representation]}  # the representation it was tuned for
+            tuned = self._finetune(variant, model, out / "finetune")
+            scores["fine-tuned"] = self._evaluate(f"{variant} fine-tuned", str(tuned / "model"), spec.dupmae,
+                                                  out / "fine-tuned.json")
         return scores
 
     def _pretrain(self, variant: str, spec: Variant, out: Path) -> Path:
@@ -152,17 +150,17 @@ class Experiment:
         self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-pretrain", command, out, {"DS_ACCELERATOR": "cpu"})
         return out
 
-    def _finetune(self, variant: str, model: str, representation: str, out: Path) -> Path:
+    def _finetune(self, variant: str, model: str, out: Path) -> Path:
+        """The same fine-tuning for every variant: the base model's own embedding (mean, cosine for MiniLM)."""
         cfg = self.cfg
         command = _python("finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json", "--model_name_or_path",
-                          model, "--representation", representation, "--data_dir", str(self.dataset),
+                          model, "--representation", "mean", "--data_dir", str(self.dataset),
                           "--negatives", str(self.negatives), "--max_steps", str(cfg.finetune_steps),
                           "--per_device_train_batch_size", str(cfg.finetune_batch_size), "--train_group_size", "2",
                           "--learning_rate", str(cfg.finetune_learning_rate), "--passage_max_length",
                           str(cfg.max_length), "--logging_steps", "10", "--save_steps", str(cfg.finetune_steps),
                           "--seed", str(self.seed), "--output_dir", str(out))
-        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-finetune-{representation}", command, out,
-                    {"DS_ACCELERATOR": "cpu"})
+        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-finetune", command, out, {"DS_ACCELERATOR": "cpu"})
         return out
 
     def _stage(self, name: str, command: list[str], out: Path, env: dict[str, str]) -> None:
@@ -186,14 +184,13 @@ class Experiment:
 
 def evaluate_model(model: str, dupmae: bool, dataset: Path, max_length: int, max_docs: int) -> dict:
     """mean and cls (cosine) and, when `dupmae`, the folder's dupmae representation, from one encoder pass."""
-    from common.representation import Encoder, RepresentationConfig
+    from common.representation import Encoder, RepresentationConfig, resolve_config
     from common.tokenizer import load_tokenizer
     from evaluation.compare import score_representations
     from evaluation.data import load_beir, subsample
 
-    encoder = Encoder.from_pretrained(model)  # the folder's own config: an export's dupmae, the base model's pooling
-    if dupmae and encoder.config.kind != "dupmae":
-        raise ValueError(f"{model}: expected a dupmae export, its representation is {encoder.config.kind}")
+    # dupmae: the folder's own (a pre-training export's), or the one its base would get (a mean fine-tuning of one)
+    encoder = Encoder.from_pretrained(model, resolve_config(model, kind="dupmae") if dupmae else None)
     encoders = {"mean": encoder.with_config(RepresentationConfig(kind="mean", normalize=True)),
                 "cls": encoder.with_config(RepresentationConfig(kind="cls", normalize=True))}
     if dupmae:
