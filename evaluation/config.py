@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.flags import optional_bool
 from common.representation import KINDS, RepresentationConfig, resolve_config
 
 
@@ -21,7 +22,7 @@ class EvalConfig:
                                      aliases=["--model"]))
     representation: str | None = field(
         default=None, metadata=_help("cls, mean or dupmae; None: the model's saved config", choices=list(KINDS)))
-    normalize: bool | None = field(default=None, metadata=_help("L2-normalize the dense part; None: the model's"))
+    normalize: bool | None = optional_bool("L2-normalize the dense part; None: the model's")
     dense_dim: int | None = field(default=None, metadata=_help("dupmae projection dim; None: the model's / 384"))
     sparse_top_k: int | None = field(default=None, metadata=_help("dupmae document top-k; None: the model's / 384"))
     sparse_weight: float | None = field(

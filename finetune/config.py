@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.flags import optional_bool
+
 
 def arg(default, help: str):
     """A dataclass field whose help text `HfArgumentParser` shows in --help."""
@@ -19,8 +21,8 @@ class FinetuneConfig:
     representation: Literal["cls", "mean", "dupmae"] | None = arg(
         None, "cls / mean pooling, or DupMAE dense + sparse; None: the model folder's own (representation.json or "
               "sentence-transformers modules), else cls")
-    normalize: bool | None = arg(
-        None, "L2-normalize the dense part (cosine scores), as sentence-transformers models do; None: the model's")
+    normalize: bool | None = optional_bool(
+        "L2-normalize the dense part (cosine scores), as sentence-transformers models do; None: the model's")
     dense_dim: int | None = arg(None, "dupmae: output dim of the projection; None: the model's (384 for a plain BERT)")
     top_k: int | None = arg(None, "dupmae: vocabulary entries a passage keeps (in training as at search time); "
                                   "None: the model's / 384")

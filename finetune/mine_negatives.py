@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.flags import optional_bool
 from common.representation import Encoder
 from finetune.config import arg
 from finetune.data import DeadLetter, load_beir
@@ -31,7 +32,7 @@ class MiningConfig:
     split: str = arg("train", "qrels split whose queries get negatives")
     method: Literal["dense", "bm25"] = arg("dense", "retrieve with the model, or with BM25 (bm25s)")
     representation: Literal["cls", "mean", "dupmae"] | None = arg(None, "override the folder's representation")
-    normalize: bool | None = arg(None, "L2-normalize the dense part; None: the model's")
+    normalize: bool | None = optional_bool("L2-normalize the dense part; None: the model's")
     depth: int = arg(200, "documents retrieved per query")
     skip_top: int = arg(3, "best-ranked non-positive documents skipped (likely unlabeled positives)")
     query_max_length: int = arg(32, "query tokens, [CLS]/[SEP] included")
