@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.defaults import resolve_model
+from common.sparse import ordinary_tokens, sparse_half, sparsify
 from common.vocab_pooling import split_mlm_head, vocab_max_pool
 
 logger = logging.getLogger(__name__)
@@ -95,12 +96,6 @@ class Representation:
     vocab: Tensor | None = None  # [B, V]
 
 
-def sparsify(vocab: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k largest entries of each row: (indices [B, k], values [B, k]); k is capped at V."""
-    values, indices = torch.topk(vocab, min(k, vocab.shape[-1]), dim=-1)
-    return indices, values
-
-
 def score(queries: Representation, docs: Representation, top_k: int | None, sparse_weight: float = 1.0) -> Tensor:
     """[Bq, Bd] scores: dense dot plus sparse_weight x the query's full vocab vector at each document's top-k entries.
 
@@ -124,15 +119,6 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def ordinary_tokens(attention_mask: Tensor) -> Tensor:
-    """[B, L] bool: attended positions minus [CLS] (position 0) and each row's last attended one ([SEP])."""
-    ordinary = attention_mask.bool().clone()  # [B, L]
-    last = attention_mask.sum(1).long() - 1  # [B]
-    ordinary[torch.arange(len(last), device=last.device), last.clamp(min=0)] = False
-    ordinary[:, 0] = False
-    return ordinary
 
 
 def _sentence_transformers_config(folder: Path) -> RepresentationConfig | None:
@@ -271,7 +257,9 @@ class Encoder(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path, tokenizer=None) -> None:
         """HF model (+ tokenizer), representation.json, the projection (dupmae) and sentence-transformers modules
-        (`common.st_modules`: the dense half for `SentenceTransformer`, and for dupmae sparse/ for `SparseEncoder`)."""
+        (`common.st_modules`: the dense half for `SentenceTransformer`, and for dupmae sparse/ for `SparseEncoder`).
+        Imported here, not at the top: it imports sentence-transformers, which training and evaluation otherwise
+        do not need; `common.st_modules` does not import this module (both read `common.sparse`)."""
         from common.st_modules import save_sentence_transformers
 
         out = Path(out_dir)
@@ -286,16 +274,6 @@ class Encoder(nn.Module):
             save_file({k: v.detach().contiguous().cpu() for k, v in self.projection.state_dict().items()},
                       str(out / PROJECTION_NAME))
         save_sentence_transformers(self, out, tokenizer)
-
-
-def sparse_half(pooled: Tensor, attention_mask: Tensor, values: str, normalize: bool) -> Tensor:
-    """The sparse half from the max-pooled vocabulary vector μ [B, V]: softmax(μ) for values "probs", then
-    L2-normalized with `normalize`; a text without ordinary tokens (the empty string) gets a zero vector."""
-    if values == "probs":
-        pooled = torch.softmax(pooled.float(), dim=-1).to(pooled.dtype)
-    if normalize:
-        pooled = F.normalize(pooled, dim=-1)
-    return pooled.masked_fill(~ordinary_tokens(attention_mask).any(1, keepdim=True), 0.0)
 
 
 #: Sparse-half options of a sentence embedder's dupmae representation (`dupmae_config`), chosen on the train

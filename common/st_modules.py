@@ -36,7 +36,7 @@ import torch
 from sentence_transformers.base.modules import Module
 from torch import Tensor
 
-from common.representation import ordinary_tokens, sparse_half, sparsify
+from common.sparse import ordinary_tokens, sparse_half, sparsify
 
 logger = logging.getLogger(__name__)
 
