@@ -59,6 +59,8 @@ class FinetuneConfig:
               "(output_dir/checkpoints/step-N)")
     max_consecutive_nonfinite: int = arg(20, "stop (exit 3) after this many optimizer steps in a row skipped for a "
                                              "NaN/inf loss or gradient norm")
+    ddp_timeout: int = arg(1800, "seconds every rank waits in a collective for the others; past it (a hung rank) "
+                                 "every rank exits non-zero with one line naming the collective")
     local_rank: int = arg(-1, "set by the deepspeed launcher")
 
     def __post_init__(self) -> None:
@@ -69,7 +71,8 @@ class FinetuneConfig:
         if not self.deepspeed:
             raise ValueError("--deepspeed is required (e.g. ds_configs/finetune_cpu.json)")
         for name in ("train_group_size", "query_max_length", "passage_max_length", "per_device_train_batch_size",
-                     "gradient_accumulation_steps", "logging_steps", "save_steps", "max_consecutive_nonfinite"):
+                     "gradient_accumulation_steps", "logging_steps", "save_steps", "max_consecutive_nonfinite",
+                     "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if min(self.query_max_length, self.passage_max_length) < 3:

@@ -89,6 +89,9 @@ class TrainingArguments:
     max_consecutive_nonfinite: int = _arg(
         20, "stop (exit 3) after this many optimizer steps in a row skipped for a NaN/inf loss or gradient norm "
             "(fp16's loss-scale search at the start skips a few; they count)")
+    ddp_timeout: int = _arg(
+        1800, "seconds every rank waits in a collective for the others; past it (a hung rank) every rank exits "
+              "non-zero with one line naming the collective")
     disable_tqdm: bool = _arg(False, "no progress bar")
     local_rank: int = _arg(-1, "set by the deepspeed launcher; ranks are read from the environment")
 
@@ -96,7 +99,7 @@ class TrainingArguments:
         if not self.output_dir:
             raise ConfigError("--output_dir is required")
         positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
-                    "max_consecutive_nonfinite")
+                    "max_consecutive_nonfinite", "ddp_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
