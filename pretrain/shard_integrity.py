@@ -6,8 +6,10 @@ flipped byte inside a record batch passes both, and memory-mapped reads never no
 step rank r hashes shards r, r + W, r + 2W, ... (the reads run in parallel across ranks and nodes), the
 ranks exchange their findings in one all-gather, and every rank stops with the same one-line error naming
 the first bad shard. Rank 0 then records the verification in OUT/shards_verified.json (the data folder, the
-manifest's hash, each shard's size and mtime); a resumed run that finds the same record skips the hashing,
-and any change to those (a shard copied again, another data folder) hashes everything again.
+manifest's hash, each shard's size and mtime); a resumed run whose rank 0 finds the same record skips the
+hashing, and any change to those (a shard copied again, another data folder) hashes everything again. Rank 0
+alone decides and broadcasts it: other ranks may see other paths and mtimes (node-local copies) or no OUT at
+all, and a rank deciding on its own would skip while the others wait in the all-gather.
 """
 from __future__ import annotations
 
@@ -63,8 +65,11 @@ def verify_shards(data_dir: str | Path, manifest: Manifest, output_dir: str | Pa
     anywhere raises the same DataError on every rank (every rank must call this)."""
     folder, record = Path(data_dir), Path(output_dir) / VERIFIED_FILE
     fingerprint = _fingerprint(folder, manifest)
-    if record.is_file() and json.loads(record.read_text()) == fingerprint:
-        logger.info("shards verified earlier (%s): not hashing them again", record)
+    decision = [rank == 0 and record.is_file() and json.loads(record.read_text()) == fingerprint]
+    if dist.is_initialized() and world_size > 1:
+        dist.broadcast_object_list(decision, src=0)
+    if decision[0]:
+        logger.info("shards verified earlier (%s on rank 0): not hashing them again", record)
         return
     started = time.perf_counter()
     total = sum(size for size, _ in fingerprint["shards"].values())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,41 @@ def test_verification_is_recorded_and_redone_only_when_the_files_change(tmp_path
     hashed.clear()
     verify_shards(folder, manifest, tmp_path / "out2", rank=1, world_size=2)
     assert hashed == [shard_name(1, 3)] and not (tmp_path / "out2" / VERIFIED_FILE).exists()
+
+def _verify_worker(rank: int, port: int, folders: list[str], outs: list[str], results: str) -> None:
+    """Rank `rank` of 2 verifies its own copy of the shards into its own output folder (nothing shared); it
+    reports the shards it hashed. A short collective timeout turns a desynchronised pair into an error."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=timedelta(seconds=10))
+    hashed = []
+    original = shard_integrity.file_sha256
+    shard_integrity.file_sha256 = lambda path: hashed.append(path.name) or original(path)
+    folder = Path(folders[rank])
+    verify_shards(folder, PretrainShards(folder).manifest, outs[rank], rank=rank, world_size=2)
+    dist.barrier()
+    torch.save(hashed, Path(results) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_rank_0_alone_decides_to_skip_a_verification_done_before(tmp_path, tokenizer):
+    """Rank 0 has a record of its shards; rank 1 reads a node-local copy (another path, other mtimes) and has no
+    record in its own output folder. Both skip, as rank 0 decided; neither waits for the other."""
+    import torch
+
+    folder = write_shards(tmp_path / "data", tokenizer, make_texts(12), num_shards=3)
+    verify_shards(folder, PretrainShards(folder).manifest, tmp_path / "out0", rank=0, world_size=1)  # the record
+    local = shutil.copytree(folder, tmp_path / "node1" / "data", copy_function=shutil.copy)  # new mtimes
+    torch.multiprocessing.spawn(_verify_worker, nprocs=2, join=True, args=(
+        29900 + os.getpid() % 90, [str(folder), str(local)], [str(tmp_path / "out0"), str(tmp_path / "out1")],
+        str(tmp_path)))
+    assert [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)] == [[], []]
+
 
 def test_too_little_data_for_one_batch_per_rank(shard_dir):
     with pytest.raises(DataError, match="cannot fill one batch of 32 on each of 2 ranks"):
