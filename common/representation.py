@@ -7,7 +7,7 @@ DupMAE (see ../shared/DUPMAE.md) represents a text by two parts:
 and scores  <q, d> = ĥ_q·ĥ_d + w_s Σ_{i ∈ top-k(μ_d)} μ_q[i] μ_d[i]  (only the document side is sparsified;
 w_s = `sparse_weight`, 1 in the paper). The paper's settings are the defaults. Three options make the
 representation work before any fine-tuning, for a sentence embedder adapted by continued pre-training
-(`dupmae_config` picks them; the README gives the measurements that chose them):
+(`dupmae_config` picks them; docs/adapting.md gives the measurements that chose them):
 - W starts as the identity when dense_dim equals the hidden size, so the dense half is the base model's own
   pooled embedding;
 - `sparse_bias` = False drops the MLM head's output bias from μ: continued pre-training starts that bias at the
