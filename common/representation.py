@@ -277,7 +277,7 @@ class Encoder(nn.Module):
 
 
 #: Sparse-half options of a sentence embedder's dupmae representation (`dupmae_config`), chosen on the train
-#: queries of SciFact and of the docstring set (see the README's adaptation results).
+#: queries of SciFact and of the docstring set (docs/results.md, "Adaptation: development runs").
 ZERO_SHOT_SPARSE = {"sparse_bias": False, "sparse_values": "probs", "sparse_weight": 0.2}
 
 
