@@ -1,6 +1,6 @@
 """Collator throughput: our whole-batch DupMAECollator vs a per-sample re-implementation of the official one.
 
-    python benchmarks/collator.py [--batch_size 32] [--seq_len 512] [--batches 10] [--baseline_batches 1]
+    python benchmarks/collator.py [--batch_size 32] [--seq_len 512] [--batches 10] [--baseline_batches 1] [--smoke]
 
 The baseline re-implements, in plain Python, the algorithm of the official DupMAECollator
 (staoxiao/RetroMAE, src/pretrain/data.py, on top of transformers 4's DataCollatorForWholeWordMask):
@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import smoke  # noqa: E402
 from common.tokenizer import load_tokenizer  # noqa: E402
 from pretrain.collator import CollatorConfig, DupMAECollator  # noqa: E402
 
@@ -154,7 +155,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=10, help="timed batches for our collator")
     parser.add_argument("--baseline_batches", type=int, default=1, help="timed batches for the baseline (slow)")
     parser.add_argument("--model_name_or_path", default=None, help="tokenizer (default: the packaged MiniLM)")
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, batch_size=2, seq_len=64, batches=1, baseline_batches=1)
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.model_name_or_path)
     n_batches = max(args.batches, args.baseline_batches)
@@ -171,7 +172,7 @@ def main() -> None:
     print(json.dumps({"bench": "collator", "metric": "throughput", "unit": "samples/s", "ours": round(ours_rate, 2),
                       "baseline": round(baseline_rate, 2), "ratio": round(ours_rate / baseline_rate, 2),
                       "better": "higher", "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": 1,
-                      "data": "gutenberg" if BOOKS.is_file() else "random ids"}))
+                      "data": "gutenberg" if BOOKS.is_file() else "random ids", "smoke": args.smoke}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training attention on CPU with dropout: `pretrain.cpu_attention.attention` vs PyTorch SDPA (math path).
 
     python benchmarks/cpu_attention.py [--batch_size 8] [--heads 12] [--seq_len 256] [--head_dim 32] [--repeats 5]
+        [--smoke]
 
 One forward + backward of attention with dropout 0.1 and a padding mask, 1 thread, best of --repeats, both in
 the same run. Prints one JSON line per figure: seconds per forward + backward, seconds to draw the dropout
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import smoke  # noqa: E402
 from pretrain.cpu_attention import attention, drop_mask  # noqa: E402
 
 BENCH = "cpu_attention"
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--head_dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, batch_size=1, heads=2, seq_len=32, head_dim=8, repeats=1)
     torch.set_num_threads(1)
     shape = (args.batch_size, args.heads, args.seq_len, args.head_dim)
     q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
@@ -73,7 +75,7 @@ def main() -> None:
                                  best_seconds(lambda: noise.bernoulli_(1 - DROPOUT), args.repeats), "s", "lower"),
         "saved_for_backward_MiB": (saved_bytes(ours) / 2**20, saved_bytes(sdpa) / 2**20, "MiB", "lower"),
     }
-    common = {"shape": list(shape), "dropout": DROPOUT, "threads": 1}
+    common = {"shape": list(shape), "dropout": DROPOUT, "threads": 1, "smoke": args.smoke}
     for metric, (mine, base, unit, better) in figures.items():
         print(json.dumps({"bench": BENCH, "metric": metric, "unit": unit, "ours": round(mine, 4),
                           "baseline": round(base, 4), "ratio": round(mine / base, 3), "better": better, **common}))

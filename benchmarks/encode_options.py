@@ -1,14 +1,15 @@
 """What could make CPU/GPU encoding faster than plain fp32, and what each option costs in fidelity.
 
-    python benchmarks/encode_options.py [--batch_size 32] [--seq_len 256] [--repeats 3] [--device cpu|cuda]
+    python benchmarks/encode_options.py [--batch_size 32] [--seq_len 256] [--repeats 3] [--device cpu|cuda] [--smoke]
 
 One forward pass of the packaged all-MiniLM-L6-v2 over a [batch, seq_len] batch of random tokens (a third of
 the rows padded from 200 on), mean pooling + normalization as the SciFact evaluation uses. Baseline: the HF
 model in fp32, eager PyTorch (SDPA attention) -- what both `evaluation` and the `beir` package run. Each
 option prints one JSON line: texts/s ratio against the baseline (same run, best of --repeats) and the
 lowest cosine between an option's embedding and the fp32 one over the batch (1.0 = same ranking input).
-Options: bf16 autocast (fast only with native bf16: AVX512-BF16/AMX or a GPU), torch.compile (inductor; its
-compile time is reported, not timed), int8 dynamic quantization of the Linear layers (CPU only).
+Options: bf16 autocast (fast only with native bf16: AVX512-BF16/AMX or a GPU), torch.compile (--compile_backend,
+inductor by default; its compile time is reported, not timed), int8 dynamic quantization of the Linear layers
+(CPU only). --smoke compiles with the `eager` backend: the graph capture without inductor's code generation.
 The first line reports the fp32 baseline's share of time in matrix multiplications: the ceiling for any
 fp32 option that only removes the other work is 1 / (1 - that share).
 """
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import smoke  # noqa: E402
 from common.defaults import default_model_path  # noqa: E402
 
 BENCH = "encode_options"
@@ -66,7 +68,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args()
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend")
+    args = smoke.parse_args(parser, batch_size=2, seq_len=16, repeats=1, compile_backend="eager")
     from transformers import AutoModel
 
     device = torch.device(args.device)
@@ -76,7 +79,8 @@ def main() -> None:
     mask = torch.ones_like(input_ids)
     mask[::3, min(200, args.seq_len - 1):] = 0
     common = {"batch_size": args.batch_size, "seq_len": args.seq_len, "device": args.device,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+              "compile_backend": args.compile_backend, "smoke": args.smoke}
     with torch.inference_mode():
         reference = embed(model, input_ids, mask)
         base_s = best_seconds(lambda: embed(model, input_ids, mask), args.repeats)
@@ -91,7 +95,7 @@ def main() -> None:
 
         options = {"bf16_autocast": (bf16, 0.0)}
         start = time.perf_counter()
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend=args.compile_backend)
         embed(compiled, input_ids, mask)
         options["torch_compile"] = (lambda: embed(compiled, input_ids, mask), time.perf_counter() - start)
         if device.type == "cpu":

@@ -1,6 +1,6 @@
 """Evaluation throughput: our encode + exact search vs the `beir` package's standard dense exact search.
 
-    python benchmarks/evaluate.py [--data_dir ../shared/data/scifact] [--repeats 2] [--max_docs N]
+    python benchmarks/evaluate.py [--data_dir ../shared/data/scifact] [--repeats 2] [--max_docs N] [--smoke]
 
 Same model (the packaged all-MiniLM-L6-v2, mean pooling + normalization, max length 256), same data (SciFact
 test), same process. Baseline: beir `models.SentenceBERT` + `DenseRetrievalExactSearch` (batch 128, cosine).
@@ -11,6 +11,7 @@ times, so a machine shared with other jobs slows both alike; figures are medians
 Prints one JSON line per figure: corpus docs/s, and nDCG@10 of both (must agree within 0.001).
 --max_docs N (quick runs on a busy machine) evaluates both on the same smaller corpus: every judged document plus
 the first others up to N; its nDCG@10 compares the two systems but is not SciFact's published figure.
+--smoke: one pair on a 16-document BEIR folder written to OUTPUT_DIR/smoke_data (benchmarks/smoke.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import smoke  # noqa: E402
 from common.defaults import default_model_path  # noqa: E402
 from evaluation.config import EvalConfig  # noqa: E402
 from evaluation.data import load_beir  # noqa: E402
@@ -92,9 +95,10 @@ def main() -> None:
     parser.add_argument("--output_dir", default="/tmp/bench_evaluate", help="scratch folder")
     parser.add_argument("--bf16", action="store_true",
                         help="ours with bf16 autocast (for GPUs and AVX512-BF16/AMX CPUs; the baseline stays fp32)")
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, data_dir=None, repeats=1)
     logging.basicConfig(level=logging.WARNING)
-    data_dir, model_path = Path(args.data_dir), default_model_path()
+    data_dir = Path(args.data_dir) if args.data_dir else smoke.tiny_beir(Path(args.output_dir) / "smoke_data")
+    model_path = default_model_path()
     if args.max_docs:
         data_dir = subset_folder(data_dir, args.max_docs, Path(args.output_dir))
     pairs, max_length = [], 256  # all-MiniLM-L6-v2's max_seq_length; run_ours reports the one it used
@@ -113,10 +117,11 @@ def main() -> None:
                       "baseline": round(base_rate, 2), "ratio": round(ours_rate / base_rate, 3), "better": "higher",
                       "pair_ratios": [round(p["ratio"], 3) for p in pairs], "docs": n_docs,
                       "full_corpus": not args.max_docs, "repeats": args.repeats, "cpu_threads": os.cpu_count(),
-                      "bf16": args.bf16, "target_ratio": 1.5}))
+                      "bf16": args.bf16, "target_ratio": 1.5, "smoke": args.smoke}))
     print(json.dumps({"bench": BENCH, "metric": "nDCG@10", "unit": "nDCG@10", "ours": round(ours_ndcg, 5),
                       "baseline": round(base_ndcg, 5), "ratio": round(ours_ndcg / base_ndcg, 5), "better": "higher",
-                      "abs_diff": round(abs(ours_ndcg - base_ndcg), 5), "tolerance": 0.001, "docs": n_docs}))
+                      "abs_diff": round(abs(ours_ndcg - base_ndcg), 5), "tolerance": 0.001, "docs": n_docs,
+                      "smoke": args.smoke}))
 
 
 if __name__ == "__main__":

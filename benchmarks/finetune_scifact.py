@@ -2,6 +2,7 @@
 train with mined hard negatives must beat its zero-shot SciFact test nDCG@10 (0.645 as published), on CPU.
 
     python benchmarks/finetune_scifact.py [--scifact_dir ../shared/data/scifact] [--output_dir runs/finetune_scifact]
+    python benchmarks/finetune_scifact.py --smoke --output_dir /tmp/ft_smoke   # 16 documents, 8 queries, 2 steps
 
 1. Zero-shot: encode the corpus once (evaluation's encoder, --max_length tokens); score the test queries
    (the baseline) and retrieve the top --depth documents of every train query with the same embeddings.
@@ -10,6 +11,7 @@ train with mined hard negatives must beat its zero-shot SciFact test nDCG@10 (0.
 4. Evaluate the export the same way as the baseline (same truncation, same search and pytrec_eval metrics).
 Prints one JSON line; the exported model stays in OUTPUT_DIR/train/model. Both sides are truncated at
 --max_length (128 by default, to fit the CPU budget), so `baseline` is this run's zero-shot, not the 0.645 above.
+--smoke runs every stage on a tiny BEIR folder written to OUTPUT_DIR/smoke_data (benchmarks/smoke.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks import smoke  # noqa: E402
+
 DEFAULT_SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 PUBLISHED_ZERO_SHOT = 0.645  # all-MiniLM-L6-v2 SciFact test nDCG@10 (MTEB / BEIR, 256 tokens)
 
@@ -61,9 +65,11 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--temperature", type=float, default=0.05, help="the model's training scale 20 = 1/0.05")
     parser.add_argument("--epochs", type=int, default=1)
-    args = parser.parse_args()
-    scifact, out = Path(args.scifact_dir), Path(args.output_dir)
-    if not (scifact / "corpus.jsonl").is_file() or not (scifact / "qrels" / "train.tsv").is_file():
+    args = smoke.parse_args(parser, scifact_dir=None, max_length=32, passage_max_length=32, depth=10, skip_top=1,
+                            batch_size=4)
+    out = Path(args.output_dir)
+    scifact = Path(args.scifact_dir) if args.scifact_dir else out / "smoke_data"
+    if args.scifact_dir and not all((scifact / name).is_file() for name in ("corpus.jsonl", "qrels/train.tsv")):
         sys.exit(f"error: {scifact} is not the SciFact BEIR folder (corpus.jsonl, qrels/train.tsv); "
                  "pass --scifact_dir")
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -75,6 +81,8 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if not args.scifact_dir:
+        smoke.tiny_beir(scifact)
     baseline, (train, ranking) = evaluate_model(None, scifact, args.max_length, out / "zero_shot", args.depth)
     minutes_zero_shot = (time.time() - start) / 60
     negatives = {qid: hard_negatives(list(ranking[qid]), [d for d, r in train.qrels[qid].items() if r > 0],
@@ -88,7 +96,8 @@ def main() -> None:
                str(args.temperature), "--num_train_epochs", str(args.epochs), "--passage_max_length",
                str(args.passage_max_length), "--logging_steps", "5", "--save_steps", "100000", "--seed", "42"]
     train_start = time.time()
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    # its log goes to stderr: stdout carries only the JSON line
+    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=sys.stderr)
     minutes_train = (time.time() - train_start) / 60
     model_dir = out / "train" / "model"
     ours, _ = evaluate_model(str(model_dir), scifact, args.max_length, out / "fine_tuned")
@@ -98,8 +107,8 @@ def main() -> None:
         "minutes": round((time.time() - start) / 60, 2), "minutes_zero_shot_and_mining": round(minutes_zero_shot, 2),
         "minutes_train": round(minutes_train, 2), "beats_published_zero_shot": ours > PUBLISHED_ZERO_SHOT,
         "published_zero_shot": PUBLISHED_ZERO_SHOT, "max_length": args.max_length, "model_dir": str(model_dir),
-        "train_queries": len(train.query_ids), "settings": {k: v for k, v in vars(args).items()
-                                                            if k not in ("scifact_dir", "output_dir")},
+        "train_queries": len(train.query_ids), "smoke": args.smoke,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("scifact_dir", "output_dir", "smoke")},
     }))
 
 

@@ -3,6 +3,7 @@
     python benchmarks/gpu_pretrain.py --device cuda                    # BERT-base, seq 512, bf16 ZeRO-2
     python benchmarks/gpu_pretrain.py --device cpu --config_overrides \
         "hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128" --seq_len 64 --max_batch 4
+    python benchmarks/gpu_pretrain.py --smoke                         # CPU, SMOKE_MODEL, seq 32, batch 2, 1 step
 
 One process, one device. Checks that torch sees the device and that DeepSpeed initializes ZeRO-2 with
 bf16 (single-process env RANK=0 WORLD_SIZE=1 MASTER_ADDR/PORT set when missing). The model is built from
@@ -37,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import smoke  # noqa: E402
 from benchmarks.full_logits import FullLogitsDupMAE, random_rows  # noqa: E402
 from pretrain.collator import CollatorConfig, DupMAECollator  # noqa: E402
 from pretrain.modeling import DupMAEConfig, DupMAEModel  # noqa: E402
@@ -44,6 +46,8 @@ from pretrain.modeling import DupMAEConfig, DupMAEModel  # noqa: E402
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512, type_vocab_size=2)
 CLS, SEP, PAD, MASK = 101, 102, 0, 103  # bert-base-uncased ids
+#: --smoke's model: 2 tiny layers over a 1,000-word vocabulary.
+SMOKE_MODEL = "vocab_size=1000,hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time_budget_s", type=float, default=420, help="for the batch search, both variants")
     parser.add_argument("--peak_tflops", type=float, default=989.0, help="device peak (H100 SXM dense bf16: 989)")
     parser.add_argument("--bow_weight", type=float, default=1.0)
-    return parser.parse_args(argv)
+    return smoke.parse_args(parser, argv, device="cpu", config_overrides=SMOKE_MODEL, seq_len=32, start_batch=2,
+                            max_batch=2, warmup_steps=1, steps=1)
 
 
 def model_config(overrides: str):
@@ -198,7 +203,8 @@ def main(argv=None) -> None:
     print(json.dumps({"bench": "gpu_pretrain", "metric": "setup", "device": name, "torch": torch.__version__,
                       "deepspeed": ds_version, "engine": "ZeRO-2 bf16", "seq_len": args.seq_len,
                       "layers": hf_config.num_hidden_layers, "hidden": hf_config.hidden_size,
-                      "vocab": hf_config.vocab_size, "peak_tflops": args.peak_tflops}), flush=True)
+                      "vocab": hf_config.vocab_size, "peak_tflops": args.peak_tflops,
+                      "smoke": args.smoke}), flush=True)
     collator = DupMAECollator(CollatorConfig(max_seq_length=args.seq_len), cls_id=CLS, sep_id=SEP, pad_id=PAD,
                               mask_id=MASK, vocab_size=hf_config.vocab_size)
     half = args.time_budget_s / 2
@@ -210,7 +216,7 @@ def main(argv=None) -> None:
     best = {variant: results[max(results)] for variant, results in found.items()}
     largest = {variant: max(results) for variant, results in found.items()}
     extra = {"device": name, "seq_len": args.seq_len, "batch_ours": largest["ours"],
-             "batch_baseline": largest["baseline"]}
+             "batch_baseline": largest["baseline"], "smoke": args.smoke}
     for metric, unit in (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"), ("mfu", "fraction")):
         print(figure(metric, unit, best["ours"][metric], best["baseline"][metric], "higher", **extra,
                      **({"peak_tflops": args.peak_tflops} if metric == "mfu" else {})))
@@ -221,7 +227,8 @@ def main(argv=None) -> None:
         same = largest["baseline"]
         if same in found["ours"]:
             print(figure("peak_memory_same_batch", "MiB", found["ours"][same]["peak_mib"],
-                         found["baseline"][same]["peak_mib"], "lower", device=name, seq_len=args.seq_len, batch=same))
+                         found["baseline"][same]["peak_mib"], "lower", device=name, seq_len=args.seq_len, batch=same,
+                         smoke=args.smoke))
     print(json.dumps({"bench": "gpu_pretrain", "metric": "wall_time", "unit": "s",
                       "seconds": round(time.monotonic() - started, 1)}), flush=True)
 

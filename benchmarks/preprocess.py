@@ -1,6 +1,7 @@
 """Pre-training preprocessing throughput: preprocessing.pretrain_data vs the official RetroMAE recipe, two inputs.
 
     python benchmarks/preprocess.py [--input ../shared/data/gutenberg/books-25MB.jsonl] [--repeats 3]
+    python benchmarks/preprocess.py --smoke     # 3 tiny books (benchmarks/smoke.py), `books` only, 1 run per side
 
 Inputs (both about 25 MB, both made offline):
 - `books`: --input, the 88 Project Gutenberg books of ../shared/data (one book per line, 16 KB to 666 KB).
@@ -40,6 +41,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import smoke  # noqa: E402
+
 DEFAULT_INPUT = REPO.parent / "shared" / "data" / "gutenberg" / "books-25MB.jsonl"
 RECUT_BYTES = (4 * 2**10, 2**20)  # document sizes of the `recut` input: log-uniform between these
 RECUT_SEED = 0
@@ -157,7 +162,7 @@ def compare(name: str, data: Path, documents: int, args: argparse.Namespace, env
         "timing": f"best of {args.repeats}, whole process", "ours_seconds": runs["ours"]["seconds"],
         "baseline_seconds": runs["baseline"]["seconds"], "ours_cpu_seconds": runs["ours"]["cpu"],
         "baseline_cpu_seconds": runs["baseline"]["cpu"], "ours_load_before": runs["ours"]["load"],
-        "baseline_load_before": runs["baseline"]["load"],
+        "baseline_load_before": runs["baseline"]["load"], "smoke": args.smoke,
     }
 
 
@@ -171,7 +176,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default="default", help="tokenizer name or path for both sides")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="baseline num_proc (ours uses all cores)")
     parser.add_argument("--baseline_output", help=argparse.SUPPRESS)  # internal: run the baseline in this process
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, input=None, inputs=["books"], repeats=1, max_seq_length=64, cores=1)
 
     from common.defaults import resolve_model
 
@@ -179,12 +184,13 @@ def main() -> None:
         tokenizer = resolve_model(args.tokenizer)
         print(baseline(args.input, args.baseline_output, tokenizer, args.max_seq_length, args.cores))
         return
-    if not Path(args.input).is_file():
+    if args.input and not Path(args.input).is_file():
         sys.exit(f"input {args.input} not found (the benchmark needs ../shared/data or --input)")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        with open(args.input, "rb") as src:
+        source = args.input or smoke.tiny_books(tmp / "tiny_books.jsonl")  # --smoke
+        with open(source, "rb") as src:
             books = list(itertools.islice(src, args.max_docs or None))
         (tmp / "books.jsonl").write_bytes(b"".join(books))
         write_recut(books, tmp / "recut.jsonl")

@@ -3,6 +3,7 @@
     python benchmarks/pretrain_step.py --threads 1 --repeats 3 \
         --official_src RetroMAE/src --official_python /path/to/venv-transformers-4.46.3/bin/python
     python benchmarks/pretrain_step.py --threads 1 --repeats 3     # no official code: the re-implementation
+    python benchmarks/pretrain_step.py --smoke      # seq 32, batch 2, 1 step, 1 round (with --official_src too)
 
 Baselines (the `baseline_name` of each JSON line):
 - `official`: staoxiao/RetroMAE's own DupMAEForPretraining (src/pretrain/modeling_duplex.py and the files it
@@ -37,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks import smoke  # noqa: E402
 
 #: Our model's variants and their gradient_checkpointing setting.
 OURS = {"ours": True, "ours_no_checkpointing": False}
@@ -140,7 +143,7 @@ def main() -> None:
                         help="environment for the baseline processes only (e.g. allocator settings)")
     parser.add_argument("--variant", choices=[*OURS, "full_logits", "official"], help=argparse.SUPPRESS)  # child
     parser.add_argument("--batches", help=argparse.SUPPRESS)  # child: the saved batches
-    args = parser.parse_args()
+    args = smoke.parse_args(parser, seq_len=32, batch_size=2, steps=1, repeats=1, threads=1)
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
@@ -171,7 +174,7 @@ def main() -> None:
     common = {"model": "all-MiniLM-L6-v2 (packaged)" if args.model_name_or_path == resolve_model(None)
               else args.model_name_or_path, "seq_len": args.seq_len, "batch_size": args.batch_size,
               "steps": args.steps, "repeats": args.repeats, "threads": args.threads or "default",
-              "device": args.device}
+              "device": args.device, "smoke": args.smoke}
     if args.baseline_env:
         common["baseline_env"] = parse_env(args.baseline_env)
     if not args.official_src:
