@@ -151,5 +151,5 @@ def test_shown_command_has_help(command, help_runs):
     elif (ROOT / name.split(".")[0]).is_dir():
         module = ROOT / name.replace(".", "/")
         assert module.with_suffix(".py").is_file() or (module / "__main__.py").is_file(), f"-m {name}: no such module"
-    result = help_runs[command]
-    assert result.returncode == 0, f"{' '.join(command)} --help exited {result.returncode}:\n{result.stderr[-2000:]}"
+    code, stderr = help_runs[command].returncode, help_runs[command].stderr
+    assert code == 0, f"{' '.join(command)} --help exited {code}:\n{stderr[-2000:]}"
