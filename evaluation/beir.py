@@ -1,7 +1,8 @@
 """BEIR evaluation of any encoder this project makes, and of the baselines, the way the field reports it.
 
     python -m evaluation.beir --model OUT/export --datasets ../shared/data/scifact nfcorpus \
-        --output_dir eval_out [--representation cls|mean|dupmae] [--normalize true] [--split test]
+        --output_dir eval_out [--representation cls|mean|dupmae] [--normalize true] [--split test] \
+        [--fuse bm25 --rrf_k 60]   # the model's ranking fused with BM25's by reciprocal rank (evaluation.fusion)
 
 Sharded corpus encoding (one process per GPU or node), then one merging run that searches and scores:
 

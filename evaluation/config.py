@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.flags import optional_bool
 from common.representation import KINDS, RepresentationConfig, resolve_config
+from evaluation.fusion import FUSIONS
 
 
 def _help(text: str, **extra) -> dict:
@@ -45,6 +46,9 @@ class EvalConfig:
                           metadata=_help("never download datasets (default: on when HF_HUB_OFFLINE is set)"))
     bf16: bool = field(default=False, metadata=_help("bf16 autocast for encoding (fast only with native bf16)"))
     device: str = field(default="auto", metadata=_help("cpu, cuda, cuda:N; auto: cuda when available"))
+    fuse: str = field(default="none", metadata=_help(
+        "bm25: fuse the model's ranking with BM25's by reciprocal rank (evaluation.fusion)", choices=list(FUSIONS)))
+    rrf_k: int = field(default=60, metadata=_help("--fuse: the RRF constant k in 1 / (k + rank)"))
 
     def __post_init__(self) -> None:
         if not self.datasets:
@@ -64,6 +68,10 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")
         if self.sparse_weight is not None and self.sparse_weight < 0:
             raise ValueError(f"EvalConfig.sparse_weight must be >= 0, got {self.sparse_weight}")
+        if self.fuse not in FUSIONS:
+            raise ValueError(f"EvalConfig.fuse must be one of {FUSIONS}, got {self.fuse!r}")
+        if self.rrf_k < 0:
+            raise ValueError(f"EvalConfig.rrf_k must be >= 0, got {self.rrf_k}")
 
     def representation_config(self) -> RepresentationConfig:
         """The model's saved representation with the options given here applied (`resolve_config`)."""

@@ -14,6 +14,7 @@ from evaluation import cache
 from evaluation.config import EvalConfig
 from evaluation.data import BeirData, DatasetError, load_beir, resolve_dataset
 from evaluation.encode import Encoded, encode_texts
+from evaluation.fusion import bm25_run, reciprocal_rank_fusion
 from evaluation.metrics import evaluate, write_results, write_run
 from evaluation.search import search
 
@@ -82,6 +83,8 @@ def run(cfg: EvalConfig) -> dict | None:
         raise DatasetError(f"datasets {cfg.datasets} have repeated folder names {names}; results are keyed by name")
     evaluator = Evaluator(cfg)
     run_tag = "_".join(Path(resolve_model(cfg.model_name_or_path)).name.split()) or "model"
+    if cfg.fuse != "none":
+        run_tag += f"+{cfg.fuse}-rrf{cfg.rrf_k}"
     per_dataset = {}
     for folder in folders:
         data = load_beir(folder, cfg.split)
@@ -91,6 +94,8 @@ def run(cfg: EvalConfig) -> dict | None:
             continue
         queries = evaluator.encode_queries(data)
         ranking = search(queries, corpus, cfg.depth, cfg.index_factory, evaluator.encoder.config.sparse_weight)
+        if cfg.fuse == "bm25":
+            ranking = reciprocal_rank_fusion([ranking, bm25_run(data, cfg.depth)], cfg.rrf_k, cfg.depth)
         write_run(out / f"{data.name}.run", ranking, tag=run_tag)
         per_dataset[data.name] = evaluate(data.qrels, ranking)
         logger.info("%s: %s", data.name, {k: round(v, 4) for k, v in per_dataset[data.name].items()})

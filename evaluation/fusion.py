@@ -1,0 +1,44 @@
+"""Dense ⊕ BM25 by reciprocal rank fusion: the strongest training-free baseline a retrieval model must beat.
+
+    python -m evaluation.beir --model M --datasets D --output_dir OUT --fuse bm25 --rrf_k 60
+
+RRF (Cormack, Clarke & Büttcher, SIGIR 2009) scores a document by Σ_runs 1 / (k + rank), rank counted from 1 in
+each run; a document missing from a run adds nothing. It needs no score calibration and has one constant, k = 60
+in the paper and here by default. BM25 is `bm25s` with English stop words (`finetune.mine_negatives.bm25_search`).
+"""
+from __future__ import annotations
+
+from evaluation.data import BeirData
+from evaluation.metrics import ranked
+
+FUSIONS = ("none", "bm25")
+
+
+def bm25_run(data: BeirData, depth: int) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: score}} of BM25, the top `depth` per query, without a document that has the query's id
+    (BEIR's convention, as in `evaluation.search`); scores are depth - rank, so only the order is meaningful."""
+    from finetune.mine_negatives import bm25_search
+
+    rows = bm25_search(data.query_texts, data.doc_texts, depth + 1)
+    run = {}
+    for qid, hits in zip(data.query_ids, rows):
+        kept = [data.doc_ids[i] for i in hits if data.doc_ids[i] != qid][:depth]
+        run[qid] = {doc: float(depth - rank) for rank, doc in enumerate(kept)}
+    return run
+
+
+def reciprocal_rank_fusion(runs: list[dict[str, dict[str, float]]], k: int = 60,
+                           depth: int | None = None) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: Σ 1/(k + rank)}} over the runs (ties within a run broken by `ranked`'s order), cut to
+    the best `depth` per query when given."""
+    if k < 0:
+        raise ValueError(f"reciprocal_rank_fusion: k must be >= 0, got {k}")
+    fused: dict[str, dict[str, float]] = {}
+    for run in runs:
+        for qid, scores in run.items():
+            row = fused.setdefault(qid, {})
+            for rank, (doc, _) in enumerate(ranked(scores), start=1):
+                row[doc] = row.get(doc, 0.0) + 1.0 / (k + rank)
+    if depth is not None:
+        fused = {qid: dict(ranked(row)[:depth]) for qid, row in fused.items()}
+    return fused
