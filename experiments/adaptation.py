@@ -12,35 +12,26 @@ and the same continued-pre-training recipe (`--freeze_encoder_steps`, learning r
 Each variant is scored zero-shot with `mean` and `cls` pooling (cosine) and, for the DupMAE variants, the `dupmae`
 representation its export records; then, where the dataset has qrels/train.tsv, fine-tuned the same way for every
 variant (BM25 negatives mined once; same steps, seed and options; the base model's own embedding, `mean`), and
-scored the same way again (a DupMAE variant's `dupmae`: the tuned dense half plus its pre-trained sparse half). Every stage is a subprocess with its own log, reused
-when its command is unchanged (`demo.stages`); evaluations are cached by their options.
+scored the same way again (a DupMAE variant's `dupmae`: the tuned dense half plus its pre-trained sparse half,
+with the same representation config as its zero-shot row). Every stage is a subprocess with its own log, reused
+when its command and inputs are unchanged (`experiments.stages`); evaluations are cached by their options and a
+fingerprint of the model's weights. The base model's row fused with BM25 by reciprocal rank is a reference row.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from demo.stages import Stage, run_stage
+from common.defaults import resolve_model
+from common.representation import RepresentationConfig
+from experiments.scoring import dupmae_representation, evaluate_model
+from experiments.stages import Stage, fingerprint, run_stage
+from experiments.variants import VARIANTS, Variant
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Variant:
-    pretrain_flags: tuple[str, ...] | None  # None: no pre-training (the base model)
-    dupmae: bool  # trained the BoW head: the dupmae representation applies
-
-
-VARIANTS = {
-    "none": Variant(None, False),
-    "mlm": Variant(("--decoder_weight", "0", "--bow_weight", "0"), False),
-    "retromae": Variant(("--bow_weight", "0"), False),
-    "dupmae": Variant((), True),
-    "dupmae-official": Variant(("--bow_weight", "0.1", "--bow_include_masked"), True),
-}
 
 
 @dataclass
@@ -95,16 +86,17 @@ def prepare(cfg: AdaptationConfig, dataset: Path, log_dir: Path) -> tuple[Path, 
     corpus = [Path(c).resolve() for c in cfg.corpus] or [dataset]
     files, fields = _corpus_inputs(corpus)
     shards = out / "shards" / dataset.name
-    seconds = {f"{dataset.name}-preprocess": run_stage(Stage(
-        f"{dataset.name}-preprocess", _python("-m", "preprocessing.pretrain_data", "--input", *files, "--text_fields",
-                                              *fields, "--output_dir", str(shards), "--max_seq_length",
-                                              str(cfg.max_seq_length)), shards), log_dir)}
+    preprocess = Stage(f"{dataset.name}-preprocess", _python(
+        "-m", "preprocessing.pretrain_data", "--input", *files, "--text_fields", *fields, "--output_dir", str(shards),
+        "--max_seq_length", str(cfg.max_seq_length)), shards, inputs=tuple(map(Path, files)))
+    seconds = {preprocess.name: run_stage(preprocess, log_dir)}
     negatives = None
     if (dataset / "qrels" / "train.tsv").is_file():
         negatives = out / "negatives" / dataset.name / "negatives.jsonl"
         seconds[f"{dataset.name}-mine-bm25"] = run_stage(Stage(
             f"{dataset.name}-mine-bm25", _python("-m", "finetune.mine_negatives", "--method", "bm25", "--data_dir",
-                                                 str(dataset), "--out", str(negatives)), negatives.parent), log_dir)
+                                                 str(dataset), "--out", str(negatives)), negatives.parent,
+            inputs=(dataset,)), log_dir)
     return shards, negatives, seconds
 
 
@@ -131,12 +123,15 @@ class Experiment:
         """{stage: {representation: metrics}} of one variant."""
         spec, out = VARIANTS[variant], self.out / variant
         model = self.cfg.model_name_or_path
+        upstream: tuple[Path, ...] = ()
         if spec.pretrain_flags is not None:
-            model = str(self._pretrain(variant, spec, out / "pretrain") / "export")
-        scores = {"zero-shot": self._evaluate(f"{variant} zero-shot", model, spec.dupmae, out / "zero-shot.json")}
+            pretrained = self._pretrain(variant, spec, out / "pretrain")
+            model, upstream = str(pretrained / "export"), (pretrained,)
+        dupmae = dupmae_representation(model) if spec.dupmae else None  # one config for both stages
+        scores = {"zero-shot": self._evaluate(f"{variant} zero-shot", model, dupmae, out / "zero-shot.json")}
         if self.negatives is not None:
-            tuned = self._finetune(variant, model, out / "finetune")
-            scores["fine-tuned"] = self._evaluate(f"{variant} fine-tuned", str(tuned / "model"), spec.dupmae,
+            tuned = self._finetune(variant, model, out / "finetune", upstream)
+            scores["fine-tuned"] = self._evaluate(f"{variant} fine-tuned", str(tuned / "model"), dupmae,
                                                   out / "fine-tuned.json")
         return scores
 
@@ -147,10 +142,11 @@ class Experiment:
                    "--output_dir", str(out), "--seed", str(self.seed), *cfg.pretrain_flags(), *spec.pretrain_flags,
                    *cfg.pretrain_extra, "--logging_steps", "10", "--save_steps", "0", "--save_total_limit", "1",
                    "--disable_tqdm"]
-        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-pretrain", command, out, {"DS_ACCELERATOR": "cpu"})
+        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-pretrain", command, out, {"DS_ACCELERATOR": "cpu"},
+                    (self.shards,))
         return out
 
-    def _finetune(self, variant: str, model: str, out: Path) -> Path:
+    def _finetune(self, variant: str, model: str, out: Path, upstream: tuple[Path, ...]) -> Path:
         """The same fine-tuning for every variant: the base model's own embedding (mean, cosine for MiniLM)."""
         cfg = self.cfg
         command = _python("finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json", "--model_name_or_path",
@@ -160,53 +156,28 @@ class Experiment:
                           "--learning_rate", str(cfg.finetune_learning_rate), "--passage_max_length",
                           str(cfg.max_length), "--logging_steps", "10", "--save_steps", str(cfg.finetune_steps),
                           "--seed", str(self.seed), "--output_dir", str(out))
-        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-finetune", command, out, {"DS_ACCELERATOR": "cpu"})
+        self._stage(f"{self.dataset.name}-s{self.seed}-{variant}-finetune", command, out, {"DS_ACCELERATOR": "cpu"},
+                    (*upstream, self.dataset, self.negatives))
         return out
 
-    def _stage(self, name: str, command: list[str], out: Path, env: dict[str, str]) -> None:
-        self.seconds[name] = run_stage(Stage(name, command, out, env), self.out / "logs")
+    def _stage(self, name: str, command: list[str], out: Path, env: dict[str, str], inputs: tuple[Path, ...]) -> None:
+        self.seconds[name] = run_stage(Stage(name, command, out, env, inputs), self.out / "logs")
 
-    def _evaluate(self, name: str, model: str, dupmae: bool, result_file: Path) -> dict[str, dict[str, float]]:
-        """{representation: metrics} on the test split, cached in result_file (keyed by the options)."""
-        key = {"model": model, "dupmae": dupmae, "max_length": self.cfg.max_length,
-               "max_eval_docs": self.cfg.max_eval_docs, "dataset": str(self.dataset)}
+    def _evaluate(self, name: str, model: str, dupmae: RepresentationConfig | None,
+                  result_file: Path) -> dict[str, dict[str, float]]:
+        """{representation: metrics} on the test split, cached in result_file (keyed by the options and a
+        fingerprint of the model folder, so a model trained again is evaluated again)."""
+        key = {"model": model, "weights": fingerprint(Path(resolve_model(model))),
+               "dupmae": asdict(dupmae) if dupmae else None, "max_length": self.cfg.max_length,
+               "max_eval_docs": self.cfg.max_eval_docs, "dataset": str(self.dataset),
+               "data": fingerprint(self.dataset)}
         if result_file.is_file() and (cached := json.loads(result_file.read_text()))["key"] == key:
             return cached["scores"]
         start = time.perf_counter()
-        scores = evaluate_model(model, dupmae, self.dataset, self.cfg.max_length, self.cfg.max_eval_docs)
+        scores = evaluate_model(model, self.dataset, self.cfg.max_length, self.cfg.max_eval_docs, dupmae)
         self.seconds[f"{self.dataset.name}-s{self.seed}-{name}"] = time.perf_counter() - start
         result_file.parent.mkdir(parents=True, exist_ok=True)
         result_file.write_text(json.dumps({"key": key, "scores": scores}, indent=2) + "\n")
         logger.info("%s %s: %s", self.dataset.name, name,
                     {rep: round(values["nDCG@10"], 4) for rep, values in scores.items()})
         return scores
-
-
-def evaluate_model(model: str, dupmae: bool, dataset: Path, max_length: int, max_docs: int) -> dict:
-    """mean and cls (cosine) and, when `dupmae`, the folder's dupmae representation, from one encoder pass."""
-    from common.representation import Encoder, RepresentationConfig, resolve_config
-    from common.tokenizer import load_tokenizer
-    from evaluation.compare import score_representations
-    from evaluation.data import load_beir, subsample
-
-    # dupmae: the folder's own (a pre-training export's), or the one its base would get (a mean fine-tuning of one)
-    encoder = Encoder.from_pretrained(model, resolve_config(model, kind="dupmae") if dupmae else None)
-    encoders = {"mean": encoder.with_config(RepresentationConfig(kind="mean", normalize=True)),
-                "cls": encoder.with_config(RepresentationConfig(kind="cls", normalize=True))}
-    if dupmae:
-        encoders["dupmae"] = encoder
-    data = subsample(load_beir(dataset, "test"), 0, max_docs)
-    return score_representations(encoders, load_tokenizer(model), data, max_length=max_length, query_max_length=64)
-
-
-def bm25_scores(dataset: Path, max_docs: int) -> dict[str, float]:
-    """BM25 (bm25s, English stop words) on the test split: the lexical reference row."""
-    from evaluation.data import load_beir, subsample
-    from evaluation.metrics import evaluate
-    from finetune.mine_negatives import bm25_search
-
-    data = subsample(load_beir(dataset, "test"), 0, max_docs)
-    ranked = bm25_search(data.query_texts, data.doc_texts, 100)
-    run = {qid: {data.doc_ids[i]: float(100 - r) for r, i in enumerate(rows) if data.doc_ids[i] != qid}
-           for qid, rows in zip(data.query_ids, ranked)}
-    return evaluate(data.qrels, run)

@@ -1,7 +1,14 @@
-"""Run the demo's stages as subprocesses: output streamed with a stage prefix, a log per stage, reuse of
-finished stages, and a failure that names the stage and the log to read."""
+"""Run an experiment's stages as subprocesses: output streamed with a stage prefix, a log per stage, reuse of
+finished stages, and a failure that names the stage and the log to read.
+
+A finished stage is reused only when its command AND its inputs are unchanged: `Stage.inputs` names the folders or
+files it reads (an upstream stage's output, a dataset), and the marker records their fingerprints. A re-run
+upstream stage writes a new marker (with a new run id), so everything downstream of it runs again, even though
+the downstream command, which names only the upstream folder, is the same.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -9,12 +16,15 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-_MARKER = ".demo_stage.json"
+MARKER = ".stage.json"
+#: Weight files hashed when a model folder is not a stage's output (a base model, a packaged one).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")
 
 
 class StageFailed(RuntimeError):
@@ -27,6 +37,27 @@ class Stage:
     command: list[str]  # argv; "python" means this interpreter
     output: Path  # the folder the stage fills; its marker makes a re-run reuse it
     env: dict[str, str] = field(default_factory=dict)  # extra environment for this stage
+    inputs: tuple[Path, ...] = ()  # what the stage reads: a change in any re-runs it
+
+
+def fingerprint(path: Path) -> str:
+    """What identifies a stage input: a stage output's marker (its command and run id), else a hash of the file,
+    or of a folder's files (names, sizes and contents of weights, configs and vocabularies; data files by size
+    and mtime, which is enough to see a rebuilt file)."""
+    path = Path(path)
+    marker = path / MARKER if path.is_dir() else None
+    if marker is not None and marker.is_file():
+        return hashlib.sha256(marker.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.exists() else []
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}".encode())
+        if file.suffix in _WEIGHT_SUFFIXES and stat.st_size < 1 << 30:
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+    return digest.hexdigest()
 
 
 def _argv(command: list[str]) -> list[str]:
@@ -38,13 +69,16 @@ def _argv(command: list[str]) -> list[str]:
 
 
 def run_stage(stage: Stage, log_dir: Path) -> float:
-    """Run one stage (or reuse it when its marker records the same command); return its seconds."""
-    marker = stage.output / _MARKER
+    """Run one stage (or reuse it when its marker records the same command and inputs); return its seconds."""
+    marker = stage.output / MARKER
+    inputs = {str(path): fingerprint(path) for path in stage.inputs}
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if done.get("command") == stage.command:
+        if done.get("command") == stage.command and done.get("inputs") == inputs:
             logger.info("[%s] reusing finished output in %s (took %.0f s)", stage.name, stage.output, done["seconds"])
             return float(done["seconds"])
+        logger.info("[%s] %s changed since the last run: running again", stage.name,
+                    "the command" if done.get("command") != stage.command else "an input")
     if stage.output.exists():  # a half-finished earlier attempt, or other options: start clean
         shutil.rmtree(stage.output)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +98,7 @@ def run_stage(stage: Stage, log_dir: Path) -> float:
     if code != 0:
         raise StageFailed(f"stage '{stage.name}' failed with exit code {code}; read {log_path}")
     stage.output.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"command": stage.command, "seconds": seconds}) + "\n")
+    marker.write_text(json.dumps({"command": stage.command, "inputs": inputs, "seconds": seconds,
+                                  "run_id": uuid.uuid4().hex}) + "\n")
     logger.info("[%s] done in %.0f s", stage.name, seconds)
     return seconds

@@ -9,8 +9,9 @@ import pytest
 
 from demo.docstring_corpus import build
 from demo.__main__ import rows, verdict
-from demo.report import plot_pretrain_curves, results_table
-from demo.stages import Stage, StageFailed, run_stage
+from demo.report import results_table
+from experiments.curves import plot_curves
+from experiments.stages import Stage, StageFailed, run_stage
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -67,7 +68,7 @@ def test_failed_stage_names_itself_and_its_log(tmp_path):
     with pytest.raises(StageFailed, match=r"stage 'broken' failed with exit code 3; read .*broken\.log"):
         run_stage(stage, tmp_path / "logs")
     assert "about to fail" in (tmp_path / "logs" / "broken.log").read_text()
-    assert not (tmp_path / "o" / ".demo_stage.json").exists()
+    assert not (tmp_path / "o" / ".stage.json").exists()
 
 
 def test_report_table_and_plot(tmp_path):
@@ -79,7 +80,7 @@ def test_report_table_and_plot(tmp_path):
     lines += [{"step": s, "eval/mean/nDCG@10": 0.5, "eval/dupmae/nDCG@10": 0.52} for s in (0, 5)]
     metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
     png = tmp_path / "curves.png"
-    plot_pretrain_curves(metrics, png)
+    plot_curves({"dupmae": metrics}, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
