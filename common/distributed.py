@@ -1,6 +1,7 @@
 """One way to join the process group for every DeepSpeed stage: deepspeed/torchrun variables, else SLURM's."""
 from __future__ import annotations
 
+import datetime
 import os
 
 
@@ -8,8 +9,9 @@ class DistributedSetupError(ValueError):
     """The environment cannot form the process group (e.g. several ranks without a rendezvous address)."""
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size); starts DeepSpeed's process group. A plain `python main.py` is a world of one."""
+def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
+    """(rank, local_rank, world_size); starts DeepSpeed's process group, whose collectives give up after
+    `timeout_s` (--ddp_timeout). A plain `python main.py` is a world of one."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -33,5 +35,12 @@ def init_distributed() -> tuple[int, int, int]:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed's engine makes its own groups (ZeRO's data-parallel one: a clone of the world) with torch's default
+    # timeout, 30 min, whatever the world group has; so the default itself must change before they exist.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                               timeout=timeout)
     return rank, local_rank, world_size

@@ -6,7 +6,8 @@ Launch (GPUs):  deepspeed finetune/main.py --deepspeed ds_configs/finetune_zero2
 CPU, one process:  python finetune/main.py --deepspeed ds_configs/finetune_cpu.json ...  (gloo backend)
 Writes output_dir/{model/ (export), checkpoints/step-N/, metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl}.
 Exit 3 with one error line after --max_consecutive_nonfinite optimizer steps in a row were skipped for a NaN/inf
-loss or gradient norm, or before a checkpoint would hold a NaN/inf weight.
+loss or gradient norm, or before a checkpoint would hold a NaN/inf weight; exit 4 when a checkpoint does not fit or
+fails to write (a full disk); exit 5 when a collective fails, e.g. a rank hung for --ddp_timeout seconds.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from common.distributed import init_distributed
     from common.logging_setup import setup_logging
-    from common.nonfinite import NonFiniteError
+    from common.failures import exit_code
     from common.tokenizer import load_tokenizer
     from finetune.config import FinetuneConfig
     from finetune.data import DeadLetter, load_finetune_data
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.trainer import Trainer
 
     (cfg,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(argv)
-    rank, _, world_size = init_distributed()
+    rank, _, world_size = init_distributed(cfg.ddp_timeout)
     setup_logging(rank)
     logger = logging.getLogger("finetune.main")
     logger.info("fine-tuning on %d rank(s): %s", world_size, cfg)
@@ -48,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     model = BiEncoder.from_config(cfg)
     try:
         Trainer(cfg, model, tokenizer, data).train()
-    except NonFiniteError as exc:  # the same step on every rank; every checkpoint on disk is finite
-        logger.error("%s", exc)
-        return 3
+    except RuntimeError as exc:  # NonFiniteError, CheckpointSaveError, a failed collective
+        ending = exit_code(exc, cfg.ddp_timeout)
+        if ending is None:
+            raise
+        logger.error("%s", ending[1])
+        return ending[0]
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return 0

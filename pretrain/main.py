@@ -11,7 +11,8 @@ Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorbo
 for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or
 preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data; exit 3
 with one error line after --max_consecutive_nonfinite skipped steps in a row, or before a checkpoint would
-hold a NaN/inf weight.
+hold a NaN/inf weight; exit 4 when a checkpoint does not fit or fails to write (a full disk); exit 5 when a
+collective fails, e.g. a rank that stopped answering for --ddp_timeout seconds (see common/failures.py).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import torch.distributed
 from transformers import set_seed
 
 from common.distributed import init_distributed
-from common.nonfinite import NonFiniteError, require_skipping_engine
+from common.failures import exit_code
+from common.nonfinite import require_skipping_engine
 from common.logging_setup import setup_logging
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
@@ -59,7 +61,7 @@ def build(argv: list[str] | None):
     checkpoints = Path(training.output_dir) / "checkpoints"
     if training.resume is None and read_latest(checkpoints):
         raise ConfigError(f"{checkpoints} holds a run: pass --resume auto to continue it, or another --output_dir")
-    rank, _, world_size = init_distributed()
+    rank, _, world_size = init_distributed(training.ddp_timeout)
     if args.data.verify_shards:
         verify_shards(args.data.data_dir, shards.manifest, training.output_dir, rank=rank, world_size=world_size)
     loader = RankBatchLoader(shards, batch_size=training.per_device_train_batch_size, rank=rank,
@@ -92,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     try:
-        outcome = trainer.train()
-    except NonFiniteError as exc:  # the same step on every rank; every checkpoint on disk is finite
-        logger.error("%s", exc)
-        return 3
-    if outcome == "finished":
-        trainer.export(model, tokenizer, os.path.join(trainer.args.output_dir, "export"))
+        if trainer.train() == "finished":
+            trainer.export(model, tokenizer, os.path.join(trainer.args.output_dir, "export"))
+    except RuntimeError as exc:  # NonFiniteError, CheckpointSaveError, a failed collective
+        ending = exit_code(exc, trainer.args.ddp_timeout)
+        if ending is None:
+            raise
+        logger.error("%s", ending[1])
+        return ending[0]
     torch.distributed.destroy_process_group()
     return 0
 

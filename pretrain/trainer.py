@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from common.nonfinite import NonFiniteGuard, backward_loss
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config
-from common.checkpoint import Checkpointer, resolve_resume, tag_for
+from common.checkpoint import Checkpointer, resolve_resume
 from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
 from pretrain.retrieval_probe import RetrievalProbe
@@ -127,6 +128,7 @@ class Trainer:
         self.guard = NonFiniteGuard(args.max_consecutive_nonfinite)
         self.checkpointer = Checkpointer(os.path.join(args.output_dir, "checkpoints"),
                                          save_total_limit=args.save_total_limit, rank=rank)
+        self.checkpoint: tuple[Path, str] | None = None  # (folder, tag) holding the weights of self.step
 
     def resume(self) -> None:
         """Load --resume's checkpoint (if any): weights, optimizer, scheduler, step and loader position."""
@@ -136,6 +138,7 @@ class Trainer:
                 logger.info("no checkpoint in %s: starting fresh", self.checkpointer.dir)
             return
         state = self.checkpointer.load(self.engine, *found)
+        self.checkpoint = found  # maybe another run's folder: the export reads it when no step is left to train
         if state["world_size"] != self.world_size:
             raise ConfigError(f"checkpoint {found[1]} was written by {state['world_size']} ranks, "
                               f"this run has {self.world_size}")
@@ -206,7 +209,7 @@ class Trainer:
                 writer.log({"step": self.step, **self.probe(self.engine.module.mlm)})
                 window_start += time.perf_counter() - probe_start  # throughput counts training time only
             if self.args.save_steps and self.step % self.args.save_steps == 0:
-                self.checkpointer.save(self.engine, self.step, self._train_state())
+                self._save()
                 saved_at = self.step
             if preempted:
                 outcome = "preempted"
@@ -216,7 +219,7 @@ class Trainer:
                 outcome = "stopped"
         batches.close()
         if saved_at != self.step:
-            self.checkpointer.save(self.engine, self.step, self._train_state())
+            self._save()
         writer.close()
         if self.probe is not None:
             total = time.perf_counter() - train_start
@@ -227,12 +230,17 @@ class Trainer:
         logger.info(messages[outcome], self.step)
         return outcome
 
+    def _save(self) -> None:
+        folder = self.checkpointer.save(self.engine, self.step, self._train_state())
+        self.checkpoint = folder.parent, folder.name
+
     def export(self, model: nn.Module, tokenizer, out_dir: str) -> None:
         """Rank 0 writes OUT/export from the fp32 master weights of the last checkpoint (not bf16/fp16 copies)."""
         if self.rank == 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpointer.dir), tag=tag_for(self.step))
+            folder, tag = self.checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
             model = model.float()
             model.load_state_dict(state)
             model.save_export(out_dir, tokenizer)

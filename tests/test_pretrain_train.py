@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,8 +24,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from common.checkpoint import Checkpointer, read_latest, resolve_resume
-from common.nonfinite import NonFiniteError
+from common.checkpoint import FILES, read_latest
 from common.shard_format import PRETRAIN_SCHEMA, Manifest, shard_name
 from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
@@ -161,6 +161,21 @@ def test_export_loads_with_automodel_and_keeps_fp32_master_weights(straight, tok
     assert not torch.equal(weight, weight.bfloat16().float())
 
 
+@pytest.mark.slow
+def test_resuming_another_runs_last_checkpoint_exports_it(tmp_path, shard_dir, straight):
+    """--resume OTHER/checkpoints/step-N with N the last step: nothing left to train or save, and the export comes
+    from the loaded checkpoint, equal to the other run's."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "again"
+    log = launch(shard_dir, out, "--resume", str(straight / "checkpoints" / "step-00000004"))
+    assert "finished training at step 4" in log
+    assert not list((out / "checkpoints").glob("step-*"))
+    ours, theirs = (load_file(folder / "export" / "model.safetensors") for folder in (out, straight))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
 class Crash:
     """Hard crashes at chosen points of a real multi-rank run, with no hook in the code under test.
 
@@ -260,6 +275,81 @@ def test_sigkill_between_checkpoints_and_during_a_checkpoint_write_then_resume_a
     for ours, theirs in zip(resumed, reference):
         assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}, ours["step"]
     assert read_latest(out / "checkpoints") == "step-00000004" and (out / "export").is_dir()
+
+
+def mount_tmpfs(folder: Path, size: int) -> None:
+    """A tmpfs of `size` bytes at `folder` (remounted at the new size when mounted already); skips the test
+    where mounting is not permitted (test_checkpoint.py then simulates a full disk)."""
+    folder.mkdir(exist_ok=True)
+    options = f"{'remount,' if os.path.ismount(folder) else ''}size={size}"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_then_resume_auto_after_freeing_space(tmp_path, shard_dir, straight):
+    """OUT on a tmpfs of 1.5 checkpoints: step 2 saves, step 4's save does not fit, and says so in one line on
+    each rank before writing anything; after the filesystem grows, `--resume auto` logs the uninterrupted run's
+    numbers."""
+    size = sum(json.loads((straight / "checkpoints" / "step-00000004" / FILES).read_text()).values())
+    disk, out = tmp_path / "disk", tmp_path / "disk" / "out"
+    mount_tmpfs(disk, size * 3 // 2)
+    try:
+        code, log = run(shard_dir, out, "--resume", "auto")
+        assert code == 4, log[-4000:]
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        expected = re.compile(rf"not saving checkpoint {out}/checkpoints/step-00000004 \(step 4\): [\d.]+ MB free in "
+                              rf"{out}/checkpoints, {size / (1 << 20):.1f} MB needed \(the size of step-00000002\); "
+                              "the previous checkpoint step-00000002 is intact$")
+        assert len(errors) == 2 and all(expected.search(line) for line in errors), errors
+        checkpoints = out / "checkpoints"
+        assert read_latest(checkpoints) == "step-00000002" and not (checkpoints / "step-00000004").exists()
+        mount_tmpfs(disk, size * 3)  # space freed
+        log = launch(shard_dir, out, "--resume", "auto")
+        assert "resumed from" in log and "step-00000002" in log
+        resumed, reference = metrics(out), metrics(straight)
+        assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+        for ours, theirs in zip(resumed, reference):
+            assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}, ours["step"]
+        assert read_latest(checkpoints) == "step-00000004" and (out / "export").is_dir()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_run_after_ddp_timeout(tmp_path, shard_dir):
+    """Rank 1 stops (SIGSTOP) in the middle of training. Rank 0 gives up in its collective after --ddp_timeout and
+    exits 5 with one line naming the collective and rank 1; the launcher then ends rank 1 and exits non-zero
+    (its SIGTERM waits for a stopped process, SIGKILL follows 30 s later)."""
+    import psutil
+
+    timeout = 8
+    out = tmp_path / "hung"
+    log = tmp_path / "hung.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen(_command(shard_dir, out, "--max_steps", "400", "--save_steps", "0",
+                                            "--ddp_timeout", str(timeout)),
+                                   cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").is_file() and metrics(out)):
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        workers = {p.environ().get("RANK"): p for p in psutil.Process(process.pid).children(recursive=True)}
+        workers["1"].suspend()
+        stalled = time.time()
+        workers["0"].wait(timeout + 30)
+        rank0_seconds = time.time() - stalled
+        assert process.wait(60) == 5  # rank 0's exit code
+        run_seconds = time.time() - stalled
+    finally:
+        process.kill()
+    errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
+    assert len(errors) == 1, errors
+    assert re.search(rf"collective \w+ failed on rank 0 of 2 \(--ddp_timeout {timeout} s\); rank 1 did not arrive: "
+                     rf"Timed out waiting {timeout * 1000}ms", errors[0]), errors[0]
+    assert timeout <= rank0_seconds < timeout + 10, rank0_seconds
+    print(f"rank 0 exited {rank0_seconds:.1f} s after rank 1 stopped, the launcher {run_seconds:.1f} s")
 
 
 @pytest.mark.slow
@@ -447,50 +537,6 @@ def test_bad_data_and_vocab_mismatch_fail_before_training(tmp_path, shard_dir, t
     caplog.clear()
     assert main(["--data_dir", str(shard_dir), *common]) == 2  # never overwrite a run unless resuming it
     assert "holds a run: pass --resume auto" in caplog.text
-
-
-class _FakeEngine:
-    """Writes what DeepSpeed writes (a tag folder); can fail half-way like a crash mid-save."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, fail_at: int | None = None):
-        self.fail_at = fail_at
-        self.module = torch.nn.Linear(2, 2)
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        assert save_latest is False  # `latest` is ours, written atomically after every rank finished
-        folder = Path(save_dir) / tag
-        folder.mkdir()
-        if self.fail_at is not None and tag.endswith(f"{self.fail_at:08d}"):
-            raise OSError("disk full")
-        (folder / "state.json").write_text(json.dumps(client_state))
-
-
-def test_checkpoints_keep_the_last_k_and_latest_survives_a_crash_mid_save(tmp_path):
-    checkpointer = Checkpointer(tmp_path / "checkpoints", save_total_limit=2, rank=0)
-    for step in (2, 4, 6):
-        checkpointer.save(_FakeEngine(), step, {"step": step})
-    assert sorted(p.name for p in checkpointer.dir.glob("step-*")) == ["step-00000004", "step-00000006"]
-    with pytest.raises(OSError):
-        checkpointer.save(_FakeEngine(fail_at=8), 8, {"step": 8})
-    assert (checkpointer.dir / "latest").read_text() == "step-00000006"
-    poisoned = _FakeEngine()
-    with torch.no_grad():
-        poisoned.module.weight[0, 0] = math.nan
-    with pytest.raises(NonFiniteError, match="not writing checkpoint .*step-00000010: weight's weights hold NaN"):
-        checkpointer.save(poisoned, 10, {"step": 10})
-    assert not (checkpointer.dir / "step-00000010").exists()
-    assert (checkpointer.dir / "latest").read_text() == "step-00000006"
-    assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00000006")
-    one = checkpointer.dir / "step-00000004"
-    assert resolve_resume(str(one), checkpointer.dir) == (checkpointer.dir, "step-00000004")
-    assert resolve_resume(str(checkpointer.dir), tmp_path) == (checkpointer.dir, "step-00000006")
-    assert resolve_resume("auto", tmp_path / "fresh") is None and resolve_resume(None, checkpointer.dir) is None
-    with pytest.raises(FileNotFoundError, match="--resume /nowhere"):
-        resolve_resume("/nowhere", checkpointer.dir)
-    with pytest.raises(FileNotFoundError, match="step-00000008: an incomplete checkpoint"):  # the failed save
-        resolve_resume(str(checkpointer.dir / "step-00000008"), checkpointer.dir)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
