@@ -67,8 +67,10 @@ def test_every_variant_end_to_end(tiny_model, tmp_path):
                 for representation in ("mean", "cls") + (("dupmae",) if dupmae else ()):
                     assert (variant, stage, representation, metric) in by_key
     assert ("bm25", "zero-shot", "bm25", "nDCG@10") in by_key
+    assert ("none+bm25", "zero-shot", "rrf", "nDCG@10") in by_key  # the base model fused with BM25
     for line in lines:
-        if line["variant"] == "bm25":
+        if line["variant"] in ("bm25", "none+bm25"):
+            assert line["baseline"] is None
             continue
         none_best = max(v["ours"] for k, v in by_key.items()
                         if k[0] == "none" and k[1] == line["stage"] and k[3] == line["metric"])
