@@ -39,7 +39,8 @@ class FinetuneConfig:
     # Loss
     temperature: float | None = arg(
         None, "InfoNCE temperature (scores are divided by it); None: 0.05 for cosine scores (--normalize; for dupmae "
-              "both halves), 1.0 for raw dot products (unnormalized)")
+              "both halves), 1.0 for raw dense dot products, and for dupmae's raw logits unnormalized (the paper's) "
+              "calibrated on the first batch: the mean per-query spread of the scores")
     cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
     # Optimization
     deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")

@@ -6,12 +6,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from common.representation import Encoder, Representation, resolve_config, score
 from finetune.config import FinetuneConfig
-from finetune.loss import default_temperature, gather_with_grad, info_nce, learning_share, positive_labels
+from finetune.loss import (calibrated_temperature, default_temperature, gather_with_grad, info_nce, learning_share,
+                           positive_labels)
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +29,37 @@ class BiEncoderOutput:
 class BiEncoder(nn.Module):
     """Scores queries against passages with `common.representation.score` and returns the InfoNCE loss."""
 
-    def __init__(self, query_encoder: Encoder, passage_encoder: Encoder | None, temperature: float,
+    def __init__(self, query_encoder: Encoder, passage_encoder: Encoder | None, temperature: float | None,
                  group_size: int, cross_device_negatives: bool):
         super().__init__()
         self.query_encoder = query_encoder
         self.passage_encoder = passage_encoder  # None: tied, the query encoder encodes passages too
         self.temperature, self.group_size = temperature, group_size
         self.cross_device_negatives = cross_device_negatives
+        if temperature is None:  # calibrated on the first batch; a buffer, so a checkpoint keeps it for the resume
+            self.register_buffer("calibrated", torch.zeros(()))
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig) -> "BiEncoder":
         rep = resolve_config(cfg.model_name_or_path, kind=cfg.representation, normalize=cfg.normalize,
                              dense_dim=cfg.dense_dim, top_k=cfg.top_k, sparse_weight=cfg.sparse_weight)
         temperature = cfg.temperature if cfg.temperature is not None else default_temperature(rep)
-        logger.info("representation %s, temperature %s%s", rep, temperature,
+        logger.info("representation %s, temperature %s%s", rep,
+                    "calibrated on the first batch" if temperature is None else temperature,
                     "" if cfg.temperature is not None else " (default for these scores)")
         query_encoder = Encoder.from_pretrained(cfg.model_name_or_path, rep)
         passage_encoder = copy.deepcopy(query_encoder) if cfg.untie_encoders else None
         return cls(query_encoder, passage_encoder, temperature, cfg.train_group_size, cfg.cross_device_negatives)
+
+    def temperature_for(self, scores: Tensor) -> float | Tensor:
+        """The fixed temperature, or the one calibrated on the first batch's scores [Bq, Bp] (kept from then on)."""
+        if self.temperature is not None:
+            return self.temperature
+        if not self.calibrated.item():
+            self.calibrated.copy_(calibrated_temperature(scores))
+            logger.info("temperature calibrated on the first batch: %.4g (mean per-query spread of the scores)",
+                        self.calibrated.item())
+        return self.calibrated
 
     @property
     def passage_side(self) -> Encoder:
@@ -60,9 +75,10 @@ class BiEncoder(nn.Module):
         rep = self.query_encoder.config
         scores = score(q, p, rep.top_k if p.vocab is not None else None, rep.sparse_weight)  # [Bq, Bp]
         labels = positive_labels(scores.shape[0], self.group_size, offset, scores.device)  # [Bq]
-        loss = info_nce(scores, labels, self.temperature)
+        temperature = self.temperature_for(scores)
+        loss = info_nce(scores, labels, temperature)
         accuracy = (scores.argmax(-1) == labels).float().mean()
-        return BiEncoderOutput(loss, accuracy.detach(), learning_share(scores.detach(), labels, self.temperature),
+        return BiEncoderOutput(loss, accuracy.detach(), learning_share(scores.detach(), labels, temperature),
                                scores.detach())
 
     def export(self, out_dir: str | Path, tokenizer) -> list[Path]:
