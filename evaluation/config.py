@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.flags import optional_bool
+from common.precision import bf16_field, parse_bf16
 from common.representation import KINDS, RepresentationConfig, resolve_config
 from evaluation.fusion import FUSIONS
 
@@ -44,7 +45,8 @@ class EvalConfig:
                           metadata=_help("where bare BEIR names live and are downloaded to"))
     offline: bool = field(default=os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"),
                           metadata=_help("never download datasets (default: on when HF_HUB_OFFLINE is set)"))
-    bf16: bool = field(default=False, metadata=_help("bf16 autocast for encoding (fast only with native bf16)"))
+    bf16: str = bf16_field("bf16 autocast for encoding: auto (where the device has native bf16; common.precision), "
+                           "true, false")
     device: str = field(default="auto", metadata=_help("cpu, cuda, cuda:N; auto: cuda when available"))
     fuse: str = field(default="none", metadata=_help(
         "bm25: fuse the model's ranking with BM25's by reciprocal rank (evaluation.fusion)", choices=list(FUSIONS)))
@@ -53,6 +55,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ValueError("EvalConfig.datasets: give at least one dataset")
+        self.bf16 = parse_bf16(self.bf16)
         for name in ("batch_size", "max_tokens", "depth", "num_shards"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"EvalConfig.{name} must be positive, got {getattr(self, name)}")

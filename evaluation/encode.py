@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import precision
 from common.representation import Encoder, sparsify
 
 logger = logging.getLogger(__name__)
@@ -80,14 +81,8 @@ def _pad(flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int) -
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (AVX512-BF16 / AMX on CPU); emulated bf16 is slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """Whether bf16 runs natively and faster than fp32 on `device` (`common.precision`'s rule, as `--bf16 auto`)."""
+    return precision.native_bf16(device)[0]
 
 
 def encode_texts(encoder: Encoder, tokenizer, ids: list[str], texts: list[str], *, documents: bool,
@@ -109,9 +104,10 @@ def encode_texts_many(encoders: list[Encoder], tokenizer, ids: list[str], texts:
     device = next(encoders[0].parameters()).device
     flat, offsets = tokenize(tokenizer, texts, max_length)
     outputs = [_Output(len(texts), documents, encoder.config.top_k) for encoder in encoders]
-    if bf16 and not native_bf16(device):
-        logger.warning("bf16 requested but %s has no native bf16 (CPU capability %s): expect it slower than fp32",
-                       device, torch.backends.cpu.get_cpu_capability())
+    native, why = precision.native_bf16(device)
+    if bf16 and not native:
+        logger.warning("bf16 requested but %s has no native bf16 (%s; CPU capability %s): expect it slower than fp32",
+                       device, why, torch.backends.cpu.get_cpu_capability())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for encoder in encoders:
         encoder.eval()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from common.defaults import resolve_model
+from common.precision import decide_bf16
 from common.representation import Encoder
 from common.tokenizer import load_tokenizer
 from evaluation import cache
@@ -30,12 +31,14 @@ class Evaluator:
         self.cfg = cfg
         model_path = resolve_model(cfg.model_name_or_path)
         device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = decide_bf16(cfg.bf16, device)
+        self.precision.log(logger, "evaluation")
         self.encoder = Encoder.from_pretrained(model_path, cfg.representation_config())
         self.encoder.to(device).eval()
         self.tokenizer = load_tokenizer(model_path)
         self.max_length = cfg.max_length or self.encoder.max_seq_length or DEFAULT_MAX_LENGTH
         self.settings = {"model": cache.fingerprint(model_path), "representation": asdict(self.encoder.config),
-                         "max_length": self.max_length, "bf16": cfg.bf16}
+                         "max_length": self.max_length, "bf16": self.precision.enabled}
         logger.info("model %s, representation %s, max_length %d, device %s", model_path, self.encoder.config,
                     self.max_length, device)
 
@@ -50,7 +53,7 @@ class Evaluator:
             logger.warning("cache entry %s has other ids; encoding again", name)
         encoded = encode_texts(self.encoder, self.tokenizer, ids, texts, documents=documents,
                                max_length=self.max_length, max_tokens=self.cfg.max_tokens,
-                               batch_size=self.cfg.batch_size, bf16=self.cfg.bf16, desc=desc)
+                               batch_size=self.cfg.batch_size, bf16=self.precision.enabled, desc=desc)
         if cache_dir is not None:
             cache.save(cache_dir, name, encoded, key)
         return encoded

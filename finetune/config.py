@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.flags import optional_bool
+from common.precision import bf16_field, parse_bf16
 
 
 def arg(default, help: str):
@@ -44,6 +45,8 @@ class FinetuneConfig:
     cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
     # Optimization
     deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")
+    bf16: str = bf16_field("bf16 mixed precision: auto (bf16 where the device has native bf16, else fp32; "
+                           "common.precision), true, false; fills bf16.enabled unless the JSON sets it")
     output_dir: str = arg("", "checkpoints/, model/ (export), metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl")
     per_device_train_batch_size: int = arg(16, "queries per rank per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
@@ -71,6 +74,7 @@ class FinetuneConfig:
             raise ValueError("--output_dir is required")
         if not self.deepspeed:
             raise ValueError("--deepspeed is required (e.g. ds_configs/finetune_cpu.json)")
+        self.bf16 = parse_bf16(self.bf16)
         for name in ("train_group_size", "query_max_length", "passage_max_length", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "max_consecutive_nonfinite",
                      "ddp_timeout"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.flags import optional_bool
+from common.precision import bf16_field, decide_bf16, parse_bf16
 from common.representation import Encoder
 from finetune.config import arg
 from finetune.data import DeadLetter, load_beir
@@ -39,12 +40,15 @@ class MiningConfig:
     passage_max_length: int = arg(144, "passage tokens (title + text), [CLS]/[SEP] included")
     batch_size: int = arg(128, "most texts per encoder forward pass")
     max_tokens: int = arg(8192, "token budget per forward pass (rows x longest row), as evaluation's default")
+    bf16: str = bf16_field("bf16 autocast for encoding: auto (where the device has native bf16; common.precision), "
+                           "true, false")
 
     def __post_init__(self) -> None:
         if not self.data_dir or not self.out:
             raise ValueError("--data_dir and --out are required")
         if min(self.depth, self.batch_size, self.max_tokens) < 1 or self.skip_top < 0:
             raise ValueError("need --depth, --batch_size, --max_tokens >= 1 and --skip_top >= 0")
+        self.bf16 = parse_bf16(self.bf16)
 
 
 def bm25_search(queries: list[str], corpus: list[str], depth: int) -> list[list[int]]:
@@ -68,7 +72,9 @@ def dense_search(cfg: MiningConfig, queries: list[str], corpus: list[str]) -> li
     rep = resolve_config(cfg.model, kind=cfg.representation, normalize=cfg.normalize)
     encoder, tokenizer = Encoder.from_pretrained(cfg.model, rep), load_tokenizer(cfg.model)
     positions = [str(i) for i in range(len(corpus))]  # ids that never equal a query's (search drops those)
-    options = {"max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size}
+    choice = decide_bf16(cfg.bf16, next(encoder.parameters()).device)
+    choice.log(logger, "mining")
+    options = {"max_tokens": cfg.max_tokens, "batch_size": cfg.batch_size, "bf16": choice.enabled}
     q = encode_texts(encoder, tokenizer, [f"q{i}" for i in range(len(queries))], queries, documents=False,
                      max_length=cfg.query_max_length, desc="queries", **options)
     d = encode_texts(encoder, tokenizer, positions, corpus, documents=True, max_length=cfg.passage_max_length,

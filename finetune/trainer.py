@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from common.checkpoint import Checkpointer, resolve_resume
 from common.metrics_log import keep_steps_up_to
+from common.precision import decide_deepspeed_bf16
 from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, require_skipping_engine
 from finetune.config import FinetuneConfig
 from finetune.data import Collator, FinetuneData, GroupSampler
@@ -36,6 +37,7 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int) -> 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such DeepSpeed config")
     raw = json.loads(path.read_text())
+    decide_deepspeed_bf16(raw, cfg.bf16, str(path)).log(logger, "fine-tuning")  # bf16.enabled: the JSON's, or --bf16
     values = {
         "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,

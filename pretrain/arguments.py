@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common.precision import bf16_field, decide_deepspeed_bf16, parse_bf16
 from pretrain.collator import CollatorConfig
 from pretrain.modeling import DupMAEConfig
 from pretrain.retrieval_probe import ProbeConfig
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -82,7 +86,8 @@ class TrainingArguments:
     save_steps: int = _arg(500, "checkpoint every N optimizer steps (0: only at the end and on preemption)")
     save_total_limit: int | None = _arg(None, "keep only the last K checkpoints")
     seed: int = _arg(42, "seed of shuffling, masks and dropout (each derived from seed, rank, step)")
-    bf16: bool = _arg(False, "bf16 mixed precision (fills bf16.enabled when the DeepSpeed JSON says auto)")
+    bf16: str = bf16_field("bf16 mixed precision: auto (bf16 where the device has native bf16, else fp32; "
+                           "common.precision), true, false; fills bf16.enabled when the DeepSpeed JSON says auto")
     fp16: bool = _arg(False, "fp16 mixed precision (fills fp16.enabled when the DeepSpeed JSON says auto)")
     resume: str | None = _arg(None, "'auto': continue from OUT/checkpoints/latest if present; or a checkpoint folder")
     stop_at_step: int | None = _arg(None, "checkpoint and exit at this step without changing the --max_steps schedule")
@@ -107,7 +112,11 @@ class TrainingArguments:
             raise ConfigError("set --max_steps > 0 or --num_train_epochs > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.bf16 and self.fp16:
+        try:
+            self.bf16 = parse_bf16(self.bf16)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.bf16 == "true" and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"--save_total_limit must be >= 1, got {self.save_total_limit}")
@@ -236,12 +245,16 @@ def deepspeed_config(args: TrainingArguments, world_size: int, total_steps: int)
             node[key] = value
         elif path in _MUST_AGREE and node[key] != value:
             raise ConfigError(f"--deepspeed {args.deepspeed}: {path}={node[key]} disagrees with the flags ({value})")
-    for name, flag in (("bf16", args.bf16), ("fp16", args.fp16)):
-        section = config.setdefault(name, {"enabled": flag})
-        if section.get("enabled", "auto") == "auto":
-            section["enabled"] = flag
-        elif flag and not section["enabled"]:
-            raise ConfigError(f"--deepspeed {args.deepspeed}: {name}.enabled is false but --{name} was given")
+    section = config.setdefault("fp16", {"enabled": args.fp16})
+    if section.get("enabled", "auto") == "auto":
+        section["enabled"] = args.fp16
+    elif args.fp16 and not section["enabled"]:
+        raise ConfigError(f"--deepspeed {args.deepspeed}: fp16.enabled is false but --fp16 was given")
+    try:  # bf16.enabled: the JSON's true/false, else --bf16 (auto: common.precision's rule for this device)
+        choice = decide_deepspeed_bf16(config, args.bf16, f"--deepspeed {args.deepspeed or '(none)'}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    choice.log(logger, "pre-training")
     if config["bf16"]["enabled"] and config["fp16"]["enabled"]:
         raise ConfigError(f"--deepspeed {args.deepspeed}: bf16 and fp16 are both enabled")
     left = _auto_paths(config)

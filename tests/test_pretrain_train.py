@@ -63,7 +63,8 @@ def _command(shard_dir: Path, out: Path, *extra: str, launcher: str = "deepspeed
     else:
         prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     return [*prefix, "--master_port", str(_free_port()), "pretrain/main.py",
-            "--deepspeed", "ds_configs/zero2.json", "--data_dir", str(shard_dir), "--output_dir", str(out),
+            "--deepspeed", "ds_configs/zero2.json", "--bf16", "true",  # bf16 on every machine, as before auto
+            "--data_dir", str(shard_dir), "--output_dir", str(out),
             "--config_overrides", TINY, "--max_seq_length", "64", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "2",
             "--max_steps", str(STEPS), "--save_steps", "2", "--save_total_limit", "1", "--logging_steps", "1",
@@ -490,7 +491,8 @@ def test_config_file_then_flags(tmp_path):
 
 def test_deepspeed_auto_fields_come_from_the_flags(tmp_path):
     args = TrainingArguments(output_dir="/o", deepspeed=str(REPO / "ds_configs" / "zero2.json"),
-                             per_device_train_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5)
+                             per_device_train_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5,
+                             bf16="true")
     config = deepspeed_config(args, world_size=2, total_steps=10)
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"],
             config["gradient_clipping"]) == (4, 3, 24, 0.5)

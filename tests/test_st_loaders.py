@@ -121,7 +121,7 @@ def test_search_through_loaders_ranks_as_evaluation(tokenizer, tiny_beir, tmp_pa
     model = tmp_path / "model"
     export(tokenizer, model, dense_dim=16, top_k=8, sparse_weight=0.5)
     main(["--model", str(model), "--datasets", str(tiny_beir), "--output_dir", str(tmp_path / "eval"),
-          "--no_cache", "true", "--offline", "true"])
+          "--no_cache", "true", "--offline", "true", "--bf16", "false"])  # fp32, as sentence-transformers here
     expected = {}
     for line in (tmp_path / "eval" / "tiny.run").read_text().splitlines():
         qid, _, doc_id, rank, value, _ = line.split()
