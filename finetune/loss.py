@@ -83,8 +83,8 @@ def calibrated_temperature(scores: Tensor) -> Tensor:
 
 
 def info_nce(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
-    """Mean InfoNCE of scores [Bq, Bp] with positives at labels [Bq]."""
-    return F.cross_entropy(scores / temperature, labels)
+    """Mean InfoNCE of scores [Bq, Bp] with positives at labels [Bq]; the softmax runs in fp32 (under bf16 too)."""
+    return F.cross_entropy(scores.float() / temperature, labels)
 
 
 #: A query whose positive has softmax probability above 1 - this (a loss below about 1e-3) gets almost no gradient.

@@ -245,3 +245,16 @@ def test_bf16_evaluation_within_0002_ndcg_of_fp32(tmp_path, minilm_path, caplog)
     fp32, bf16 = results["false"]["beir"]["nDCG@10"], results["true"]["beir"]["nDCG@10"]
     assert fp32 > 0.8  # the packaged model answers these queries
     assert abs(bf16 - fp32) <= 0.002
+
+
+def test_finetune_info_nce_softmax_runs_in_fp32_under_bf16():
+    from finetune.loss import info_nce
+
+    torch.manual_seed(0)
+    scores = torch.randn(4, 12).mul(0.3).bfloat16().requires_grad_()  # cosine-like scores of a bf16 model
+    labels = torch.tensor([0, 3, 6, 9])
+    loss = info_nce(scores, labels, 0.05)
+    reference = torch.nn.functional.cross_entropy(scores.detach().double() / 0.05, labels)  # the same rounded scores
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    loss.backward()
+    assert scores.grad.dtype == torch.bfloat16 and torch.isfinite(scores.grad).all()
