@@ -52,13 +52,15 @@ class Bf16Choice:
 
     enabled: bool
     reason: str
+    emulated: bool = False  # bf16 forced on a device without native bf16 (logged as a warning)
 
     @property
     def name(self) -> str:
         return "bf16" if self.enabled else "fp32"
 
     def log(self, logger: logging.Logger, stage: str) -> None:
-        logger.info("%s precision: %s (%s)", stage, self.name, self.reason)
+        logger.log(logging.WARNING if self.emulated else logging.INFO, "%s precision: %s (%s)", stage, self.name,
+                   self.reason)
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
@@ -96,7 +98,7 @@ def decide_bf16(setting, device: torch.device | str = "cpu", flags: Iterable[str
     if setting == "auto":
         return Bf16Choice(native, f"--bf16 auto: {why}")
     if setting == "true" and not native:
-        return Bf16Choice(True, f"--bf16 true, although {why}: expect it slower than fp32")
+        return Bf16Choice(True, f"--bf16 true, although {why}: expect it slower than fp32", emulated=True)
     return Bf16Choice(SETTINGS[setting], f"--bf16 {setting}")
 
 

@@ -35,7 +35,8 @@ def test_auto_follows_the_cpu_flags(flags, expected, why):
     assert choice.enabled is expected and why in choice.reason and choice.reason.startswith("--bf16 auto")
     assert decide_bf16("true", "cpu", flags).enabled is True  # forced either way
     assert decide_bf16("false", "cpu", flags) == Bf16Choice(False, "--bf16 false")
-    assert ("expect it slower" in decide_bf16("true", "cpu", flags).reason) is (not expected)
+    forced = decide_bf16("true", "cpu", flags)
+    assert ("expect it slower" in forced.reason) is forced.emulated is (not expected)
 
 
 def test_cpu_flags_read_from_cpuinfo(tmp_path, monkeypatch):
@@ -141,7 +142,9 @@ def test_pretrain_json_follows_auto_on_avx2(avx2_cpu, caplog):
     with caplog.at_level(logging.INFO):
         assert _pretrain_config("zero2.json")["bf16"]["enabled"] is False
     assert "pre-training precision: fp32 (--bf16 auto: the CPU reports neither" in caplog.text
+    caplog.clear()
     assert _pretrain_config("zero2.json", bf16="true")["bf16"]["enabled"] is True
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "expect it slower" in caplog.text
 
 
 def test_finetune_json_follows_auto(avx2_cpu, monkeypatch):
