@@ -184,7 +184,9 @@ class Encoder(nn.Module):
         """Load a HF / sentence-transformers / DupMAE folder (None or "default": the packaged MiniLM).
 
         A DupMAE folder keeps its MLM head under any config, so a `mean` fine-tuning of a DupMAE export exports the
-        head too, and the result can still be scored as dupmae (its trained sparse half on the tuned encoder)."""
+        head too, and the result can still be scored as dupmae (its trained sparse half on the tuned encoder).
+        Weights load in fp32 whatever dtype they were saved in (a bf16 fine-tuning saves bf16): bf16 compute is
+        autocast's job (`--bf16`), and the projection W is fp32."""
         from transformers import AutoModel, AutoModelForMaskedLM
 
         path = resolve_model(name_or_path)
@@ -195,13 +197,14 @@ class Encoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             if config.kind == "dupmae" or (saved is not None and saved.kind == "dupmae"):
-                model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+                model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True,
+                                                                   dtype=torch.float32)
                 head_missing = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
                 if head_missing and config.kind == "dupmae":
                     logger.warning("%s has no trained MLM head (%d tensors initialized): the sparse part is untrained",
                                    path, len(head_missing))
             else:
-                model = AutoModel.from_pretrained(path)
+                model = AutoModel.from_pretrained(path, dtype=torch.float32)
             projection = None
             if config.kind == "dupmae":
                 projection = new_projection(model.config.hidden_size, config.dense_dim)
