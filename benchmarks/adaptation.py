@@ -4,6 +4,7 @@ corpus, against the same budget without it, zero-shot and after the same fine-tu
     python benchmarks/adaptation.py --output_dir runs/adaptation                  # ../shared SciFact + docstrings
     python benchmarks/adaptation.py --datasets BEIR_DIR... [--corpus DIR_OR_JSONL...] --output_dir OUT \
         [--seeds 2] [--variants none,dupmae]
+    python benchmarks/adaptation.py --output_dir /tmp/adapt --smoke   # every stage on a tiny model and data, ~1 min
 
 Variants, stages and the recipe: `experiments/adaptation.py`. Reference rows: BM25 (bm25s), and the base model
 fused with BM25 by reciprocal rank (k = 60; `evaluation.fusion`), which needs no training. Without --corpus each
@@ -30,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import smoke  # noqa: E402
 from experiments.adaptation import VARIANTS, AdaptationConfig, Experiment, prepare  # noqa: E402
 from experiments.scoring import bm25_scores, fused_scores  # noqa: E402
 
@@ -38,6 +40,9 @@ logger = logging.getLogger("adaptation")
 SHARED_SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 METRICS = ("nDCG@10", "Recall@100")
 STAGES = ("zero-shot", "fine-tuned")
+#: --smoke: every stage on a tiny random-init model (when --model_name_or_path is not given) and a tiny BEIR folder.
+SMOKE = {"variants": "none,dupmae", "max_steps": 2, "freeze_encoder_steps": 1, "per_device_train_batch_size": 4,
+         "max_seq_length": 64, "finetune_steps": 2, "finetune_batch_size": 4, "max_length": 64}
 
 
 def report(cfg: AdaptationConfig, results: dict, references: dict[str, dict[str, dict[str, float]]]) -> list[dict]:
@@ -92,7 +97,8 @@ def markdown(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
-def parse_args(argv: list[str] | None) -> AdaptationConfig:
+def parse_args(argv: list[str] | None) -> tuple[AdaptationConfig, bool]:
+    """(the config, whether --smoke was given)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = AdaptationConfig(output_dir="")
     parser.add_argument("--output_dir", required=True)
@@ -102,9 +108,10 @@ def parse_args(argv: list[str] | None) -> AdaptationConfig:
     for name, value in asdict(defaults).items():
         if name not in ("output_dir", "datasets", "corpus", "variants"):
             parser.add_argument(f"--{name}", type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
+    args = vars(smoke.parse_args(parser, argv, **SMOKE))
+    smoke_mode = args.pop("smoke")
     args["variants"] = tuple(v.strip() for v in args["variants"].split(",") if v.strip())
-    return AdaptationConfig(**args)
+    return AdaptationConfig(**args), smoke_mode
 
 
 def default_datasets(out: Path) -> list[Path]:
@@ -122,11 +129,14 @@ def main(argv: list[str] | None = None) -> None:
 
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.chdir(REPO)  # stages run the repository's entry points by relative path
-    cfg = parse_args(argv)
+    cfg, smoke_mode = parse_args(argv)
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
-    datasets = [Path(d).resolve() for d in cfg.datasets] or default_datasets(out)
+    if smoke_mode and cfg.model_name_or_path == "default":
+        cfg.model_name_or_path = str(smoke.tiny_bert(out / "data" / "tiny-model"))
+    datasets = [Path(d).resolve() for d in cfg.datasets] or (
+        [smoke.tiny_beir(out / "data" / "tiny")] if smoke_mode else default_datasets(out))
+    os.chdir(REPO)  # stages run the repository's entry points by relative path
     start = time.perf_counter()
     results, references, seconds = {}, {}, {}
     with contextlib.redirect_stdout(sys.stderr):  # the stages' streamed output; stdout carries the JSON lines only

@@ -72,3 +72,24 @@ def tiny_books(path: Path, books: int = 3) -> Path:
             paragraphs = [" ".join(sentences[(b + p + s) % len(sentences)] for s in range(4)) for p in range(6)]
             out.write(json.dumps({"text": "\n\n".join(paragraphs)}) + "\n")
     return path
+
+
+def tiny_bert(folder: Path) -> Path:
+    """A random-init 2-layer, 32-wide BertForMaskedLM with the packaged MiniLM's tokenizer: a model every stage
+    loads in a second (the smoke runs of scripts whose default model is the packaged one)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from common.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, vocab_size=len(tokenizer),
+                                           max_position_embeddings=160))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("none", "mlm", "retromae", "dupmae", "dupmae-official")
 WORDS = ("protein cell gene virus cancer brain heart drug dose mouse risk blood insulin liver kidney lung "
          "vaccine fever sleep memory").split()
 
@@ -50,7 +51,8 @@ def beir(folder: Path, n_docs: int = 60) -> Path:
 def test_every_variant_end_to_end(tiny_model, tmp_path):
     data = beir(tmp_path / "tinybeir")
     out = tmp_path / "out"
-    command = [sys.executable, "benchmarks/adaptation.py", "--output_dir", str(out), "--datasets", str(data),
+    command = [sys.executable, "benchmarks/adaptation.py", "--smoke", "--variants", ",".join(VARIANTS),
+               "--output_dir", str(out), "--datasets", str(data),
                "--model_name_or_path", str(tiny_model), "--max_steps", "2", "--freeze_encoder_steps", "1",
                "--per_device_train_batch_size", "4", "--max_seq_length", "64", "--finetune_steps", "2",
                "--finetune_batch_size", "4"]
@@ -59,7 +61,7 @@ def test_every_variant_end_to_end(tiny_model, tmp_path):
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     assert lines == [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by_key = {(x["variant"], x["stage"], x["representation"], x["metric"]): x for x in lines}
-    variants = ("none", "mlm", "retromae", "dupmae", "dupmae-official")
+    variants = VARIANTS
     for variant in variants:
         dupmae = variant.startswith("dupmae")
         for metric in ("nDCG@10", "Recall@100"):
