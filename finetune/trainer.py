@@ -3,6 +3,7 @@ that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every
 `latest` of `common.checkpoint`), and the export."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.checkpoint import Checkpointer, resolve_resume
+from common.checkpoint import Checkpointer, resolve_resume, tag_for
 from common.metrics_log import keep_steps_up_to
 from common.precision import decide_deepspeed_bf16
 from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, require_skipping_engine
@@ -140,7 +141,15 @@ class Trainer:
         if self.rank != 0:
             return None
         export = self.out / EXPORT
-        folders = engine.module.export(export, self.tokenizer)
+        module = engine.module
+        if engine.bfloat16_enabled() or engine.fp16_enabled():  # the fp32 masters, not the bf16/fp16 working copy
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpointer.dir),
+                                                             tag=tag_for(engine.global_steps))
+            module = copy.deepcopy(module).float()
+            module.load_state_dict(state)
+        folders = module.export(export, self.tokenizer)
         logger.info("exported %s", ", ".join(map(str, folders)))
         return export
 

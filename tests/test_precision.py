@@ -169,6 +169,12 @@ def test_explicit_json_and_contradicting_flag():
 
 
 # ----------------------------------------------------------------------------------- bf16 against fp32, run
+def _env() -> dict[str, str]:
+    """A stage's subprocess: offline, one CPU thread, this checkout's modules (not an editable install's)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
 #: bf16 pre-training may differ from fp32 by this much (relative) in each of the first 5 steps' losses: the bf16
 #: working copy of the weights and bf16 activations moved this run's loss (~21.9, three terms) by at most 6.2e-4
 #: relative (fp32 21.956 .. 21.717, bf16 21.959 .. 21.730); a gap near 1e-2 would mean a term computed in bf16
@@ -192,7 +198,7 @@ def test_bf16_pretraining_losses_track_fp32(tmp_path, minilm_path):
              "--per_device_train_batch_size", "4", "--max_steps", "5", "--logging_steps", "1", "--save_steps", "0",
              "--learning_rate", "1e-3", "--disable_tqdm"],
             cwd=REPO, capture_output=True, text=True, timeout=300,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+            env=_env())
         assert done.returncode == 0, done.stderr[-3000:]
         logs[bf16] = done.stderr
         losses[bf16] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -264,3 +270,45 @@ def test_finetune_info_nce_softmax_runs_in_fp32_under_bf16():
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=1e-6)
     loss.backward()
     assert scores.grad.dtype == torch.bfloat16 and torch.isfinite(scores.grad).all()
+
+
+def test_bf16_finetuning_exports_the_fp32_master_weights(tmp_path, minilm_path):
+    """As pre-training's export: a bf16 fine-tuning writes the fp32 masters of its last checkpoint, not the bf16
+    working copy (which rounds every weight to 8 bits of mantissa)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    from common.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(minilm_path)
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=len(tokenizer), max_position_embeddings=64)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "text": p} for i, (p, _) in enumerate(TOPICS)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n"
+                                                for i, (_, q) in enumerate(TOPICS)))
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
+                                              "".join(f"q{i}\td{i}\t1\n" for i in range(len(TOPICS))))
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json", "--bf16", "true",
+         "--model_name_or_path", str(model), "--data_dir", str(beir), "--output_dir", str(out),
+         "--representation", "mean", "--train_group_size", "2", "--per_device_train_batch_size", "4",
+         "--max_steps", "4", "--learning_rate", "1e-2", "--passage_max_length", "32"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fine-tuning precision: bf16 (--bf16 true" in done.stderr
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step-00000004")
+    exported = load_file(out / "model" / "model.safetensors")
+    name = "embeddings.word_embeddings.weight"
+    master = next(v for k, v in masters.items() if k.endswith(name))
+    weight = next(v for k, v in exported.items() if k.endswith(name))
+    assert weight.dtype == torch.float32 and torch.equal(weight, master)
+    assert not torch.equal(weight, weight.bfloat16().float())  # not the bf16 working copy
