@@ -63,7 +63,7 @@ class AblationConfig:
     max_seq_length: int = 128
     learning_rate: float = 5e-4
     warmup_ratio: float = 0.1
-    probe_steps: int = 50  # the retrieval probe's period (0: no probe)
+    probe_steps: int = 100  # the retrieval probe's period (0: no probe)
     # fine-tuning: the same for every variant
     finetune_steps: int = 100
     finetune_batch_size: int = 32
@@ -131,10 +131,11 @@ def build_corpus(general: Path | None, general_mb: float, datasets: list[Path], 
 
 
 def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
-    """A lower-cased BERT WordPiece vocabulary trained on the corpus, saved as a fast tokenizer folder that every
-    stage loads like a hub tokenizer."""
+    """A lower-cased BERT WordPiece vocabulary trained on the corpus ([CLS] x [SEP] around every text), saved as a
+    fast tokenizer folder that every stage loads like a hub tokenizer."""
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+    from tokenizers.processors import BertProcessing
+    from transformers import PreTrainedTokenizerFast
 
     def texts():
         with open(corpus, encoding="utf-8") as handle:
@@ -144,10 +145,13 @@ def train_tokenizer(corpus: Path, vocab_size: int, out: Path) -> None:
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train_from_iterator(texts(), vocab_size=vocab_size, min_frequency=2,
                                   special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    out.mkdir(parents=True, exist_ok=True)
-    wordpiece.save_model(str(out))
-    BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True,
-                      model_max_length=512).save_pretrained(str(out))
+    backend = wordpiece._tokenizer
+    backend.post_processor = BertProcessing(("[SEP]", backend.token_to_id("[SEP]")),
+                                            ("[CLS]", backend.token_to_id("[CLS]")))
+    pad, unk, cls, sep, mask = SPECIAL_TOKENS
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=pad, unk_token=unk, cls_token=cls,
+                                        sep_token=sep, mask_token=mask, model_max_length=512)
+    tokenizer.save_pretrained(str(out))
 
 
 def build_pairs(datasets: list[Path], out: Path) -> None:
@@ -324,7 +328,8 @@ class Ablation:
         like pre-training, so the experiment computes the same on every machine."""
         cfg = self.cfg
         command = _python("finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json", "--bf16", "false",
-                          "--model_name_or_path", str(model), "--representation", "cls", "--normalize", "true", "--data_dir", str(self.pairs),
+                          "--model_name_or_path", str(model), "--representation", "cls", "--normalize", "true",
+                          "--data_dir", str(self.pairs),
                           "--negatives", str(self.negatives), "--max_steps", str(cfg.finetune_steps),
                           "--per_device_train_batch_size", str(cfg.finetune_batch_size), "--train_group_size", "2",
                           "--learning_rate", str(cfg.finetune_learning_rate), "--passage_max_length",

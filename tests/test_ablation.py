@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.ablation import build_pairs
+from experiments.ablation import build_pairs, train_tokenizer
 from experiments.ablation_report import report_lines, verdict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,3 +153,17 @@ def test_finetuning_pairs_prefix_ids_and_keep_every_training_pair(tmp_path):
         "query-id\tcorpus-id\tscore", "x/q1\tx/d1\t1", "y/q1\ty/d1\t1"]
     ids = [json.loads(line)["_id"] for line in (tmp_path / "pairs" / "corpus.jsonl").read_text().splitlines()]
     assert ids == ["x/d1", "y/d1"]
+
+
+def test_the_trained_vocabulary_tokenizes_words_not_unknowns(tmp_path):
+    """The first version saved a tokenizer whose vocabulary transformers 5 did not load: every token was [UNK]."""
+    from common.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    text = "protein folding in the cell shapes every enzyme and every receptor of the cell membrane"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(20)))
+    train_tokenizer(corpus, 200, tmp_path / "tokenizer")
+    tokenizer = load_tokenizer(str(tmp_path / "tokenizer"))
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("protein folding shapes the cell")["input_ids"])
+    assert tokens == ["[CLS]", "protein", "folding", "shapes", "the", "cell", "[SEP]"]
+    assert tokenizer.unk_token == "[UNK]" and tokenizer.mask_token_id is not None and len(tokenizer) <= 200
