@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
+from benchmarks.smoke import tiny_beir
+
 from common import precision
 from common.precision import Bf16Choice, decide_bf16, decide_deepspeed_bf16, native_bf16, parse_bf16
 
@@ -210,39 +212,11 @@ def test_bf16_pretraining_losses_track_fp32(tmp_path, minilm_path):
     assert losses["true"] == pytest.approx(losses["false"], rel=PRETRAIN_LOSS_RTOL)
 
 
-#: (passage, query) pairs of the evaluation test; each query's answer is its passage, near misses share words.
-TOPICS = [
-    ("Vitamin D is produced in the skin when it is exposed to sunlight.", "how does the body make vitamin D"),
-    ("Red blood cells carry oxygen bound to hemoglobin.", "what carries oxygen in the blood"),
-    ("Type 1 diabetes is an autoimmune destruction of insulin-producing beta cells.", "cause of type 1 diabetes"),
-    ("CRISPR-Cas9 cuts DNA at a location chosen by a guide RNA.", "how does CRISPR edit genes"),
-    ("Alzheimer's disease is marked by amyloid plaques and tau tangles in the brain.", "brain changes in Alzheimer's"),
-    ("Sleep deprivation impairs attention and working memory.", "effects of lack of sleep on the mind"),
-    ("Folic acid taken in early pregnancy prevents neural tube defects.", "why take folic acid when pregnant"),
-    ("Penicillin kills bacteria by blocking the synthesis of their cell walls.", "how does penicillin work"),
-    ("Statins lower LDL cholesterol by inhibiting HMG-CoA reductase.", "how do statins reduce cholesterol"),
-    ("Measles vaccination gives lifelong immunity after two doses.", "how long does the measles vaccine protect"),
-]
-NEAR_MISSES = ["Vitamin C is found in citrus fruits.", "White blood cells fight infections.",
-               "Type 2 diabetes is managed with diet and metformin.", "Gene sequencing costs have fallen sharply.",
-               "Alzheimer's disease affects millions of older adults.", "Adults are advised to sleep seven hours.",
-               "Pregnancy lasts about forty weeks.", "Penicillin was discovered by Alexander Fleming in 1928.",
-               "Cholesterol is carried in the blood by lipoproteins.", "Measles causes a red rash and fever."]
-
-
 def test_bf16_evaluation_within_0002_ndcg_of_fp32(tmp_path, minilm_path, caplog):
     from evaluation.config import EvalConfig
     from evaluation.pipeline import run
 
-    beir = tmp_path / "beir"
-    (beir / "qrels").mkdir(parents=True)
-    docs = [{"_id": f"d{i}", "text": p} for i, (p, _) in enumerate(TOPICS)]
-    docs += [{"_id": f"n{i}", "text": p} for i, p in enumerate(NEAR_MISSES)]
-    (beir / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n"
-                                                for i, (_, q) in enumerate(TOPICS)))
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                             "".join(f"q{i}\td{i}\t1\n" for i in range(len(TOPICS))))
+    beir = tiny_beir(tmp_path / "beir")  # each query's answer, and near misses that share its words
     results, runs = {}, {}
     for bf16 in ("false", "true"):
         with caplog.at_level(logging.INFO):
@@ -287,14 +261,7 @@ def test_bf16_finetuning_exports_the_fp32_master_weights(tmp_path, minilm_path):
     BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                vocab_size=len(tokenizer), max_position_embeddings=64)).save_pretrained(model)
     tokenizer.save_pretrained(model)
-    beir = tmp_path / "beir"
-    (beir / "qrels").mkdir(parents=True)
-    docs = [{"_id": f"d{i}", "text": p} for i, (p, _) in enumerate(TOPICS)]
-    (beir / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": q}) + "\n"
-                                                for i, (_, q) in enumerate(TOPICS)))
-    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" +
-                                              "".join(f"q{i}\td{i}\t1\n" for i in range(len(TOPICS))))
+    beir = tiny_beir(tmp_path / "beir")
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, "finetune/main.py", "--deepspeed", "ds_configs/finetune_cpu.json", "--bf16", "true",
