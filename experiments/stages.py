@@ -23,8 +23,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MARKER = ".stage.json"
-#: Weight files hashed when a model folder is not a stage's output (a base model, a packaged one).
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")
+#: Files up to this size are identified by their contents; larger ones by size and modification time.
+_HASHED_BYTES = 1 << 30
 
 
 class StageFailed(RuntimeError):
@@ -42,8 +42,9 @@ class Stage:
 
 def fingerprint(path: Path) -> str:
     """What identifies a stage input: a stage output's marker (its command and run id), else a hash of the file,
-    or of a folder's files (names, sizes and contents of weights, configs and vocabularies; data files by size
-    and mtime, which is enough to see a rebuilt file)."""
+    or of a folder's files (names, sizes and contents; files over 1 GiB by size and mtime). Contents, not mtimes:
+    a data file rewritten with the same text (the smoke data, a re-extracted corpus) must not re-run everything
+    downstream of it."""
     path = Path(path)
     marker = path / MARKER if path.is_dir() else None
     if marker is not None and marker.is_file():
@@ -53,7 +54,7 @@ def fingerprint(path: Path) -> str:
     for file in files:
         stat = file.stat()
         digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}".encode())
-        if file.suffix in _WEIGHT_SUFFIXES and stat.st_size < 1 << 30:
+        if stat.st_size < _HASHED_BYTES:
             digest.update(hashlib.sha256(file.read_bytes()).digest())
         else:
             digest.update(str(stat.st_mtime_ns).encode())

@@ -3,6 +3,7 @@ dupmae config at both stages (item 5), and fuses rankings by reciprocal rank exa
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def test_fingerprint_follows_weights_not_paths(tmp_path):
     first = fingerprint(model)
     (model / "model.safetensors").write_bytes(b"\x01" * 64)  # same size, other weights
     assert fingerprint(model) != first
+    data = tmp_path / "corpus.jsonl"
+    data.write_text('{"text": "a"}\n')
+    written = fingerprint(data)
+    os.utime(data, ns=(1, 1))  # rewritten with the same text: the smoke data, a re-extracted corpus
+    assert fingerprint(data) == written
+    data.write_text('{"text": "b"}\n')
+    assert fingerprint(data) != written
     (model / ".stage.json").write_text('{"run_id": "1"}')  # a stage output: its marker identifies it
     marked = fingerprint(model)
     (model / ".stage.json").write_text('{"run_id": "2"}')
