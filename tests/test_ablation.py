@@ -139,6 +139,8 @@ def test_report_means_spreads_baselines_and_average_by_hand():
     flipped = {name: [{**s, "retromae": s["mlm"], "mlm": s["retromae"]} for s in per_seed]
                for name, per_seed in results.items()}
     assert "does NOT hold" in verdict(report_lines(flipped, {}))
+    one_seed = {name: per_seed[:1] for name, per_seed in results.items()}
+    assert "UNDECIDED (one seed" in verdict(report_lines(one_seed, {}))  # a spread of 0 measures no noise
 
 
 def test_finetuning_pairs_prefix_ids_and_keep_every_training_pair(tmp_path):
