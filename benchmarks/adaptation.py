@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import smoke  # noqa: E402
 from experiments.adaptation import VARIANTS, AdaptationConfig, Experiment, prepare  # noqa: E402
 from experiments.scoring import bm25_scores, fused_scores  # noqa: E402
+from experiments.tables import markdown_tables  # noqa: E402
 
 logger = logging.getLogger("adaptation")
 
@@ -77,24 +78,9 @@ def report(cfg: AdaptationConfig, results: dict, references: dict[str, dict[str,
 
 def markdown(lines: list[dict]) -> str:
     """One table per dataset: rows (variant, stage, representation), columns the metrics (mean ± spread/2)."""
-    out = []
-    for dataset in dict.fromkeys(line["dataset"] for line in lines):
-        rows: dict[tuple, dict] = {}
-        for line in (x for x in lines if x["dataset"] == dataset):
-            cell = f"{line['ours']:.4f}"
-            if line.get("seeds", 1) > 1:
-                cell += f" ± {line['spread'] / 2:.4f}"
-            if line["ratio"] is not None:
-                cell += f" ({line['ours'] - line['baseline']:+.4f})"
-            rows.setdefault((line["variant"], line["stage"], line["representation"]), {})[line["metric"]] = cell
-        out += [f"### {dataset}", "", "| variant | stage | representation | " + " | ".join(METRICS) + " |",
-                "|---|---|---|" + "---|" * len(METRICS)]
-        out += [f"| {v} | {s} | {r} | " + " | ".join(cells.get(m, "") for m in METRICS) + " |"
-                for (v, s, r), cells in rows.items()]
-        out.append("")
-    out.append("Cells: mean over seeds (± half the spread) and, in brackets, the difference to `none` at the same "
-               "stage with its best representation.")
-    return "\n".join(out)
+    return markdown_tables(lines, METRICS, show_difference=lambda line: line["ratio"] is not None,
+                           footnote="Cells: mean over seeds (± half the spread) and, in brackets, the difference to "
+                                    "`none` at the same stage with its best representation.")
 
 
 def parse_args(argv: list[str] | None) -> tuple[AdaptationConfig, bool]:

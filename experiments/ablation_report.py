@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+from experiments.tables import markdown_tables
+
 METRICS = ("nDCG@10", "Recall@100")
 STAGES = ("zero-shot", "fine-tuned")
 AVERAGE = "average"
@@ -107,26 +109,11 @@ def verdict(lines: list[dict]) -> str:
 
 
 def markdown(lines: list[dict]) -> str:
-    """One table per dataset (the average first): rows (variant, stage, representation), mean ± half the seed
-    spread, and the difference to the mlm cell of the same row."""
-    out = []
-    datasets = list(dict.fromkeys(x["dataset"] for x in lines))
-    for dataset in sorted(datasets, key=lambda name: name != AVERAGE):
-        rows: dict[tuple, dict] = {}
-        for line in (x for x in lines if x["dataset"] == dataset):
-            cell = f"{line['ours']:.4f}"
-            if line["seeds"] > 1:
-                cell += f" ± {line['spread'] / 2:.4f}"
-            if line["baseline"] is not None and line["variant"] != "mlm":
-                cell += f" ({line['ours'] - line['baseline']:+.4f})"
-            rows.setdefault((line["variant"], line["stage"], line["representation"]), {})[line["metric"]] = cell
-        title = "average over the test sets" if dataset == AVERAGE else dataset
-        out += [f"### {title}", "", "| variant | stage | representation | " + " | ".join(METRICS) + " |",
-                "|---|---|---|" + "---|" * len(METRICS)]
-        out += [f"| {v} | {s} | {r} | " + " | ".join(cells.get(m, "") for m in METRICS) + " |"
-                for (v, s, r), cells in rows.items()]
-        out.append("")
-    out.append("Cells: mean over seeds ± half the spread (max − min) and, in brackets, the difference to the `mlm` "
-               "cell of the same stage and representation (its `cls` for `dupmae`). Reference rows (BM25, the "
-               "packaged all-MiniLM-L6-v2, and it fused with BM25) are trained models or none, not the same budget.")
-    return "\n".join(out)
+    """One table per dataset (the average first): mean ± half the seed spread, and the difference to the mlm cell
+    of the same row."""
+    return markdown_tables(
+        lines, METRICS, show_difference=lambda line: line["variant"] != "mlm", first=AVERAGE,
+        title=lambda name: "average over the test sets" if name == AVERAGE else name,
+        footnote="Cells: mean over seeds ± half the spread (max − min) and, in brackets, the difference to the "
+                 "`mlm` cell of the same stage and representation (its `cls` for `dupmae`). Reference rows (BM25, the "
+                 "packaged all-MiniLM-L6-v2, and it fused with BM25) are trained models or none, not the same budget.")
