@@ -12,7 +12,9 @@ Stages, each reused when its command and inputs are unchanged (`experiments.stag
               set's corpus, as the paper's DupMAE† does; never a query
   tokenizer   a WordPiece vocabulary of `vocab_size` trained on that corpus: the vocabulary projections (MLM, decoder,
               BoW max-pool) dominate a small model's step, and 8k rows instead of bert-base's 30k cut the step
-              about 3.7x (see `docs/results.md#ablation`)
+              about 3.7x (see `docs/ablation.md`). tokenizers' trainer breaks frequency ties in hash order, so
+              another training on the same corpus can differ in a few rare pieces: the stage trains it once per
+              output folder and every later stage reads that folder
   shards      the Beam preprocessing job with that tokenizer
   pairs       one fine-tuning set: the training queries of every test set that has qrels/train.tsv, ids prefixed by
               the set's name, with BM25 negatives mined once
@@ -51,21 +53,23 @@ class AblationConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     seeds: int = 2
     first_seed: int = 42  # seeds first_seed .. first_seed + seeds - 1 (two processes can split the seeds)
-    # the model (random init) and its vocabulary
-    vocab_size: int = 8192
-    num_hidden_layers: int = 4
-    hidden_size: int = 256
-    num_attention_heads: int = 4
-    intermediate_size: int = 1024
+    # the model (random init) and its vocabulary: sized for 8+ pre-training runs in <= 120 min on 2 cores. The first
+    # defaults (4 layers, 256 wide, vocabulary 8192, 300 steps at lr 5e-4, 100 fine-tuning steps) took 12-30 min
+    # per pre-training run and left every retriever near chance (docs/results.md#ablation)
+    vocab_size: int = 4096
+    num_hidden_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 2
+    intermediate_size: int = 512
     # pre-training: the same budget for every variant
-    max_steps: int = 300
+    max_steps: int = 700
     per_device_train_batch_size: int = 32
     max_seq_length: int = 128
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
-    probe_steps: int = 100  # the retrieval probe's period (0: no probe)
+    probe_steps: int = 350  # the retrieval probe's period (0: no probe)
     # fine-tuning: the same for every variant
-    finetune_steps: int = 100
+    finetune_steps: int = 300
     finetune_batch_size: int = 32
     finetune_learning_rate: float = 3e-4  # 1e-4 left the random init's training loss at ln(64), chance
     # evaluation
