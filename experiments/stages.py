@@ -55,7 +55,8 @@ def fingerprint(path: Path) -> str:
         stat = file.stat()
         digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}".encode())
         if stat.st_size < _HASHED_BYTES:
-            digest.update(hashlib.sha256(file.read_bytes()).digest())
+            with open(file, "rb") as handle:  # streamed: a corpus or weights of up to 1 GiB never sit in memory
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
         else:
             digest.update(str(stat.st_mtime_ns).encode())
     return digest.hexdigest()
