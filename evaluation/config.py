@@ -8,6 +8,7 @@ from pathlib import Path
 from common.flags import optional_bool
 from common.precision import bf16_field, parse_bf16
 from common.representation import KINDS, RepresentationConfig, resolve_config
+from common.bm25 import PRESET_HELP, PRESETS
 from evaluation.fusion import FUSIONS
 
 
@@ -51,6 +52,7 @@ class EvalConfig:
     fuse: str = field(default="none", metadata=_help(
         "bm25: fuse the model's ranking with BM25's by reciprocal rank (evaluation.fusion)", choices=list(FUSIONS)))
     rrf_k: int = field(default=60, metadata=_help("--fuse: the RRF constant k in 1 / (k + rank)"))
+    bm25: str = field(default="standard", metadata=_help("--fuse bm25: " + PRESET_HELP, choices=list(PRESETS)))
 
     def __post_init__(self) -> None:
         if not self.datasets:

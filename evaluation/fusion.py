@@ -4,7 +4,7 @@
 
 RRF (Cormack, Clarke & Büttcher, SIGIR 2009) scores a document by Σ_runs 1 / (k + rank), rank counted from 1 in
 each run; a document missing from a run adds nothing. It needs no score calibration and has one constant, k = 60
-in the paper and here by default. BM25 is `bm25s` with English stop words (`finetune.mine_negatives.bm25_search`).
+in the paper and here by default. BM25 is `common.bm25` (Anserini's BEIR baseline by default; `--bm25`).
 """
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ from evaluation.metrics import ranked
 FUSIONS = ("none", "bm25")
 
 
-def bm25_run(data: BeirData, depth: int) -> dict[str, dict[str, float]]:
+def bm25_run(data: BeirData, depth: int, bm25: str = "standard") -> dict[str, dict[str, float]]:
     """{query id: {doc id: score}} of BM25, the top `depth` per query, without a document that has the query's id
-    (BEIR's convention, as in `evaluation.search`); scores are depth - rank, so only the order is meaningful."""
-    from finetune.mine_negatives import bm25_search
+    (BEIR's convention, as in `evaluation.search`); scores are depth - rank, so only the order is meaningful.
+    bm25: a `common.bm25.PRESETS` name."""
+    from common.bm25 import bm25_search, preset
 
-    rows = bm25_search(data.query_texts, data.doc_texts, depth + 1)
+    rows = bm25_search(data.query_texts, data.doc_texts, depth + 1, preset(bm25))
     run = {}
     for qid, hits in zip(data.query_ids, rows):
         kept = [data.doc_ids[i] for i in hits if data.doc_ids[i] != qid][:depth]

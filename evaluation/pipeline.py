@@ -87,7 +87,7 @@ def run(cfg: EvalConfig) -> dict | None:
     evaluator = Evaluator(cfg)
     run_tag = "_".join(Path(resolve_model(cfg.model_name_or_path)).name.split()) or "model"
     if cfg.fuse != "none":
-        run_tag += f"+{cfg.fuse}-rrf{cfg.rrf_k}"
+        run_tag += f"+{cfg.fuse}-rrf{cfg.rrf_k}" + ("" if cfg.bm25 == "standard" else f"-{cfg.bm25}")
     per_dataset = {}
     for folder in folders:
         data = load_beir(folder, cfg.split)
@@ -98,7 +98,7 @@ def run(cfg: EvalConfig) -> dict | None:
         queries = evaluator.encode_queries(data)
         ranking = search(queries, corpus, cfg.depth, cfg.index_factory, evaluator.encoder.config.sparse_weight)
         if cfg.fuse == "bm25":
-            ranking = reciprocal_rank_fusion([ranking, bm25_run(data, cfg.depth)], cfg.rrf_k, cfg.depth)
+            ranking = reciprocal_rank_fusion([ranking, bm25_run(data, cfg.depth, cfg.bm25)], cfg.rrf_k, cfg.depth)
         write_run(out / f"{data.name}.run", ranking, tag=run_tag)
         per_dataset[data.name] = evaluate(data.qrels, ranking)
         logger.info("%s: %s", data.name, {k: round(v, 4) for k, v in per_dataset[data.name].items()})

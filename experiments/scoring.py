@@ -37,7 +37,7 @@ def evaluate_model(model: str, dataset: Path, max_length: int, max_docs: int,
 
 
 def bm25_scores(dataset: Path, max_docs: int) -> dict[str, float]:
-    """BM25 (bm25s, English stop words) on the test split: the lexical reference row."""
+    """BM25 (`common.bm25`, Anserini's BEIR baseline) on the test split: the lexical reference row."""
     from evaluation.fusion import bm25_run
     from evaluation.metrics import evaluate
 

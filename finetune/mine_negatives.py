@@ -1,6 +1,6 @@
 """Hard negatives for fine-tuning: retrieve the top `depth` documents of every training query with a model
 (evaluation's encoder and search: exact faiss inner product, or DupMAE's dense + sparse score searched exactly) or
-with BM25 (the `bm25s` package), drop the positives and the `skip_top` best remaining documents (often
+with BM25 (`common.bm25`: Anserini's BEIR baseline by default, `--bm25`), drop the positives and the `skip_top` best remaining documents (often
 unlabeled positives), and write the ranked rest.
 
 Launch:  python -m finetune.mine_negatives --model M --data_dir D --out negs.jsonl [--representation mean --normalize]
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.bm25 import PRESET_HELP, bm25_search, preset
 from common.flags import optional_bool
 from common.precision import bf16_field, decide_bf16, parse_bf16
 from common.representation import Encoder
@@ -31,7 +32,8 @@ class MiningConfig:
     data_dir: str = arg("", "BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     out: str = arg("", "output JSONL: {query_id, negatives: [ranked doc ids]}")
     split: str = arg("train", "qrels split whose queries get negatives")
-    method: Literal["dense", "bm25"] = arg("dense", "retrieve with the model, or with BM25 (bm25s)")
+    method: Literal["dense", "bm25"] = arg("dense", "retrieve with the model, or with BM25 (common.bm25)")
+    bm25: Literal["standard", "bm25s-defaults"] = arg("standard", "--method bm25: " + PRESET_HELP)
     representation: Literal["cls", "mean", "dupmae"] | None = arg(None, "override the folder's representation")
     normalize: bool | None = optional_bool("L2-normalize the dense part; None: the model's")
     depth: int = arg(200, "documents retrieved per query")
@@ -49,17 +51,6 @@ class MiningConfig:
         if min(self.depth, self.batch_size, self.max_tokens) < 1 or self.skip_top < 0:
             raise ValueError("need --depth, --batch_size, --max_tokens >= 1 and --skip_top >= 0")
         self.bf16 = parse_bf16(self.bf16)
-
-
-def bm25_search(queries: list[str], corpus: list[str], depth: int) -> list[list[int]]:
-    """Each query's top-`depth` corpus positions by BM25 (bm25s, English stop words), best first."""
-    import bm25s
-
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
-    ids, _ = retriever.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False),
-                                k=min(depth, len(corpus)), show_progress=False)
-    return ids.tolist()
 
 
 def dense_search(cfg: MiningConfig, queries: list[str], corpus: list[str]) -> list[list[int]]:
@@ -104,7 +95,7 @@ def mine(cfg: MiningConfig) -> dict[str, list[str]]:
     queries = [data.queries[g.query_id] for g in data.groups]
     corpus = [data.corpus[d] for d in doc_ids]
     if cfg.method == "bm25":
-        ranked = bm25_search(queries, corpus, cfg.depth)
+        ranked = bm25_search(queries, corpus, cfg.depth, preset(cfg.bm25))
     else:
         ranked = dense_search(cfg, queries, corpus)
     negatives = {g.query_id: hard_negatives([doc_ids[i] for i in positions], g.positives, cfg.skip_top)
