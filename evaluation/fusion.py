@@ -2,14 +2,14 @@
 
     python -m evaluation.beir --model M --datasets D --output_dir OUT --fuse bm25 --rrf_k 60
 
-RRF (Cormack, Clarke & Büttcher, SIGIR 2009) scores a document by Σ_runs 1 / (k + rank), rank counted from 1 in
-each run; a document missing from a run adds nothing. It needs no score calibration and has one constant, k = 60
-in the paper and here by default. BM25 is `common.bm25` (Anserini's BEIR baseline by default; `--bm25`).
+RRF (Cormack, Clarke & Büttcher, SIGIR 2009; `common.fusion`, shared with fine-tuning's fusion teacher) scores a
+document by Σ_runs 1 / (k + rank), rank counted from 1 in each run; a document missing from a run adds nothing.
+It needs no score calibration and has one constant, k = 60 in the paper and here by default. BM25 is `common.bm25` (Anserini's BEIR baseline by default; `--bm25`).
 """
 from __future__ import annotations
 
+from common.fusion import reciprocal_rank_fusion  # noqa: F401  (shared with fine-tuning's fusion teacher)
 from evaluation.data import BeirData
-from evaluation.metrics import ranked
 
 FUSIONS = ("none", "bm25")
 
@@ -26,20 +26,3 @@ def bm25_run(data: BeirData, depth: int, bm25: str = "standard") -> dict[str, di
         kept = [data.doc_ids[i] for i in hits if data.doc_ids[i] != qid][:depth]
         run[qid] = {doc: float(depth - rank) for rank, doc in enumerate(kept)}
     return run
-
-
-def reciprocal_rank_fusion(runs: list[dict[str, dict[str, float]]], k: int = 60,
-                           depth: int | None = None) -> dict[str, dict[str, float]]:
-    """{query id: {doc id: Σ 1/(k + rank)}} over the runs (ties within a run broken by `ranked`'s order), cut to
-    the best `depth` per query when given."""
-    if k < 0:
-        raise ValueError(f"reciprocal_rank_fusion: k must be >= 0, got {k}")
-    fused: dict[str, dict[str, float]] = {}
-    for run in runs:
-        for qid, scores in run.items():
-            row = fused.setdefault(qid, {})
-            for rank, (doc, _) in enumerate(ranked(scores), start=1):
-                row[doc] = row.get(doc, 0.0) + 1.0 / (k + rank)
-    if depth is not None:
-        fused = {qid: dict(ranked(row)[:depth]) for qid, row in fused.items()}
-    return fused

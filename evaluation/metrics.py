@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytrec_eval
 
+from common.fusion import ranked  # noqa: F401  trec_eval's order (shared with fine-tuning's fusion teacher)
+
 #: Reported names -> pytrec_eval measures. MRR@10 is recip_rank on the run cut at 10.
 MEASURES = {
     "nDCG@1": "ndcg_cut_1", "nDCG@3": "ndcg_cut_3", "nDCG@5": "ndcg_cut_5", "nDCG@10": "ndcg_cut_10",
@@ -17,11 +19,6 @@ MEASURES = {
     "Recall@1000": "recall_1000", "MAP@1000": "map_cut_1000",
 }
 MRR_CUTOFF = 10
-
-
-def ranked(run: dict[str, float]) -> list[tuple[str, float]]:
-    """trec_eval's order: score descending, ties by document id descending."""
-    return sorted(run.items(), key=lambda item: (item[1], item[0]), reverse=True)
 
 
 def evaluate(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
