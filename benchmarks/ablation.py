@@ -1,10 +1,13 @@
 """The paper's ablation in miniature (issue 24): MLM, RetroMAE and DupMAE pre-training of one small BERT from random
-init at the same budget, then the same fine-tuning; every variant scored zero-shot and fine-tuned.
+init (or of the --init_model checkpoint) at the same budget, then the same fine-tuning; every variant scored zero-shot
+and fine-tuned.
 
     python benchmarks/ablation.py --output_dir runs/ablation                        # defaults: 2 seeds, 5 variants
     python benchmarks/ablation.py --output_dir runs/abl-short --variants mlm,dupmae --steps 100 --seeds 1
     python benchmarks/ablation.py --output_dir /tmp/abl --smoke    # tiny model and data, every stage, a minute or two
     python benchmarks/ablation.py --output_dir OUT --datasets BEIR_DIR... [--general_corpus books.jsonl]
+    # from a masked-LM checkpoint (a folder, or a hub name in the local HF cache), its own tokenizer and config:
+    python benchmarks/ablation.py --output_dir OUT --init_model bert-base-uncased
     # on 2 cores, one process per seed with one thread each, then the table from both (every stage reused):
     OMP_NUM_THREADS=1 python benchmarks/ablation.py --output_dir OUT --seeds 1 --first_seed 42 &
     OMP_NUM_THREADS=1 python benchmarks/ablation.py --output_dir OUT --seeds 1 --first_seed 43; wait
@@ -33,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import smoke  # noqa: E402
-from experiments.ablation import Ablation, AblationConfig  # noqa: E402
+from experiments.ablation import Ablation, AblationConfig, resolve_init_model  # noqa: E402
 from experiments.ablation_report import markdown, report_lines, verdict  # noqa: E402
 from experiments.variants import VARIANTS, parse_variants  # noqa: E402
 
@@ -103,10 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg, smoke_mode = parse_args(argv)
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
+    start_from = cfg.init_model or "random init"  # as the user named it: a hub name's snapshot folder is a hash
+    if cfg.init_model:  # its folder (a hub name's cached snapshot), before any work and before chdir
+        try:
+            cfg.init_model = str(resolve_init_model(cfg.init_model))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     general = general_corpus(cfg, out, smoke_mode)
     datasets = default_datasets(out, smoke_mode) + [Path(d).resolve() for d in cfg.datasets]
     os.chdir(REPO)  # stages run the repository's entry points by relative path
-    logger.info("test sets: %s; general corpus: %s", [d.name for d in datasets], general)
+    logger.info("test sets: %s; general corpus: %s; start: %s", [d.name for d in datasets], general,
+                cfg.init_model or "random init")
     start = time.perf_counter()
     ablation = Ablation(cfg, datasets, general)
     with contextlib.redirect_stdout(sys.stderr):  # the stages' streamed output; stdout carries the JSON lines only
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = report_lines(results, references)
     runs = {v: out / f"seed-{cfg.first_seed}" / v / "pretrain" / "metrics.jsonl" for v in cfg.variants}
     plot_curves({v: path for v, path in runs.items() if path.is_file()}, out / "curves.png",
-                f"pre-training from random init, {cfg.max_steps} steps")
+                f"pre-training from {start_from}, {cfg.max_steps} steps")
     stage_minutes = "\n".join(f"| {name} | {seconds / 60:.1f} |" for name, seconds in ablation.seconds.items())
     (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (out / "results.md").write_text(

@@ -1,11 +1,13 @@
 """The paper's ablation in miniature: MLM, RetroMAE and DupMAE pre-training of one small BERT from random init at one
-budget, then the same fine-tuning, scored zero-shot and fine-tuned on every test set.
+budget (or of any masked-LM checkpoint, `init_model`, as the official code starts from bert-base-uncased), then the
+same fine-tuning, scored zero-shot and fine-tuned on every test set.
 
 Everything but the loss terms is shared within a seed: the initial weights (one saved random-init model per seed
-that every variant starts from), the data order and the masks (both derived from the seed), the budget (steps,
-batch, length, learning rate, schedule), the fine-tuning (pairs, BM25 negatives, steps, seed, representation) and
-the scoring. Variants (`experiments.variants`): none (the random init, the floor), mlm, retromae, dupmae (paper
-weights 1/1/1), dupmae-official (BoW x 0.1, masked tokens pooled).
+that every variant starts from, or the `init_model` checkpoint for every seed), the data order and the masks (both
+derived from the seed), the budget (steps, batch, length, learning rate, schedule), the fine-tuning (pairs, BM25
+negatives, steps, seed, representation) and the scoring. Variants (`experiments.variants`): none (the starting
+model as it is: the floor), mlm, retromae, dupmae (paper weights 1/1/1), dupmae-official (BoW x 0.1, masked tokens
+pooled).
 
 Stages, each reused when its command and inputs are unchanged (`experiments.stages`):
   corpus      general text (default: the first `general_mb` MB of the Gutenberg books in ../shared) plus every test
@@ -14,12 +16,14 @@ Stages, each reused when its command and inputs are unchanged (`experiments.stag
               BoW max-pool) dominate a small model's step, and 8k rows instead of bert-base's 30k cut the step
               about 3.7x (see `docs/ablation.md`). tokenizers' trainer breaks frequency ties in hash order, so
               another training on the same corpus can differ in a few rare pieces: the stage trains it once per
-              output folder and every later stage reads that folder
+              output folder and every later stage reads that folder. With `init_model`: none, every stage reads
+              the checkpoint's own tokenizer
   shards      the Beam preprocessing job with that tokenizer
   pairs       one fine-tuning set: the training queries of every test set that has qrels/train.tsv, ids prefixed by
               the set's name, with BM25 negatives mined once
-  per seed    the random-init model; per variant: pre-training (DeepSpeed, fp32, with the retrieval probe on the
-              train queries of the first fine-tuning set: a dev sample, never the test queries), fine-tuning
+  per seed    the random-init model (none with `init_model`: the checkpoint's folder); per variant: pre-training
+              (DeepSpeed, fp32, with the retrieval probe on the train queries of the first fine-tuning set: a dev
+              sample, never the test queries), fine-tuning
               ([CLS], cosine, BM25 negatives), and evaluation of both stages with cls, mean and, for the variants
               with a BoW head, dupmae (the same config at both stages: the [CLS] half plus the BoW head's sparse half)
 """
@@ -53,7 +57,11 @@ class AblationConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     seeds: int = 2
     first_seed: int = 42  # seeds first_seed .. first_seed + seeds - 1 (two processes can split the seeds)
-    # the model (random init) and its vocabulary: sized for 8+ pre-training runs in <= 120 min on 2 cores. The first
+    # the starting model: a HF masked-LM checkpoint (hub name or folder; a hub name is read from the local HF cache,
+    # as every stage runs offline) with its own tokenizer and config; empty: random init of the shape below with a
+    # WordPiece vocabulary trained on the corpus. With a checkpoint, the shape and --vocab_size are not used
+    init_model: str = ""
+    # the random-init model and its vocabulary: sized for 8+ pre-training runs in <= 120 min on 2 cores. The first
     # defaults (4 layers, 256 wide, vocabulary 8192, 300 steps at lr 5e-4, 100 fine-tuning steps) took 12-30 min
     # per pre-training run and left every retriever near chance (docs/results.md#ablation)
     vocab_size: int = 4096
@@ -181,6 +189,25 @@ def build_pairs(datasets: list[Path], out: Path) -> None:
                     qrels.write(f"{prefix}{parts[0]}\t{prefix}{parts[1]}\t{parts[2]}\n")
 
 
+def resolve_init_model(name_or_path: str) -> Path:
+    """The folder of `init_model`: a folder as given (absolute), else a hub name's snapshot in the local Hugging Face
+    cache. Stage commands carry this folder and stage inputs fingerprint its files, so another checkpoint, or new
+    weights under the same name, runs every stage that reads it again."""
+    from common.defaults import resolve_model
+
+    path = Path(resolve_model(name_or_path)).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError), or not a valid repo id (HFValidationError)
+        raise ValueError(f"--init_model {name_or_path!r}: not a folder, and not in the Hugging Face cache "
+                         f"({type(exc).__name__}); the stages run offline, so download it first "
+                         f"(`hf download {name_or_path}`) or pass a folder") from None
+
+
 def save_initial_model(cfg: AblationConfig, tokenizer_dir: Path, seed: int, out: Path) -> None:
     """The random-init BERT (with its MLM head) that every variant of this seed starts from. Its
     representation.json says [CLS] + cosine, so the dupmae representation derived from it at both stages is the
@@ -210,6 +237,7 @@ class Ablation:
 
     def __init__(self, cfg: AblationConfig, datasets: list[Path], general: Path | None):
         self.cfg, self.datasets, self.general = cfg, datasets, general
+        self.init = resolve_init_model(cfg.init_model) if cfg.init_model else None  # None: random init per seed
         self.out = Path(cfg.output_dir)
         self.logs = self.out / "logs"
         self.seconds: dict[str, float] = {}
@@ -227,15 +255,19 @@ class Ablation:
     def prepare(self) -> None:
         """Corpus, tokenizer, shards, fine-tuning pairs and their BM25 negatives (shared by every seed)."""
         cfg, data = self.cfg, self.out / "data"
-        self.corpus, self.tokenizer = data / "pretrain_corpus.jsonl", self.out / "tokenizer"
+        self.corpus = data / "pretrain_corpus.jsonl"
         corpus_key = {"general": str(self.general), "general_mb": cfg.general_mb,
                       "general_data": fingerprint(self.general) if self.general else None,
                       "datasets": {str(d): fingerprint(d / "corpus.jsonl") for d in self.datasets}}
         self._timed("corpus", lambda: _write_if_changed(
             self.corpus, corpus_key, lambda path: build_corpus(self.general, cfg.general_mb, self.datasets, path)))
-        tokenizer_key = {"corpus": fingerprint(self.corpus), "vocab_size": cfg.vocab_size}
-        self._timed("tokenizer", lambda: _write_if_changed(
-            self.tokenizer, tokenizer_key, lambda path: train_tokenizer(self.corpus, cfg.vocab_size, path)))
+        if self.init is not None:
+            self.tokenizer = self.init  # the checkpoint's own vocabulary: its embeddings' rows
+        else:
+            self.tokenizer = self.out / "tokenizer"
+            tokenizer_key = {"corpus": fingerprint(self.corpus), "vocab_size": cfg.vocab_size}
+            self._timed("tokenizer", lambda: _write_if_changed(
+                self.tokenizer, tokenizer_key, lambda path: train_tokenizer(self.corpus, cfg.vocab_size, path)))
         self.shards = self._stage("preprocess", _python(
             "-m", "preprocessing.pretrain_data", "--input", str(self.corpus), "--text_fields", "text",
             "--tokenizer", str(self.tokenizer), "--output_dir", str(self.out / "shards"), "--max_seq_length",
@@ -284,6 +316,10 @@ class Ablation:
         return results
 
     def initial_model(self, seed: int) -> Path:
+        """The model every variant of this seed starts from: the `init_model` checkpoint, or this seed's saved random
+        init (`SEED/init`)."""
+        if self.init is not None:
+            return self.init
         init = self.out / f"seed-{seed}" / "init"
         key = {"tokenizer": fingerprint(self.tokenizer), "seed": seed,
                "shape": [self.cfg.num_hidden_layers, self.cfg.hidden_size, self.cfg.num_attention_heads,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.ablation import build_pairs, train_tokenizer
 from experiments.ablation_report import report_lines, verdict
@@ -169,3 +170,76 @@ def test_the_trained_vocabulary_tokenizes_words_not_unknowns(tmp_path):
     tokens = tokenizer.convert_ids_to_tokens(tokenizer("protein folding shapes the cell")["input_ids"])
     assert tokens == ["[CLS]", "protein", "folding", "shapes", "the", "cell", "[SEP]"]
     assert tokenizer.unk_token == "[UNK]" and tokenizer.mask_token_id is not None and len(tokenizer) <= 200
+
+
+def test_an_init_model_starts_every_variant_with_its_own_weights_tokenizer_and_config(tmp_path, monkeypatch):
+    """--init_model: the checkpoint (weights, tokenizer, config) is every variant's start in every seed; no vocabulary
+    is trained, no random-init model saved, and every stage that reads it names it in its command and inputs (so
+    another checkpoint runs it again). The stages are planned by a recording run_stage, not run; the planned
+    pre-training command is then parsed and its model built as pretrain/main.py builds it."""
+    import experiments.ablation as ablation_module
+    from benchmarks import smoke
+    from common.tokenizer import load_tokenizer, vocab_hash
+    from experiments.ablation import Ablation, AblationConfig
+    from pretrain.arguments import parse_args
+    from pretrain.modeling import DupMAEModel
+    from transformers import BertForMaskedLM
+
+    checkpoint = smoke.tiny_bert(tmp_path / "tiny-mlm").resolve()  # MiniLM's tokenizer, hidden 32, an MLM head
+    planned = {}
+
+    def plan(stage, log_dir) -> float:
+        planned[stage.name] = stage
+        return 0.0
+
+    monkeypatch.setattr(ablation_module, "run_stage", plan)
+    monkeypatch.setattr(ablation_module, "dupmae_representation", lambda model: None)
+    monkeypatch.setattr(Ablation, "_evaluate", lambda *args: {})
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    cfg = AblationConfig(output_dir=str(out), init_model=str(checkpoint), variants=("none", "mlm", "dupmae"))
+    Ablation(cfg, [smoke.tiny_beir(tmp_path / "tiny")], None).run()
+
+    assert not (out / "tokenizer").exists() and not list(out.glob("seed-*/init"))
+    preprocess = planned["preprocess"]
+    assert preprocess.command[preprocess.command.index("--tokenizer") + 1] == str(checkpoint)
+    assert checkpoint in preprocess.inputs
+    pretrain = [planned[f"s{seed}-{v}-pretrain"] for seed in (42, 43) for v in ("mlm", "dupmae")]
+    for stage in pretrain:
+        assert stage.command[stage.command.index("--model_name_or_path") + 1] == str(checkpoint)
+        assert not {"--model_config", "--config_overrides", "--tokenizer_name"} & set(stage.command)
+        assert checkpoint in stage.inputs
+    none = planned["s42-none-finetune"]
+    assert none.command[none.command.index("--model_name_or_path") + 1] == str(checkpoint)
+
+    args = parse_args(pretrain[0].command[2:])  # what pretrain/main.py loads from that command
+    tokenizer = load_tokenizer(args.model.tokenizer_name or args.model.model_name_or_path)
+    assert vocab_hash(tokenizer) == vocab_hash(load_tokenizer("default"))  # the checkpoint's own (MiniLM's)
+    model = DupMAEModel.from_pretrained(args.model.model_name_or_path, args.loss)
+    reference = BertForMaskedLM.from_pretrained(checkpoint).state_dict()
+    assert model.mlm.config.hidden_size == 32 and not model.new_head  # its config and its head, not a new init
+    for name, tensor in model.mlm.state_dict().items():
+        if name in reference:
+            assert torch.equal(tensor, reference[name]), name
+    assert set(reference) <= set(model.mlm.state_dict())
+
+
+def test_an_init_model_hub_name_is_its_snapshot_in_the_local_cache(tmp_path, monkeypatch):
+    """Stages run offline: a hub name resolves to its cached snapshot folder (what commands carry and inputs
+    fingerprint), an uncached one to an error that says how to get it; a folder stays that folder."""
+    from huggingface_hub import constants
+
+    from experiments.ablation import resolve_init_model
+
+    snapshot = tmp_path / "hub" / "models--org--tiny-mlm" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_init_model("org/tiny-mlm") == snapshot
+    with pytest.raises(ValueError, match="hf download org/absent"):
+        resolve_init_model("org/absent")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_init_model("hub") == tmp_path / "hub"
