@@ -3,6 +3,8 @@
     L_BoW = − Σ_t w_t · log softmax(μ)[t]                    (w = the block's BoW target, Σ w = 1)
 
 μ comes from `common.vocab_pooling.vocab_max_pool` over the ordinary tokens (see ../shared/DUPMAE.md).
+The official code's target (`--objective official`) gives each unique token 1/n instead, n the block's length,
+so its weights sum to |unique|/n: `official_bow_weights`.
 """
 from __future__ import annotations
 
@@ -32,3 +34,12 @@ def bow_loss(pooled: Tensor, bow_ids: Tensor, bow_weights: Tensor, valid: Tensor
         recall = in_top.sum(1).float() / k.clamp(min=1)  # [B]
         recall = (recall * valid).sum() / n_rows
     return loss, recall
+
+
+def official_bow_weights(bow_weights: Tensor, lengths: Tensor) -> Tensor:
+    """The official collator's target: `weight[t] = 1 / len(tokens)` for each unique t (assigned, not added).
+
+    bow_weights [B, T] (> 0 marks a target id; the values are replaced), lengths [B] (n, tokens of the block
+    without [CLS]/[SEP]) -> [B, T] float32, each row summing to |unique| / n.
+    """
+    return (bow_weights > 0).float() / lengths.clamp(min=1)[:, None].float()

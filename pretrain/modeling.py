@@ -3,7 +3,8 @@
     L = w_mlm · L_MLM(encoder, masked positions) + w_dec · L_dec([CLS] decoding) + w_bow · L_BoW(OT decoding)
 
 RetroMAE is the same model with bow_weight = 0 (the BoW branch is then skipped); plain MLM has decoder_weight = 0
-too (no decoder is built). The decoder's prediction head is the encoder's MLM head (shared weights, tied to the
+too (no decoder is built). `objective = "official"` computes what staoxiao/RetroMAE's DupMAEForPretraining (and,
+with bow_weight 0, its RetroMAEForPretraining) computes: `benchmarks/official_parity.py` shows it step for step. The decoder's prediction head is the encoder's MLM head (shared weights, tied to the
 word embeddings as in BERT).
 
 Memory: no [B, L, V] tensor exists. MLM logits are computed only at the masked positions and decoder
@@ -21,6 +22,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +34,12 @@ from pretrain.cpu_attention import use_fast_cpu_attention
 from pretrain.enhanced_decoder import EnhancedDecoderLayer
 from pretrain.linear_ce import linear_cross_entropy
 from common.vocab_pooling import split_mlm_head, vocab_max_pool
-from pretrain.bow_loss import bow_loss
+from pretrain.bow_loss import bow_loss, official_bow_weights
 
 logger = logging.getLogger(__name__)
+
+#: Each objective and its default BoW weight (the paper's Eq. 9 is unweighted; the official run uses 0.1).
+OBJECTIVES = {"paper": 1.0, "official": 0.1}
 
 #: Files an export folder holds beside the HF model: the decoder (for continued pre-training) and our config.
 DECODER_FILE = "dupmae_decoder.safetensors"
@@ -47,11 +52,24 @@ class DupMAEConfig:
 
     mlm_weight: float = field(default=1.0, metadata={"help": "weight of the encoder MLM loss"})
     decoder_weight: float = field(default=1.0, metadata={"help": "weight of the [CLS]-decoding loss"})
-    bow_weight: float = field(
-        default=1.0, metadata={"help": "weight of the OT bag-of-words loss (paper 1; official code 0.1; 0 = RetroMAE)"})
+    bow_weight: float | None = field(
+        default=None, metadata={"help": "weight of the OT bag-of-words loss (default: 1 for --objective paper, 0.1 "
+                                        "for official; 0 = RetroMAE)"})
+    objective: Literal["paper", "official"] = field(
+        default="paper", metadata={"help": "paper: the paper's BoW (max over the unmasked ordinary tokens, target "
+                                           "1/|unique| per unique token, weight 1); official: staoxiao/RetroMAE's "
+                                           "code (max over positions 1..n+1, masked tokens and [SEP] included; "
+                                           "target 1/n per unique token; weight 0.1; with --bow_weight 0 the "
+                                           "decoder query of its RetroMAEForPretraining)"})
     bow_include_masked: bool = field(
-        default=False, metadata={"help": "BoW max-pool over all ordinary tokens, encoder-masked ones too (the official "
-                                         "code also pools [SEP]); default: the unmasked ones only (paper)"})
+        default=False, metadata={"help": "paper objective: BoW max-pool over all ordinary tokens, encoder-masked ones "
+                                         "too; default: the unmasked ones only (paper); --objective official pools "
+                                         "[SEP] as well"})
+    decoder_query: Literal["embedded", "summed"] | None = field(
+        default=None, metadata={"help": "the decoder's query stream: embedded = LN(h_CLS + p_i + type_0) (the paper "
+                                        "and the official DupMAEForPretraining), summed = h_CLS + p_i (the official "
+                                        "RetroMAEForPretraining); default: summed for --objective official with "
+                                        "--bow_weight 0, else embedded"})
     vocab_chunk_size: int = field(
         default=4096, metadata={"help": "vocabulary columns scored at once in the OT max-pool"})
     ce_chunk_size: int = field(
@@ -64,6 +82,15 @@ class DupMAEConfig:
                                          "peak memory for about 16 percent more time per step"})
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"DupMAEConfig.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.bow_weight is None:
+            self.bow_weight = OBJECTIVES[self.objective]
+        if self.decoder_query is None:
+            official_retromae = self.objective == "official" and self.bow_weight == 0
+            self.decoder_query = "summed" if official_retromae else "embedded"
+        if self.decoder_query not in ("embedded", "summed"):
+            raise ValueError(f"DupMAEConfig.decoder_query must be embedded or summed, got {self.decoder_query!r}")
         for name in ("mlm_weight", "decoder_weight", "bow_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DupMAEConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -235,7 +262,11 @@ class DupMAEModel(nn.Module):
         if cfg.bow_weight > 0:
             if bow_ids is None or bow_weights is None:
                 raise ValueError("bow_weight > 0 needs bow_ids and bow_weights in the batch")
-            keep = targets if cfg.bow_include_masked else targets & ~masked  # [B, L]
+            if cfg.objective == "official":  # `ot_embedding(logits[:, 1:], attention_mask[:, 1:])`: [SEP] too
+                keep = attention_mask.bool() & (torch.arange(attention_mask.shape[1], device=hidden.device) > 0)
+                bow_weights = official_bow_weights(bow_weights, targets.sum(1))
+            else:
+                keep = targets if cfg.bow_include_masked else targets & ~masked  # [B, L]
             pooled = vocab_max_pool(hidden, weight, bias, keep, cfg.vocab_chunk_size, transform)  # [B, V]
             bow, recall = bow_loss(pooled, bow_ids.long(), bow_weights, keep.any(1))
 
@@ -251,7 +282,11 @@ class DupMAEModel(nn.Module):
         length = decoder_input_ids.shape[1]
         tokens = embeddings(input_ids=decoder_input_ids)  # [B, L, H]
         kv_states = torch.cat([cls_hidden, tokens[:, 1:]], dim=1)  # [B, L, H]: h_CLS replaces position 0
-        query_states = embeddings(inputs_embeds=cls_hidden.expand(-1, length, -1))  # [B, L, H]
+        if self.config.decoder_query == "summed":  # RetroMAEForPretraining: p_i + h_CLS, no LayerNorm
+            positions = torch.arange(length, device=decoder_input_ids.device)
+            query_states = embeddings.position_embeddings(positions)[None] + cls_hidden  # [B, L, H]
+        else:
+            query_states = embeddings(inputs_embeds=cls_hidden.expand(-1, length, -1))  # [B, L, H]
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self.decoder, query_states, kv_states, visible, use_reentrant=False)
         return self.decoder(query_states, kv_states, visible)

@@ -70,7 +70,10 @@ def reference_losses(model: DupMAEModel, batch: dict) -> dict[str, torch.Tensor]
         cls = hidden[0]
         dec_ids = batch["decoder_input_ids"][b:b + 1, :length]
         kv = torch.cat([cls[None], emb(input_ids=dec_ids)[0, 1:]])  # [l, H]
-        queries = emb(inputs_embeds=cls.expand(1, length, -1))[0]  # [l, H]
+        if cfg.decoder_query == "summed":  # the official RetroMAEForPretraining: p_i + h_CLS
+            queries = emb.position_embeddings.weight[:length] + cls  # [l, H]
+        else:
+            queries = emb(inputs_embeds=cls.expand(1, length, -1))[0]  # [l, H]
         heads, width = layer.num_heads, kv.shape[1] // layer.num_heads
         keys, values = layer.key(kv), layer.value(kv)
         for i in range(1, length - 1):
@@ -85,14 +88,20 @@ def reference_losses(model: DupMAEModel, batch: dict) -> dict[str, torch.Tensor]
             x = layer.attention_norm(layer.attention_output(torch.cat(context)) + queries[i])
             x = layer.output_norm(layer.output(layer.act(layer.intermediate(x))) + x)
             dec_terms.append(F.cross_entropy(mlm.cls(x), batch["decoder_labels"][b, i]))
-        kept = [i for i in range(1, length - 1) if cfg.bow_include_masked or labels[i] == -100]
+        if cfg.objective == "official":  # ot_embedding: positions 1.. under the attention mask, [SEP] included
+            kept = list(range(1, length))
+        else:
+            kept = [i for i in range(1, length - 1) if cfg.bow_include_masked or labels[i] == -100]
         if kept:
             mu = torch.stack([logits[i] for i in kept]).max(0).values
             log_p = torch.log_softmax(mu, -1)
             target = torch.zeros(log_p.shape[0])
             weights = batch["bow_weights"][b]
             for t, w in zip(batch["bow_ids"][b].tolist(), weights.tolist()):
-                target[t] += w
+                if cfg.objective == "official":  # the official collator: weight[t] = 1 / len(tokens), assigned
+                    target[t] = 1 / (length - 2) if w > 0 else target[t]
+                else:
+                    target[t] += w
             bow_terms.append(-(target * log_p).sum())
     out = {"mlm_loss": torch.stack(mlm_terms).mean(), "decoder_loss": torch.stack(dec_terms).mean(),
            "bow_loss": torch.stack(bow_terms).mean()}
@@ -118,6 +127,38 @@ def test_losses_and_gradients_equal_reference(include_masked):
         assert getattr(out, name).item() == pytest.approx(ref[name].item(), abs=1e-5, rel=1e-5), name
     for name, param in model.named_parameters():
         assert torch.allclose(ours[name], param.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("bow_weight", [None, 0.0])
+def test_official_objective_equals_reference(bow_weight):
+    """--objective official: [SEP] and masked tokens pooled, 1/n targets, BoW weight 0.1; with --bow_weight 0 the
+    RetroMAEForPretraining decoder query (p_i + h_CLS). The parity with the official code itself:
+    benchmarks/official_parity.py."""
+    config = DupMAEConfig(objective="official", bow_weight=bow_weight, vocab_chunk_size=13, ce_chunk_size=7)
+    assert (config.bow_weight, config.decoder_query) == ((0.1, "embedded") if bow_weight is None else (0.0, "summed"))
+    model = tiny_model(config)
+    batch = make_batch(random_rows(5, seed=5))
+    out = model(**batch)
+    out.loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref = reference_losses(model, batch)
+    ref["loss"].backward()
+    names = ("loss", "mlm_loss", "decoder_loss", "bow_loss") if bow_weight is None else ("loss", "decoder_loss")
+    for name in names:
+        assert getattr(out, name).item() == pytest.approx(ref[name].item(), abs=1e-5, rel=1e-5), name
+    for name, param in model.named_parameters():
+        assert torch.allclose(ours[name], param.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_official_bow_target_sums_to_unique_over_length():
+    from pretrain.bow_loss import official_bow_weights
+
+    weights = official_bow_weights(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]),
+                                   torch.tensor([5, 2]))
+    assert torch.equal(weights, torch.tensor([[0.2, 0.2, 0.2, 0.2], [0.5, 0.5, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="objective"):
+        DupMAEConfig(objective="offical")
 
 
 def test_accuracies_and_recall_match_definitions():
