@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.full_logits import official_attention
-from benchmarks.official_dupmae import load_official, official_batch
+from benchmarks.official_dupmae import DECODER_TO_OFFICIAL, load_official, official_batch, official_name
 
 #: A stand-in for the official modeling_duplex.py: the published name of the OT method, no `sparse_embedding`.
 FAKE_MODELING = textwrap.dedent("""
@@ -71,3 +71,31 @@ def test_official_attention_matches_sdpa_without_dropout():
     visible[..., 0] = True  # every row sees position 0, as the collator guarantees
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     torch.testing.assert_close(official_attention(q, k, v, visible, 0.0), expected)
+
+
+def test_official_batch_builds_the_official_bow_target_or_none():
+    batch = {"input_ids": torch.tensor([[1, 5, 5, 7, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0]]),
+             "labels": torch.full((1, 6), -100), "decoder_input_ids": torch.tensor([[1, 5, 5, 7, 2, 0]]),
+             "decoder_attention_mask": torch.ones(1, 6, 6, dtype=torch.bool),
+             "decoder_labels": torch.tensor([[-100, 5, 5, 7, -100, -100]]),
+             "bow_ids": torch.tensor([[5, 7]]), "bow_weights": torch.tensor([[0.5, 0.5]])}
+    dense = official_batch(batch, vocab_size=10, bow_target="official")["bag_word_weight"]
+    assert dense[0, 5] == dense[0, 7] == pytest.approx(1 / 3) and dense.sum() == pytest.approx(2 / 3)  # |unique| / n
+    assert "bag_word_weight" not in official_batch(batch, vocab_size=10, bow_target="none")
+
+
+def test_every_parameter_of_ours_has_one_official_name():
+    from transformers import BertConfig, BertForMaskedLM
+
+    from pretrain.modeling import DupMAEConfig, DupMAEModel
+
+    mlm = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32))
+    model = DupMAEModel(mlm, DupMAEConfig())
+    names = [official_name(name) for name, _ in model.named_parameters()]
+    assert len(set(names)) == len(names)
+    assert {n.split(".")[0] for n in names} == {"lm", "c_head"}
+    assert {name.rsplit(".", 1)[0] for name, _ in model.decoder.named_parameters()} == set(DECODER_TO_OFFICIAL)
+    assert official_name("decoder.attention_norm.weight") == "c_head.attention.output.LayerNorm.weight"
+    with pytest.raises(KeyError):
+        official_name("projection.weight")
