@@ -3,7 +3,9 @@
 The key hashes everything that changes the vectors: the model folder's files (name, size, mtime), the data files
 (path, size, mtime), the representation config, max length, precision and shard. A changed checkpoint or
 dataset therefore misses the cache instead of returning stale vectors. Entries are written to a temporary
-folder and renamed, so a killed run never leaves a half entry that a later run would trust.
+folder and renamed, so a killed run never leaves a half entry that a later run would trust; a later run removes
+the temporary folders of killed writers (`evaluation.sparse_index.sweep_stale`). Arrays are read back memory-mapped:
+a corpus shard larger than RAM is searched from the page cache, never loaded whole.
 """
 from __future__ import annotations
 
@@ -39,27 +41,39 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
 
 
+def load_arrays(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray | None]:
+    """The arrays NAME.npy of a cache entry, memory-mapped read-only (None where absent)."""
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r") if (folder / f"{name}.npy").is_file() else None
+            for name in names}
+
+
 def load(cache_dir: str | Path, key: str) -> Encoded | None:
     folder = Path(cache_dir) / key
     if not (folder / "ids.json").is_file():
         return None
-    arrays = {name: np.load(folder / f"{name}.npy") if (folder / f"{name}.npy").is_file() else None
-              for name in Encoded.ARRAYS}
     logger.info("embedding cache hit: %s", folder)
-    return Encoded(json.loads((folder / "ids.json").read_text()), **arrays)
+    return Encoded(json.loads((folder / "ids.json").read_text()), **load_arrays(folder, Encoded.ARRAYS),
+                   source=str(folder))
 
 
-def save(cache_dir: str | Path, key: str, encoded: Encoded, description: dict) -> None:
+def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | None], description: dict,
+                extra: dict[str, object] | None = None) -> None:
+    """Write a cache entry atomically: arrays as NAME.npy, `description` as key.json, `extra` as NAME.json."""
     folder = Path(cache_dir) / key
     tmp = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    for name in Encoded.ARRAYS:
-        array = getattr(encoded, name)
+    for name, array in arrays.items():
         if array is not None:
             np.save(tmp / f"{name}.npy", array)
     (tmp / "key.json").write_text(json.dumps(description, indent=2, default=str) + "\n")
-    (tmp / "ids.json").write_text(json.dumps(encoded.ids))
+    for name, value in (extra or {}).items():
+        (tmp / f"{name}.json").write_text(json.dumps(value))
     try:
         tmp.rename(folder)
     except OSError:  # another rank wrote the same entry first; theirs is equal
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(cache_dir: str | Path, key: str, encoded: Encoded, description: dict) -> None:
+    save_arrays(cache_dir, key, {name: getattr(encoded, name) for name in Encoded.ARRAYS}, description,
+                {"ids": encoded.ids})

@@ -10,6 +10,7 @@ from common.precision import bf16_field, parse_bf16
 from common.representation import KINDS, RepresentationConfig, resolve_config
 from common.bm25 import PRESET_HELP, PRESETS
 from evaluation.fusion import FUSIONS
+from evaluation.search import EXACT_BELOW, SPARSE_INDEXES, SearchOptions
 
 
 def _help(text: str, **extra) -> dict:
@@ -37,7 +38,14 @@ class EvalConfig:
         default=None, metadata=_help("truncation length; None: the model's max_seq_length, else 512",
                                      aliases=["--max_seq_length"]))
     depth: int = field(default=1000, metadata=_help("documents retrieved per query"))
-    index_factory: str | None = field(default=None, metadata=_help("faiss index factory (e.g. HNSW32); None: exact"))
+    index_factory: str | None = field(default=None, metadata=_help(
+        "faiss index factory (e.g. HNSW32) for the dense search, or dupmae's dense candidates; None: exact"))
+    sparse_index: str = field(default="auto", metadata=_help(
+        "dupmae search: exact, seismic (candidates of a Seismic index and faiss, rescored exactly), or auto (exact "
+        f"below {EXACT_BELOW} documents)", choices=list(SPARSE_INDEXES)))
+    candidates: int = field(default=1000, metadata=_help("--sparse_index seismic: candidates per half rescored"))
+    query_cut: int = field(default=32, metadata=_help("--sparse_index seismic: query entries the index reads"))
+    heap_factor: float = field(default=0.9, metadata=_help("--sparse_index seismic: Seismic's heap factor (0, 1]"))
     cache_dir: str | None = field(default=None, metadata=_help("embedding cache; None: OUTPUT_DIR/cache"))
     no_cache: bool = field(default=False, metadata=_help("neither read nor write the embedding cache"))
     shard_index: int | None = field(default=None, metadata=_help("encode only this corpus shard into the cache, then stop"))
@@ -77,6 +85,10 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.fuse must be one of {FUSIONS}, got {self.fuse!r}")
         if self.rrf_k < 0:
             raise ValueError(f"EvalConfig.rrf_k must be >= 0, got {self.rrf_k}")
+        self.search_options()  # validates the search options
+
+    def search_options(self) -> SearchOptions:
+        return SearchOptions(self.sparse_index, self.candidates, self.query_cut, self.heap_factor)
 
     def representation_config(self) -> RepresentationConfig:
         """The model's saved representation with the options given here applied (`resolve_config`)."""

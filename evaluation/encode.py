@@ -32,6 +32,7 @@ class Encoded:
     sparse_indices: np.ndarray | None = None  # [N, k] int32: documents' kept vocabulary ids (dupmae)
     sparse_values: np.ndarray | None = None  # [N, k] float32
     vocab: np.ndarray | None = None  # [N, V] float32: queries' full vocabulary vectors (dupmae)
+    source: str | None = None  # the cache folder the arrays are memory-mapped from (named in errors)
 
     ARRAYS = ("dense", "sparse_indices", "sparse_values", "vocab")
 

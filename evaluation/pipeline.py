@@ -1,10 +1,17 @@
-"""The evaluation run: load the model once, then per dataset encode (cached, sharded), search, score, write."""
+"""The evaluation run: load the model once, then per dataset encode (cached, sharded), search, score, write.
+
+Sharded runs: a `--shard_index i` task encodes corpus shard i into the cache and, with `--sparse_index seismic`
+(or auto at that corpus size), builds the shard's Seismic index there too and searches the shard, caching its
+top hits. The merging run reads each shard memory-mapped, takes a shard's cached hits where a task left them
+(searching the shard otherwise) and merges the top-k, so the corpus is never concatenated in memory.
+"""
 from __future__ import annotations
 
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.defaults import resolve_model
@@ -17,7 +24,8 @@ from evaluation.data import BeirData, DatasetError, load_beir, resolve_dataset
 from evaluation.encode import Encoded, encode_texts
 from evaluation.fusion import bm25_run, reciprocal_rank_fusion
 from evaluation.metrics import evaluate, write_results, write_run
-from evaluation.search import search
+from evaluation.search import SearchOptions, merge_top, ranking_from_hits, search_shard
+from evaluation.sparse_index import SeismicIndex, index_record, load_or_build
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +66,8 @@ class Evaluator:
             cache.save(cache_dir, name, encoded, key)
         return encoded
 
-    def encode_corpus(self, data: BeirData) -> Encoded | None:
-        """The whole corpus merged from its shards (None when this run encodes only --shard_index)."""
+    def encode_corpus_shards(self, data: BeirData) -> list[Encoded]:
+        """The corpus shards this run handles (all, or --shard_index's), memory-mapped when read from the cache."""
         n, num = len(data.doc_ids), self.cfg.num_shards
         wanted = range(num) if self.cfg.shard_index is None else [self.cfg.shard_index]
         parts = []
@@ -68,12 +76,70 @@ class Evaluator:
             key = {"data": cache.fingerprint(data.folder / "corpus.jsonl"), "shard": [shard, num]}
             parts.append(self.encode(data.doc_ids[lo:hi], data.doc_texts[lo:hi], True, key,
                                      f"{data.name} corpus {shard + 1}/{num}"))
+        return parts
+
+    def encode_corpus(self, data: BeirData) -> Encoded | None:
+        """The whole corpus merged from its shards (None when this run encodes only --shard_index)."""
+        parts = self.encode_corpus_shards(data)
         return Encoded.concat(parts) if self.cfg.shard_index is None else None
+
+    def sparse_index(self, shard: Encoded, options: SearchOptions) -> SeismicIndex:
+        """The shard's Seismic index: from the cache when one was built for this shard, model, k and options."""
+        if shard.source is None:
+            return SeismicIndex.build(shard.sparse_indices, shard.sparse_values, options.seismic)
+        folder = Path(shard.source)
+        record = index_record(folder.name, self.settings["model"], shard.sparse_indices.shape[1], len(shard.ids),
+                              options.seismic)
+        return load_or_build(folder.with_name(folder.name + ".seismic"), record, shard.sparse_indices,
+                             shard.sparse_values, options.seismic)
+
+    def search(self, queries: Encoded, shards: list[Encoded], total: int) -> tuple[np.ndarray, np.ndarray, list]:
+        """(scores, rows, ids) of the top depth + 1 over all shards; each shard's hits cached per query set."""
+        cfg, options = self.cfg, self.cfg.search_options()
+        dupmae = queries.vocab is not None
+        method = options.method(total) if dupmae else "dense"
+        weight = self.encoder.config.sparse_weight
+        parts, offsets, ids = [], [], []
+        for shard in shards:
+            key = cache.cache_key(shard=shard.source, queries=queries.source, method=method, depth=cfg.depth,
+                                  options=options, index_factory=cfg.index_factory, weight=weight)
+            hit = None
+            if cfg.cache_path is not None and shard.source and queries.source:
+                hit = cache.load_arrays(cfg.cache_path / f"{key}.hits", ("scores", "rows"))
+            if hit is None or hit["rows"] is None:
+                logger.info("searching shard %s (%d documents, %s)", shard.source, len(shard.ids), method)
+                scores, rows = search_shard(queries, shard, cfg.depth + 1, cfg.index_factory, weight, method,
+                                            lambda: self.sparse_index(shard, options), options)
+                if cfg.cache_path is not None and shard.source and queries.source:
+                    cache.save_arrays(cfg.cache_path, f"{key}.hits", {"scores": scores, "rows": rows},
+                                      {"shard": shard.source, "queries": queries.source, "method": method})
+                hit = {"scores": scores, "rows": rows}
+            parts.append((np.asarray(hit["scores"]), np.asarray(hit["rows"])))
+            offsets.append(len(ids))
+            ids.extend(shard.ids)
+        scores, rows = parts[0] if len(parts) == 1 else merge_top(parts, offsets, cfg.depth + 1)
+        return scores, rows, ids
 
     def encode_queries(self, data: BeirData) -> Encoded:
         key = {"data": cache.fingerprint(data.folder / "queries.jsonl"), "split": self.cfg.split,
                "qrels": cache.fingerprint(data.folder / "qrels" / f"{self.cfg.split}.tsv")}
         return self.encode(data.query_ids, data.query_texts, False, key, f"{data.name} queries")
+
+
+def check_sparse(shard: Encoded, queries: Encoded, top_k: int) -> None:
+    """A dupmae corpus shard must hold the documents' kept entries, as many per document as the queries' model
+    keeps; otherwise one line naming the file (a cache entry from another representation, or a damaged one)."""
+    if queries.vocab is None:
+        return
+    where = Path(shard.source or "the corpus")
+    if shard.sparse_indices is None or shard.sparse_values is None:
+        missing = "sparse_indices.npy" if shard.sparse_indices is None else "sparse_values.npy"
+        raise DatasetError(f"{where / missing}: missing; the dupmae queries need the documents' sparse entries")
+    k = shard.sparse_indices.shape[1] if shard.sparse_indices.ndim == 2 else None
+    expected = min(top_k, queries.vocab.shape[1])
+    if k != expected or shard.sparse_values.shape != shard.sparse_indices.shape:
+        raise DatasetError(f"{where / 'sparse_indices.npy'}: shape {tuple(shard.sparse_indices.shape)} (values "
+                           f"{tuple(shard.sparse_values.shape)}); the query side expects [{len(shard.ids)}, {expected}]")
 
 
 def run(cfg: EvalConfig) -> dict | None:
@@ -91,12 +157,16 @@ def run(cfg: EvalConfig) -> dict | None:
     per_dataset = {}
     for folder in folders:
         data = load_beir(folder, cfg.split)
-        corpus = evaluator.encode_corpus(data)
-        if corpus is None:
-            logger.info("%s: shard %d/%d encoded into %s", data.name, cfg.shard_index, cfg.num_shards, cfg.cache_path)
-            continue
+        shards = evaluator.encode_corpus_shards(data)
         queries = evaluator.encode_queries(data)
-        ranking = search(queries, corpus, cfg.depth, cfg.index_factory, evaluator.encoder.config.sparse_weight)
+        for shard in shards:
+            check_sparse(shard, queries, evaluator.encoder.config.top_k)
+        scores, rows, ids = evaluator.search(queries, shards, len(data.doc_ids))
+        if cfg.shard_index is not None:
+            logger.info("%s: shard %d/%d encoded and searched into %s", data.name, cfg.shard_index, cfg.num_shards,
+                        cfg.cache_path)
+            continue
+        ranking = ranking_from_hits(queries.ids, ids, scores, rows, cfg.depth)
         if cfg.fuse == "bm25":
             ranking = reciprocal_rank_fusion([ranking, bm25_run(data, cfg.depth, cfg.bm25)], cfg.rrf_k, cfg.depth)
         write_run(out / f"{data.name}.run", ranking, tag=run_tag)

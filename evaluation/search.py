@@ -1,38 +1,83 @@
-"""Top-k search over encoded corpora: faiss inner product (dense), exact dense + sparse (dupmae).
+"""Top-k search over encoded corpora: faiss inner product (dense); dupmae dense + sparse, exact or indexed.
 
-The dupmae score is <q,d> = q_dense·d_dense + w_s Σ_{i ∈ kept(d)} q_vocab[i] d_vocab[i]: the corpus's kept entries
-form a CSR matrix D [N, V], so one query batch costs a dense matmul plus D @ q_vocabᵀ (N·k per query), exact.
-Both searches fetch one extra hit so a document with the query's own id can be dropped (BEIR's convention).
+The dupmae score is <q,d> = q_dense·d_dense + w_s Σ_{i ∈ kept(d)} q_vocab[i] d_vocab[i].
+- exact (`dupmae_search`): the corpus's kept entries form a CSR matrix D [N, V], so one query batch costs a dense
+  matmul plus D @ q_vocabᵀ (N·k per query), linear in the corpus.
+- indexed (`indexed_dupmae_search`, `--sparse_index seismic`): the top M candidates of each half, the sparse ones
+  from a Seismic index (`evaluation.sparse_index`) read with the query's `query_cut` largest entries, the dense
+  ones from faiss (`--index_factory`, default flat); their union is rescored exactly by the formula above (the
+  query's whole vocabulary vector at the document's kept entries). Cost per query: the two index lookups plus
+  2M·k for the rescoring, instead of N·k.
+A corpus may come as shards (the embedding cache's memory-mapped entries): each is searched on its own and the
+top-k are merged, so the corpus is never concatenated in memory. Searches fetch one extra hit so a document with
+the query's own id can be dropped (BEIR's convention).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from evaluation.encode import Encoded
+from evaluation.sparse_index import SeismicConfig, SeismicIndex
 
 logger = logging.getLogger(__name__)
 
 QUERY_BATCH = 256  # queries scored at once
 DOC_CHUNK = 1 << 20  # corpus rows scored at once in the exact sparse search (bounds the [Q, N] score block)
+RESCORE_BATCH = 8  # queries whose candidates are gathered at once in the rescoring ([b, 2M, k] arrays)
+SPARSE_INDEXES = ("auto", "exact", "seismic")
+#: --sparse_index auto searches exactly below this many corpus documents (all shards), with Seismic from it on.
+EXACT_BELOW = 100_000
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a dupmae corpus is searched (`--sparse_index`, `--candidates`, `--query_cut`, `--heap_factor`)."""
+
+    sparse_index: str = "exact"  # exact, seismic, or auto (exact below EXACT_BELOW documents)
+    candidates: int = 1000  # indexed: candidates per half (sparse index, faiss) rescored exactly
+    query_cut: int = 32  # indexed: the query's largest vocabulary entries the sparse index reads
+    heap_factor: float = 0.9  # indexed: Seismic skips a block whose summary score is below this x the M-th best
+    seismic: SeismicConfig = field(default_factory=SeismicConfig)
+
+    def __post_init__(self) -> None:
+        if self.sparse_index not in SPARSE_INDEXES:
+            raise ValueError(f"SearchOptions.sparse_index must be one of {SPARSE_INDEXES}, got {self.sparse_index!r}")
+        if self.candidates <= 0 or self.query_cut <= 0:
+            raise ValueError(f"SearchOptions: candidates and query_cut must be positive, got {self}")
+        if not 0 < self.heap_factor <= 1:
+            raise ValueError(f"SearchOptions.heap_factor must be in (0, 1], got {self.heap_factor}")
+
+    def method(self, corpus_size: int) -> str:
+        if self.sparse_index == "auto":
+            return "exact" if corpus_size < EXACT_BELOW else "seismic"
+        return self.sparse_index
+
+
+def faiss_index(dense: np.ndarray, index_factory: str | None = None):
+    """A faiss inner-product index over the rows of `dense` (IndexFlatIP unless a factory is given)."""
+    import faiss
+
+    dim = dense.shape[1]
+    if index_factory:
+        index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            index.train(np.ascontiguousarray(dense))
+    else:
+        index = faiss.IndexFlatIP(dim)
+    index.add(np.ascontiguousarray(dense))
+    return index
 
 
 def dense_search(queries: Encoded, corpus: Encoded, depth: int, index_factory: str | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, corpus rows), both [Q, depth'], best first, with faiss (IndexFlatIP unless a factory is given)."""
-    import faiss
-
-    dim = corpus.dense.shape[1]
-    if index_factory:
-        index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            index.train(corpus.dense)
-    else:
-        index = faiss.IndexFlatIP(dim)
-    index.add(np.ascontiguousarray(corpus.dense))
+    index = faiss_index(corpus.dense, index_factory)
     return index.search(np.ascontiguousarray(queries.dense), min(depth, len(corpus.ids)))
 
 
@@ -46,20 +91,24 @@ def _corpus_csr(corpus: Encoded, start: int, stop: int, vocab_size: int):
     return csr_matrix((val.reshape(-1), idx.reshape(-1), np.arange(0, n * k + 1, k)), shape=(n, vocab_size))
 
 
+def _check_dupmae(queries: Encoded, corpus: Encoded) -> None:
+    if queries.vocab is None or corpus.sparse_indices is None:
+        raise ValueError("dupmae search needs query vocab vectors and document sparse entries")
+
+
 def dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: float = 1.0
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-depth by dense dot + sparse_weight x sparse (document top-k) score; (scores, corpus rows)
     [Q, depth'] best first."""
-    if queries.vocab is None or corpus.sparse_indices is None:
-        raise ValueError("dupmae search needs query vocab vectors and document sparse entries")
+    _check_dupmae(queries, corpus)
     depth = min(depth, len(corpus.ids))
     vocab_size = queries.vocab.shape[1]
     all_scores, all_rows = [], []
     chunks = [(s, min(s + DOC_CHUNK, len(corpus.ids))) for s in range(0, len(corpus.ids), DOC_CHUNK)]
     csr = [_corpus_csr(corpus, s, e, vocab_size) for s, e in chunks]
-    doc_dense = torch.from_numpy(corpus.dense)
+    doc_dense = torch.from_numpy(np.asarray(corpus.dense, dtype=np.float32).copy())
     for qs in tqdm(range(0, len(queries.ids), QUERY_BATCH), desc="dupmae search", unit="batch", mininterval=5):
-        q_dense = torch.from_numpy(queries.dense[qs:qs + QUERY_BATCH])  # [b, D]
+        q_dense = torch.from_numpy(np.array(queries.dense[qs:qs + QUERY_BATCH]))  # [b, D]
         q_vocab_t = np.ascontiguousarray(queries.vocab[qs:qs + QUERY_BATCH].T)  # [V, b]
         best_scores = best_rows = None
         for (start, stop), docs in zip(chunks, csr):
@@ -75,23 +124,121 @@ def dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: 
     return np.concatenate(all_scores), np.concatenate(all_rows)
 
 
-def search(queries: Encoded, corpus: Encoded, depth: int, index_factory: str | None = None,
-           sparse_weight: float = 1.0) -> dict[str, dict[str, float]]:
-    """{query id: {doc id: score}} with `depth` documents per query, never the query's own id (sparse_weight:
-    the dupmae score's weight on the sparse part)."""
-    if corpus.sparse_indices is not None:
+def rescore(q_dense: np.ndarray, q_vocab: np.ndarray, corpus: Encoded, rows: np.ndarray, sparse_weight: float
+            ) -> np.ndarray:
+    """Exact dupmae scores [b, C] of corpus rows [b, C] (-1: no candidate, scored -inf) for b queries."""
+    scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+    for s in range(0, len(rows), RESCORE_BATCH):
+        r = rows[s:s + RESCORE_BATCH]  # [b, C]
+        valid = r >= 0
+        flat = np.where(valid, r, 0).reshape(-1)  # candidates come sorted, so the memory map is read in order
+        b, c = r.shape
+        dense = np.asarray(corpus.dense[flat]).reshape(b, c, -1)  # [b, C, D]
+        idx = np.asarray(corpus.sparse_indices[flat]).reshape(b, c, -1)  # [b, C, k]
+        val = np.asarray(corpus.sparse_values[flat]).reshape(b, c, -1)  # [b, C, k]
+        qv = q_vocab[s:s + b][np.arange(b)[:, None, None], idx]  # [b, C, k]: the query at the kept entries
+        block = np.einsum("bcd,bd->bc", dense, q_dense[s:s + b]) + sparse_weight * np.einsum("bck,bck->bc", qv, val)
+        scores[s:s + b] = np.where(valid, block, -np.inf)
+    return scores
+
+
+def candidate_union(*parts: np.ndarray) -> np.ndarray:
+    """Rows [b, sum of widths]: each query's candidates from all parts, sorted, repeats and misses as -1."""
+    rows = np.sort(np.concatenate(parts, axis=1), axis=1)
+    rows[:, 1:][rows[:, 1:] == rows[:, :-1]] = -1
+    return rows
+
+
+def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: float,
+                          sparse_index: SeismicIndex, options: SearchOptions, index_factory: str | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-depth of the union of each half's top `options.candidates`, rescored exactly; (scores, corpus rows)
+    [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than depth' documents)."""
+    _check_dupmae(queries, corpus)
+    n = len(corpus.ids)
+    depth, m = min(depth, n), min(options.candidates, n)
+    dense = faiss_index(corpus.dense, index_factory)
+    all_scores, all_rows = [], []
+    for qs in tqdm(range(0, len(queries.ids), QUERY_BATCH), desc="indexed dupmae search", unit="batch", mininterval=5):
+        q_dense = np.ascontiguousarray(queries.dense[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, D]
+        q_vocab = np.asarray(queries.vocab[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, V]
+        _, dense_rows = dense.search(q_dense, m)  # [b, M]
+        sparse_rows = sparse_index.search(q_vocab, m, options.query_cut, options.heap_factor)  # [b, M]
+        rows = candidate_union(dense_rows, sparse_rows)  # [b, 2M]
+        scores = rescore(q_dense, q_vocab, corpus, rows, sparse_weight)
+        top_scores, pick = torch.topk(torch.from_numpy(scores), min(depth, rows.shape[1]), dim=1)
+        top_rows = np.take_along_axis(rows, pick.numpy(), 1)
+        top_rows[~np.isfinite(top_scores.numpy())] = -1
+        all_scores.append(top_scores.numpy())
+        all_rows.append(top_rows)
+    return np.concatenate(all_scores), np.concatenate(all_rows)
+
+
+def merge_top(parts: list[tuple[np.ndarray, np.ndarray]], offsets: list[int], depth: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-shard (scores, local rows) [Q, *] into the best `depth` by score, rows made global by offsets."""
+    scores = np.concatenate([s for s, _ in parts], axis=1).astype(np.float32)
+    rows = np.concatenate([np.where(r >= 0, r + off, -1) for (_, r), off in zip(parts, offsets)], axis=1)
+    scores = np.where(rows >= 0, scores, -np.inf)
+    top, pick = torch.topk(torch.from_numpy(scores), min(depth, scores.shape[1]), dim=1)
+    return top.numpy(), np.take_along_axis(rows, pick.numpy(), 1)
+
+
+IndexProvider = Callable[[int, Encoded, SearchOptions], SeismicIndex]
+
+
+def build_index(shard_number: int, shard: Encoded, options: SearchOptions) -> SeismicIndex:
+    """The default IndexProvider: a Seismic index built in memory (the pipeline's caches it per shard)."""
+    return SeismicIndex.build(shard.sparse_indices, shard.sparse_values, options.seismic)
+
+
+def search_shard(queries: Encoded, shard: Encoded, depth: int, index_factory: str | None, sparse_weight: float,
+                 method: str, sparse_index: Callable[[], SeismicIndex], options: SearchOptions
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, shard rows) [Q, depth'] of one shard by `method` (dense, exact or seismic)."""
+    if method == "dense":
+        return dense_search(queries, shard, depth, index_factory)
+    if method == "exact":
         if index_factory:
-            raise ValueError("--index_factory applies to dense search only; dupmae search is exact")
-        scores, rows = dupmae_search(queries, corpus, depth + 1, sparse_weight)
-    else:
-        scores, rows = dense_search(queries, corpus, depth + 1, index_factory)
+            raise ValueError("--index_factory applies to dense search, or to dupmae's with --sparse_index seismic; "
+                             "exact dupmae search is exact")
+        return dupmae_search(queries, shard, depth, sparse_weight)
+    return indexed_dupmae_search(queries, shard, depth, sparse_weight, sparse_index(), options, index_factory)
+
+
+def search(queries: Encoded, corpus: Encoded | Sequence[Encoded], depth: int, index_factory: str | None = None,
+           sparse_weight: float = 1.0, options: SearchOptions | None = None,
+           index_for: IndexProvider = build_index) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: score}} with `depth` documents per query, never the query's own id (sparse_weight:
+    the dupmae score's weight on the sparse part). `corpus` may be a list of shards, searched one by one and
+    merged; `index_for(shard number, shard, options)` gives a shard's sparse index (--sparse_index seismic)."""
+    shards = [corpus] if isinstance(corpus, Encoded) else [s for s in corpus if s.ids] or list(corpus)[:1]
+    options = options or SearchOptions()
+    total = sum(len(s.ids) for s in shards)
+    dupmae = any(s.sparse_indices is not None for s in shards)
+    method = options.method(total) if dupmae else "dense"
+    logger.info("search: %d documents in %d shard(s), %s", total, len(shards), method)
+    parts, offsets, ids, offset = [], [], [], 0
+    for number, shard in enumerate(shards):
+        parts.append(search_shard(queries, shard, depth + 1, index_factory, sparse_weight, method,
+                                  lambda: index_for(number, shard, options), options))
+        offsets.append(offset)
+        offset += len(shard.ids)
+        ids.extend(shard.ids)
+    scores, rows = parts[0] if len(parts) == 1 else merge_top(parts, offsets, depth + 1)
+    return ranking_from_hits(queries.ids, ids, scores, rows, depth)
+
+
+def ranking_from_hits(query_ids: list[str], ids: list[str], scores: np.ndarray, rows: np.ndarray, depth: int
+                      ) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: score}}: each query's first `depth` hits other than its own id (rows index `ids`)."""
     run = {}
-    for qid, q_scores, q_rows in zip(queries.ids, scores.tolist(), rows.tolist()):
+    for qid, q_scores, q_rows in zip(query_ids, scores.tolist(), rows.tolist()):
         hits = {}
         for s, r in zip(q_scores, q_rows):
-            if r < 0:  # faiss pads with -1 when an approximate index finds fewer hits
+            if r < 0:  # faiss pads with -1 when an approximate index finds fewer hits; so does a small union
                 continue
-            doc_id = corpus.ids[r]
+            doc_id = ids[r]
             if doc_id != qid and len(hits) < depth:
                 hits[doc_id] = float(s)
         run[qid] = hits
