@@ -43,6 +43,14 @@ class FinetuneConfig:
               "both halves), 1.0 for raw dense dot products, and for dupmae's raw logits unnormalized (the paper's) "
               "calibrated on the first batch: the mean per-query spread of the scores")
     cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
+    # Distillation (finetune/teacher.py)
+    teacher_scores: str | None = arg(
+        None, "'qid did score' file(s), comma-separated (the official --teacher_score_files): adds KL(softmax(teacher "
+              "/ --teacher_temperature) || softmax(student / --temperature)) over each query's group")
+    teacher_temperature: float = arg(1.0, "the teacher's scores are divided by it before the softmax (official: 1)")
+    contrastive_loss_weight: float = arg(
+        1.0, "with --teacher_scores: loss = KL + this x InfoNCE (the official name; its default is 1e-4); "
+             "0 trains on the teacher alone")
     # Optimization
     deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")
     bf16: str = bf16_field("bf16 mixed precision: auto (bf16 where the device has native bf16, else fp32; "
@@ -87,6 +95,10 @@ class FinetuneConfig:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.teacher_temperature <= 0 or self.contrastive_loss_weight < 0:
+            raise ValueError("need --teacher_temperature > 0 and --contrastive_loss_weight >= 0")
+        if self.teacher_scores and self.train_group_size < 2:
+            raise ValueError("--teacher_scores needs --train_group_size >= 2 (the KL runs over each query's group)")
         if self.sparse_weight is not None and self.sparse_weight < 0:
             raise ValueError(f"--sparse_weight must be >= 0, got {self.sparse_weight}")
         if self.learning_rate <= 0 or self.weight_decay < 0 or not 0 <= self.warmup_ratio < 1:

@@ -1,4 +1,5 @@
-"""Fine-tune an encoder into a retriever with InfoNCE over in-batch + hard (+ cross-device) negatives.
+"""Fine-tune an encoder into a retriever with InfoNCE over in-batch + hard (+ cross-device) negatives, and
+optionally a KL term to a teacher's scores (--teacher_scores; finetune/teacher.py).
 
 Launch (GPUs):  deepspeed finetune/main.py --deepspeed ds_configs/finetune_zero2.json \
                     --model_name_or_path pretrain_out/model --representation dupmae --data_dir data/msmarco \
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.config import FinetuneConfig
     from finetune.data import DeadLetter, load_finetune_data
     from finetune.model import BiEncoder
+    from finetune.teacher import check_coverage, read_teacher_scores
     from finetune.trainer import Trainer
 
     (cfg,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(argv)
@@ -43,12 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     data = load_finetune_data(cfg.data_dir, cfg.qrels_split, cfg.negatives, tokenizer, dead_letter)
     if dead_letter.count:
         logger.warning("%d malformed input record(s) skipped; see %s", dead_letter.count, dead_letter.path)
+    teacher = None
+    if cfg.teacher_scores:
+        teacher = read_teacher_scores(cfg.teacher_scores)
+        check_coverage(teacher, data.groups)
+        logger.info("distilling from %s: %d queries' teacher scores", cfg.teacher_scores, len(teacher))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = BiEncoder.from_config(cfg)
     try:
-        Trainer(cfg, model, tokenizer, data).train()
+        Trainer(cfg, model, tokenizer, data, teacher).train()
     except RuntimeError as exc:  # NonFiniteError, CheckpointSaveError, a failed collective
         ending = exit_code(exc, cfg.ddp_timeout)
         if ending is None:

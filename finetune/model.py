@@ -14,24 +14,30 @@ from common.representation import Encoder, Representation, resolve_config, score
 from finetune.config import FinetuneConfig
 from finetune.loss import (calibrated_temperature, default_temperature, gather_with_grad, info_nce, learning_share,
                            positive_labels)
+from finetune.teacher import distill_kl, own_group
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BiEncoderOutput:
-    loss: Tensor  # scalar InfoNCE of this rank's queries
+    loss: Tensor  # scalar: InfoNCE, or with teacher scores distill + contrastive_loss_weight x InfoNCE
+    contrastive: Tensor  # scalar InfoNCE of this rank's queries
+    distill: Tensor  # scalar KL to the teacher over each query's group (finetune/teacher.py); 0 without a teacher
     accuracy: Tensor  # scalar: fraction of this rank's queries whose positive scores highest
     learning: Tensor  # scalar: fraction of this rank's queries that still get a gradient (see `learning_share`)
     scores: Tensor  # [Bq, Bp] (Bp counts every rank's passages with cross-device negatives)
 
 
 class BiEncoder(nn.Module):
-    """Scores queries against passages with `common.representation.score` and returns the InfoNCE loss."""
+    """Scores queries against passages with `common.representation.score` and returns the InfoNCE loss, plus the KL
+    to a teacher's scores when they are given (finetune/teacher.py)."""
 
     def __init__(self, query_encoder: Encoder, passage_encoder: Encoder | None, temperature: float | None,
-                 group_size: int, cross_device_negatives: bool):
+                 group_size: int, cross_device_negatives: bool, teacher_temperature: float = 1.0,
+                 contrastive_loss_weight: float = 1.0):
         super().__init__()
+        self.teacher_temperature, self.contrastive_loss_weight = teacher_temperature, contrastive_loss_weight
         self.query_encoder = query_encoder
         self.passage_encoder = passage_encoder  # None: tied, the query encoder encodes passages too
         self.temperature, self.group_size = temperature, group_size
@@ -49,7 +55,8 @@ class BiEncoder(nn.Module):
                     "" if cfg.temperature is not None else " (default for these scores)")
         query_encoder = Encoder.from_pretrained(cfg.model_name_or_path, rep)
         passage_encoder = copy.deepcopy(query_encoder) if cfg.untie_encoders else None
-        return cls(query_encoder, passage_encoder, temperature, cfg.train_group_size, cfg.cross_device_negatives)
+        return cls(query_encoder, passage_encoder, temperature, cfg.train_group_size, cfg.cross_device_negatives,
+                   cfg.teacher_temperature, cfg.contrastive_loss_weight)
 
     def temperature_for(self, scores: Tensor) -> float | Tensor:
         """The fixed temperature, or the one calibrated on the first batch's scores [Bq, Bp] (kept from then on)."""
@@ -65,7 +72,9 @@ class BiEncoder(nn.Module):
     def passage_side(self) -> Encoder:
         return self.passage_encoder if self.passage_encoder is not None else self.query_encoder
 
-    def forward(self, query: dict[str, Tensor], passage: dict[str, Tensor]) -> BiEncoderOutput:
+    def forward(self, query: dict[str, Tensor], passage: dict[str, Tensor],
+                teacher: Tensor | None = None) -> BiEncoderOutput:
+        """teacher: [Bq, G] teacher scores of each query's group (positive first), or None (InfoNCE alone)."""
         q = self.query_encoder(**query)  # dense [Bq, D], vocab [Bq, V] | None
         p = self.passage_side(**passage)  # dense [Bq*G, D], vocab [Bq*G, V] | None
         offset = 0
@@ -76,10 +85,15 @@ class BiEncoder(nn.Module):
         scores = score(q, p, rep.top_k if p.vocab is not None else None, rep.sparse_weight)  # [Bq, Bp]
         labels = positive_labels(scores.shape[0], self.group_size, offset, scores.device)  # [Bq]
         temperature = self.temperature_for(scores)
-        loss = info_nce(scores, labels, temperature)
+        contrastive = info_nce(scores, labels, temperature)
+        loss, distill = contrastive, torch.zeros((), device=scores.device)
+        if teacher is not None:
+            student = own_group(scores, labels, self.group_size)  # [Bq, G]
+            distill = distill_kl(student, teacher.to(scores.device), temperature, self.teacher_temperature)
+            loss = distill + self.contrastive_loss_weight * contrastive
         accuracy = (scores.argmax(-1) == labels).float().mean()
-        return BiEncoderOutput(loss, accuracy.detach(), learning_share(scores.detach(), labels, temperature),
-                               scores.detach())
+        return BiEncoderOutput(loss, contrastive.detach(), distill.detach(), accuracy.detach(),
+                               learning_share(scores.detach(), labels, temperature), scores.detach())
 
     def export(self, out_dir: str | Path, tokenizer) -> list[Path]:
         """Tied: one model in out_dir. Untied: out_dir/query and out_dir/passage. Returns the folders written."""

@@ -23,6 +23,7 @@ from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, re
 from finetune.config import FinetuneConfig
 from finetune.data import Collator, FinetuneData, GroupSampler
 from finetune.model import BiEncoder
+from finetune.teacher import TeacherScores, group_scores
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +68,11 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int) -> 
 class Trainer:
     """Runs `BiEncoder` under DeepSpeed; every rank calls train(), rank 0 writes logs and the export."""
 
-    def __init__(self, cfg: FinetuneConfig, model: BiEncoder, tokenizer, data: FinetuneData):
+    def __init__(self, cfg: FinetuneConfig, model: BiEncoder, tokenizer, data: FinetuneData,
+                 teacher: TeacherScores | None = None):
         import deepspeed
 
-        self.cfg, self.tokenizer, self.data = cfg, tokenizer, data
+        self.cfg, self.tokenizer, self.data, self.teacher = cfg, tokenizer, data, teacher
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.output_dir)
         self.sampler = GroupSampler(data.groups, list(data.corpus), cfg.train_group_size,
@@ -104,7 +106,7 @@ class Trainer:
         """Train to total_steps; returns the export folder on rank 0 (None elsewhere)."""
         engine, cfg = self.engine, self.cfg
         engine.train()
-        sums = torch.zeros(4)  # loss, accuracy, learning share, micro-batches since the last log
+        sums = torch.zeros(6)  # loss, contrastive, distill, accuracy, learning share, micro-batches since the last log
         start = time.time()
         bar = tqdm(total=self.total_steps, initial=engine.global_steps, desc="fine-tune", disable=self.rank != 0)
         epoch, step = self.position
@@ -115,12 +117,15 @@ class Trainer:
             batch = self.sampler.batch(epoch, step)
             query, passage = self.collator([self.data.queries[q] for q, _ in batch],
                                            [self.data.corpus[p] for _, ids in batch for p in ids])
-            output = engine(*({k: v.to(engine.device) for k, v in part.items()} for part in (query, passage)))
+            teacher = None if self.teacher is None else group_scores(self.teacher, batch)  # [B, G]
+            output = engine(*({k: v.to(engine.device) for k, v in part.items()} for part in (query, passage)),
+                            teacher)
             engine.backward(backward_loss(output.loss))  # a NaN/inf loss makes the engine skip the step
             boundary = engine.is_gradient_accumulation_boundary()
             engine.step()
             step += 1
-            sums += torch.tensor([output.loss.item(), output.accuracy.item(), output.learning.item(), 1.0])
+            sums += torch.tensor([output.loss.item(), output.contrastive.item(), output.distill.item(),
+                                  output.accuracy.item(), output.learning.item(), 1.0])
             finite = finite and math.isfinite(output.loss.item())
             if not boundary:
                 continue
@@ -156,14 +161,15 @@ class Trainer:
     def _log(self, step: int, epoch: int, sums: torch.Tensor, seconds: float) -> None:
         totals = sums.to(self.engine.device)  # NCCL reduces device tensors only
         dist.all_reduce(totals)  # every rank's loss / accuracy sums and micro-batch counts
-        loss, accuracy, learning = (totals[:3] / totals[3]).tolist()
+        loss, contrastive, distill, accuracy, learning = (totals[:5] / totals[5]).tolist()
         if self.rank != 0:
             return
-        record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": accuracy, "learning_queries": learning,
+        record = {"step": step, "epoch": epoch, "loss": loss, "contrastive": contrastive, "distill": distill,
+                  "accuracy": accuracy, "learning_queries": learning,
                   "lr": self.engine.get_lr()[0], "skipped_steps": self.guard.skipped, "seconds": round(seconds, 2)}
         with open(self.out / METRICS, "a") as out:
             out.write(json.dumps(record) + "\n")
-        for name in ("loss", "accuracy", "learning_queries", "lr"):
+        for name in ("loss", "contrastive", "distill", "accuracy", "learning_queries", "lr"):
             self.writer.add_scalar(f"train/{name}", record[name], step)
         logger.info("step %d/%d epoch %d loss %.4f accuracy %.3f learning queries %.2f lr %.2e", step,
                     self.total_steps, epoch, loss, accuracy, learning, record["lr"])

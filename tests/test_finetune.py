@@ -1,5 +1,6 @@
-"""finetune: the loss against a plain reference, cross-device negatives against one process, data sampling and
-bad input, mining, export round trips, the dupmae training score, and exact resume of a real (tiny) run."""
+"""finetune: the loss against a plain reference, cross-device negatives against one process (with and without a
+teacher's scores), data sampling and bad input, mining, export round trips, the dupmae training score, and exact
+resume of a real (tiny) run; the 2-rank crash-and-resume run distils from a teacher file."""
 from __future__ import annotations
 
 import json
@@ -89,8 +90,13 @@ def _slice(batch: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in batch.items()}
 
 
+#: Teacher scores of the 4 queries' groups of 2 in the cross-device test (distillation across ranks, issue 31).
+TEACHER = torch.tensor([[2.0, -1.0], [0.5, 0.0], [-3.0, 1.0], [1.0, 1.5]])
+
+
 def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None:
-    """Rank `rank` of 2: its half of the batch with cross-device negatives; saves the rank-mean loss and gradients."""
+    """Rank `rank` of 2: its half of the batch with cross-device negatives, without and with teacher scores (KL +
+    0.5 x InfoNCE); saves the rank-mean loss and gradients."""
     import torch.distributed as dist
 
     from common.tokenizer import load_tokenizer
@@ -98,10 +104,11 @@ def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     query, passage = _tiny_batch(load_tokenizer(model_dir), 4, 2, seed=1)
     results = {}
-    for kind in KINDS:
+    for kind, teacher in ((kind, teacher) for kind in KINDS for teacher in (None, TEACHER[2 * rank:2 * rank + 2])):
         model = BiEncoder.from_config(config(model_name_or_path=model_dir, representation=kind, top_k=8,
-                                             train_group_size=2, cross_device_negatives=True)).eval()
-        output = model(_slice(query, 2 * rank, 2 * rank + 2), _slice(passage, 4 * rank, 4 * rank + 4))
+                                             train_group_size=2, cross_device_negatives=True,
+                                             contrastive_loss_weight=0.5)).eval()
+        output = model(_slice(query, 2 * rank, 2 * rank + 2), _slice(passage, 4 * rank, 4 * rank + 4), teacher)
         output.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         for g in grads.values():  # what DeepSpeed does: average the ranks' gradients
@@ -109,7 +116,7 @@ def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None
             g /= 2
         loss = output.loss.detach().clone()
         dist.all_reduce(loss)
-        results[kind] = {"loss": loss / 2, "grads": grads}
+        results[kind, teacher is not None] = {"loss": loss / 2, "grads": grads}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -122,12 +129,12 @@ def test_cross_device_negatives_equal_one_process(tiny_model, tokenizer, tmp_pat
                                 nprocs=2, join=True)
     results = torch.load(out)
     query, passage = _tiny_batch(tokenizer, 4, 2, seed=1)
-    for kind in KINDS:
+    for kind, teacher in ((kind, teacher) for kind in KINDS for teacher in (None, TEACHER)):
         model = BiEncoder.from_config(config(model_name_or_path=str(tiny_model), representation=kind, top_k=8,
-                                             train_group_size=2)).eval()
-        output = model(query, passage)
+                                             train_group_size=2, contrastive_loss_weight=0.5)).eval()
+        output = model(query, passage, teacher)
         output.loss.backward()
-        ranks = results[kind]
+        ranks = results[kind, teacher is not None]
         assert ranks["loss"].item() == pytest.approx(output.loss.item(), rel=1e-5)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert grads.keys() == ranks["grads"].keys()
@@ -391,7 +398,11 @@ def test_sigkill_between_checkpoints_and_during_a_checkpoint_write_then_resume(t
     every 2, killed with SIGKILL between checkpoints 2 and 4, then during the write of checkpoint 4, resumed each
     time (an explicit --resume_from_checkpoint, then auto), logs the per-step numbers of an uninterrupted run and
     exports the same model."""
-    options = ("--max_steps", "4", "--save_steps", "2", "--representation", "dupmae", "--top_k", "16")
+    teacher = tmp_path / "teacher.txt"  # every (query, document) pair: the sampled random negatives too
+    teacher.write_text("".join(f"q{q} d{d} {random.Random(q * 30 + d).gauss(0, 1):.4f}\n"
+                               for q in range(12) for d in range(30)))
+    options = ("--max_steps", "4", "--save_steps", "2", "--representation", "dupmae", "--top_k", "16",
+               "--teacher_scores", str(teacher), "--contrastive_loss_weight", "0.5")  # distillation on 2 ranks
     reference = tmp_path / "reference"
     done = launch_two_ranks(tiny_model, beir_dir, reference, *options)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -408,6 +419,7 @@ def test_sigkill_between_checkpoints_and_during_a_checkpoint_write_then_resume(t
     assert [m["step"] for m in ours] == [m["step"] for m in theirs] == [1, 2, 3, 4]
     for a, b in zip(ours, theirs):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and (a["lr"], a["epoch"]) == (b["lr"], b["epoch"])
+        assert a["distill"] > 0 and a["loss"] == pytest.approx(a["distill"] + 0.5 * a["contrastive"], rel=1e-5)
     before = Encoder.from_pretrained(str(reference / "model")).state_dict()
     after = Encoder.from_pretrained(str(out / "model")).state_dict()
     for name, tensor in before.items():
