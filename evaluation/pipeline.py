@@ -64,6 +64,7 @@ class Evaluator:
                                batch_size=self.cfg.batch_size, bf16=self.precision.enabled, desc=desc)
         if cache_dir is not None:
             cache.save(cache_dir, name, encoded, key)
+            encoded.source = str(Path(cache_dir) / name)
         return encoded
 
     def encode_corpus_shards(self, data: BeirData) -> list[Encoded]:

@@ -14,7 +14,9 @@ the query's own id can be dropped (BEIR's convention).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -150,28 +152,48 @@ def candidate_union(*parts: np.ndarray) -> np.ndarray:
 
 
 def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: float,
-                          sparse_index: SeismicIndex, options: SearchOptions, index_factory: str | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+                          sparse_index: SeismicIndex, options: SearchOptions, index_factory: str | None = None,
+                          timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-depth of the union of each half's top `options.candidates`, rescored exactly; (scores, corpus rows)
-    [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than depth' documents)."""
+    [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than depth' documents). `timings`,
+    when given, accumulates the seconds of each part: dense_index (faiss add), dense, sparse, rescore."""
     _check_dupmae(queries, corpus)
     n = len(corpus.ids)
     depth, m = min(depth, n), min(options.candidates, n)
-    dense = faiss_index(corpus.dense, index_factory)
+    clock = _Clock(timings)
+    with clock("dense_index"):
+        dense = faiss_index(corpus.dense, index_factory)
     all_scores, all_rows = [], []
     for qs in tqdm(range(0, len(queries.ids), QUERY_BATCH), desc="indexed dupmae search", unit="batch", mininterval=5):
         q_dense = np.ascontiguousarray(queries.dense[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, D]
         q_vocab = np.asarray(queries.vocab[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, V]
-        _, dense_rows = dense.search(q_dense, m)  # [b, M]
-        sparse_rows = sparse_index.search(q_vocab, m, options.query_cut, options.heap_factor)  # [b, M]
-        rows = candidate_union(dense_rows, sparse_rows)  # [b, 2M]
-        scores = rescore(q_dense, q_vocab, corpus, rows, sparse_weight)
+        with clock("dense"):
+            _, dense_rows = dense.search(q_dense, m)  # [b, M]
+        with clock("sparse"):
+            sparse_rows = sparse_index.search(q_vocab, m, options.query_cut, options.heap_factor)  # [b, M]
+        with clock("rescore"):
+            rows = candidate_union(dense_rows, sparse_rows)  # [b, 2M]
+            scores = rescore(q_dense, q_vocab, corpus, rows, sparse_weight)
         top_scores, pick = torch.topk(torch.from_numpy(scores), min(depth, rows.shape[1]), dim=1)
         top_rows = np.take_along_axis(rows, pick.numpy(), 1)
         top_rows[~np.isfinite(top_scores.numpy())] = -1
         all_scores.append(top_scores.numpy())
         all_rows.append(top_rows)
     return np.concatenate(all_scores), np.concatenate(all_rows)
+
+
+class _Clock:
+    """`with clock(name):` adds the block's seconds to timings[name] (nothing when timings is None)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def merge_top(parts: list[tuple[np.ndarray, np.ndarray]], offsets: list[int], depth: int
@@ -200,8 +222,8 @@ def search_shard(queries: Encoded, shard: Encoded, depth: int, index_factory: st
         return dense_search(queries, shard, depth, index_factory)
     if method == "exact":
         if index_factory:
-            raise ValueError("--index_factory applies to dense search, or to dupmae's with --sparse_index seismic; "
-                             "exact dupmae search is exact")
+            raise ValueError("--index_factory applies to dense search only, and to dupmae's dense candidates with "
+                             "--sparse_index seismic; exact dupmae search is exact")
         return dupmae_search(queries, shard, depth, sparse_weight)
     return indexed_dupmae_search(queries, shard, depth, sparse_weight, sparse_index(), options, index_factory)
 

@@ -1,0 +1,282 @@
+"""Search at scale (issue 29): the dupmae representation searched exactly against the indexed search (Seismic's
+sparse candidates + faiss's dense ones, their union rescored exactly), per query, in memory and in quality.
+
+    python benchmarks/search_scale.py --output_dir runs/search_scale [--sizes 100000 300000 1000000] [--smoke]
+
+Corpora: the real sets at hand (../shared/data/scifact, the offline docstring set), encoded by the packaged MiniLM
+with the dupmae representation (the project's offline default model), and synthetic corpora of --sizes documents
+drawn from those real encodings: each synthetic document mixes two real ones (the union of their kept vocabulary
+entries, values jittered by a log-normal factor, its top k kept; dense = a random convex mix plus noise, L2
+normalized), so vocabulary ids, values and their co-occurrence follow real documents, not a uniform draw. Queries:
+SciFact's real test queries (whole vocabulary vectors). Corpora are written as memory-mapped cache entries.
+Each method runs in a subprocess of its own (peak RSS = that process's ru_maxrss): exact (`dupmae_search`) and
+indexed (`--sparse_index seismic`, at the defaults and along a curve of candidates M and query cut). The index
+build is timed apart (it is built once per corpus and cached). Prints one JSON line per figure: sec_per_query,
+peak_rss_mb, recall@10_of_exact, recall@100_of_exact (ours: indexed, baseline: exact), ndcg@10 on the real sets;
+"curve" lines for the other settings; and lines extrapolated to MS MARCO and the large BEIR corpora from the
+measured growth, written as a table to OUTPUT_DIR/extrapolation.md too.
+--smoke: a tiny random-init model on the 16-document smoke folder and a 3,000-document synthetic corpus.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import smoke  # noqa: E402
+from evaluation import cache  # noqa: E402
+from evaluation.search import SearchOptions, dupmae_search, indexed_dupmae_search  # noqa: E402
+from evaluation.sparse_index import SeismicConfig, SeismicIndex, index_record, load_or_build  # noqa: E402
+
+BENCH = "search_scale"
+SHARED = REPO.parent / "shared" / "data"
+DEPTH = 100
+#: (candidates M, query_cut) along the trade-off curve; the defaults are SearchOptions'.
+CURVE = [(100, 16), (100, 32), (300, 32), (1000, 16), (1000, 32), (1000, 64)]
+#: Large corpora the extrapolation names (documents; MS MARCO passages, BEIR's largest).
+LARGE = {"msmarco": 8_841_823, "climate-fever/fever": 5_416_568, "hotpotqa": 5_233_329, "dbpedia-entity": 4_635_922,
+         "nq": 2_681_468}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def line(corpus: str, docs: int, metric: str, ours: float, baseline: float, better: str, unit: str, smoke_run: bool,
+         **extra) -> None:
+    print(json.dumps({"bench": BENCH, "corpus": corpus, "docs": docs, "metric": metric, "unit": unit,
+                      "ours": round(ours, 6), "baseline": round(baseline, 6),
+                      "ratio": round(ours / baseline, 6) if baseline else None, "better": better, **extra,
+                      **({"smoke": True} if smoke_run else {})}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ the corpora
+def real_sets(args) -> list[tuple[str, Path, Path, object]]:
+    """(name, corpus entry, query entry, BEIR data) of each real set, encoded with dupmae into the cache."""
+    from evaluation.config import EvalConfig
+    from evaluation.data import load_beir
+    from evaluation.pipeline import Evaluator
+
+    out = Path(args.output_dir)
+    if args.smoke:
+        folders = [smoke.tiny_beir(out / "data" / "smoke")]
+        model = str(smoke.tiny_bert(out / "tiny_bert"))
+    else:
+        docstrings = out / "data" / "docstrings"
+        if not (docstrings / "corpus.jsonl").is_file():  # the offline docstring set (the demo's builder)
+            subprocess.run([sys.executable, "-m", "demo.docstring_corpus", str(docstrings)], cwd=REPO, check=True)
+        folders = [f for f in (SHARED / "scifact", docstrings) if (f / "corpus.jsonl").is_file()]
+        model = args.model
+    cfg = EvalConfig(datasets=[str(f) for f in folders], output_dir=str(out), model_name_or_path=model,
+                     representation="dupmae", cache_dir=args.cache_dir or str(out / "cache"), offline=True)
+    evaluator = Evaluator(cfg)
+    sets = []
+    for folder in folders:
+        data = load_beir(folder, "test")
+        (corpus,) = evaluator.encode_corpus_shards(data)
+        queries = evaluator.encode_queries(data)
+        sets.append((folder.name, Path(corpus.source), Path(queries.source), data))
+    return sets, evaluator.encoder.config.sparse_weight
+
+
+def synthesize(bases: list[Path], n: int, out: Path, seed: int = 0, chunk: int = 20000) -> Path:
+    """A cache entry of n synthetic documents, each two real documents mixed (see the module docstring)."""
+    if (out / "ids.json").is_file():
+        return out
+    base = [cache.load(b.parent, b.name) for b in bases]
+    idx = np.concatenate([np.asarray(b.sparse_indices) for b in base])  # [B, k]
+    val = np.concatenate([np.asarray(b.sparse_values) for b in base])
+    dense = np.concatenate([np.asarray(b.dense) for b in base])
+    k, g = idx.shape[1], np.random.default_rng(seed)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    arrays = {"dense": np.lib.format.open_memmap(tmp / "dense.npy", "w+", np.float32, (n, dense.shape[1])),
+              "sparse_indices": np.lib.format.open_memmap(tmp / "sparse_indices.npy", "w+", np.int32, (n, k)),
+              "sparse_values": np.lib.format.open_memmap(tmp / "sparse_values.npy", "w+", np.float32, (n, k))}
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        a, b = g.integers(0, len(idx), m), g.integers(0, len(idx), m)
+        ids = np.concatenate([idx[a], idx[b]], 1)  # [m, 2k]
+        vals = np.concatenate([val[a], val[b]], 1) * g.lognormal(0.0, 0.3, (m, 2 * k)).astype(np.float32)
+        order = np.argsort(-vals, 1, kind="stable")  # by value, then stably by id: a repeated id's first is its max
+        ids, vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
+        order = np.argsort(ids, 1, kind="stable")
+        ids, vals = np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
+        vals[:, 1:][ids[:, 1:] == ids[:, :-1]] = -np.inf
+        top = np.argpartition(-vals, k - 1, 1)[:, :k]
+        arrays["sparse_indices"][start:start + m] = np.take_along_axis(ids, top, 1)
+        arrays["sparse_values"][start:start + m] = np.maximum(np.take_along_axis(vals, top, 1), 0)
+        w = g.uniform(0.3, 0.7, (m, 1)).astype(np.float32)
+        mix = w * dense[a] + (1 - w) * dense[b] + g.normal(0, 0.05, (m, dense.shape[1])).astype(np.float32)
+        arrays["dense"][start:start + m] = mix / np.linalg.norm(mix, axis=1, keepdims=True)
+    for array in arrays.values():
+        array.flush()
+    (tmp / "ids.json").write_text(json.dumps([f"s{i}" for i in range(n)]))
+    (tmp / "key.json").write_text(json.dumps({"synthetic": n, "bases": [str(b) for b in bases], "seed": seed}))
+    tmp.rename(out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the workers
+def worker(args) -> None:
+    """One method on one corpus, in this process: prints a JSON dict of timings and peak RSS, saves the rows."""
+    corpus = cache.load(args.corpus.parent, args.corpus.name)
+    queries = cache.load(args.queries.parent, args.queries.name)
+    queries.vocab = np.asarray(queries.vocab)  # [Q, V]: small, read once
+    result = {"docs": len(corpus.ids), "queries": len(queries.ids)}
+    if args.worker == "exact":
+        start = time.perf_counter()
+        _, rows = dupmae_search(queries, corpus, DEPTH, args.sparse_weight)
+        result["seconds"] = time.perf_counter() - start
+        np.save(args.rows, rows)
+    else:
+        config = SeismicConfig()
+        record = index_record(args.corpus.name, {"synthetic_or_cache_entry": str(args.corpus)},
+                              corpus.sparse_indices.shape[1], len(corpus.ids), config)
+        start = time.perf_counter()
+        index = load_or_build(args.corpus.with_name(args.corpus.name + ".seismic"), record, corpus.sparse_indices,
+                              corpus.sparse_values, config)
+        result["index_seconds"] = time.perf_counter() - start
+        result["settings"] = {}
+        for m, cut in CURVE if args.curve else [(SearchOptions().candidates, SearchOptions().query_cut)]:
+            options = SearchOptions("seismic", candidates=m, query_cut=cut)
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            _, rows = indexed_dupmae_search(queries, corpus, DEPTH, args.sparse_weight, index, options,
+                                            timings=timings)
+            result["settings"][f"{m},{cut}"] = {"seconds": time.perf_counter() - start, **timings}
+            np.save(f"{args.rows}.{m}-{cut}.npy", rows)
+    result["peak_rss_mb"] = rss_mb()
+    print(json.dumps(result), flush=True)
+
+
+def run_worker(method: str, corpus: Path, queries: Path, rows: Path, sparse_weight: float, curve: bool) -> dict:
+    command = [sys.executable, __file__, "--worker", method, "--corpus", str(corpus), "--queries", str(queries),
+               "--rows", str(rows), "--sparse_weight", str(sparse_weight)] + (["--curve"] if curve else [])
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode != 0:
+        sys.exit(f"{method} worker on {corpus} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def recall_of_exact(rows: np.ndarray, exact: np.ndarray, depth: int) -> float:
+    return float(np.mean([len(set(r[:depth]) & set(e[:depth])) / depth for r, e in zip(rows, exact)]))
+
+
+def ndcg10(data, corpus: Path, queries: Path, rows: np.ndarray) -> float:
+    from evaluation.metrics import evaluate
+    from evaluation.search import ranking_from_hits
+
+    ids = json.loads((corpus / "ids.json").read_text())
+    query_ids = json.loads((queries / "ids.json").read_text())
+    scores = -np.arange(rows.shape[1], dtype=np.float32)[None, :].repeat(len(rows), 0)  # rank order is what counts
+    return evaluate(data.qrels, ranking_from_hits(query_ids, ids, scores, rows, DEPTH - 1))["nDCG@10"]
+
+
+def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, smoke_run: bool, data=None) -> dict:
+    """Both methods on one corpus; prints its lines, returns the figures the extrapolation fits."""
+    out.mkdir(parents=True, exist_ok=True)
+    exact = run_worker("exact", corpus, queries, out / f"{name}.exact.npy", weight, curve=False)
+    indexed = run_worker("indexed", corpus, queries, out / f"{name}.indexed", weight, curve=True)
+    exact_rows = np.load(out / f"{name}.exact.npy")
+    n, q = exact["docs"], exact["queries"]
+    default = f"{SearchOptions().candidates},{SearchOptions().query_cut}"
+    figures = {"docs": n, "exact": exact["seconds"] / q, "exact_rss": exact["peak_rss_mb"],
+               "indexed_rss": indexed["peak_rss_mb"], "index_seconds": indexed["index_seconds"]}
+    for setting, timing in indexed["settings"].items():
+        rows = np.load(out / f"{name}.indexed.{setting.replace(',', '-')}.npy")
+        figs = {"sec_per_query": (timing["seconds"] / q, exact["seconds"] / q, "lower", "s"),
+                "recall@10_of_exact": (recall_of_exact(rows, exact_rows, 10), 1.0, "higher", "fraction"),
+                "recall@100_of_exact": (recall_of_exact(rows, exact_rows, 100), 1.0, "higher", "fraction")}
+        if data is not None:
+            figs["ndcg@10"] = (ndcg10(data, corpus, queries, rows), ndcg10(data, corpus, queries, exact_rows),
+                               "higher", "nDCG@10")
+        m, cut = setting.split(",")
+        parts = {f"{part}_sec_per_query": round(timing[part] / q, 6) for part in ("dense", "sparse", "rescore")}
+        for metric, (ours, baseline, better, unit) in figs.items():
+            line(name, n, metric if setting == default else f"curve_{metric}", ours, baseline, better, unit,
+                 smoke_run, candidates=int(m), query_cut=int(cut), **(parts if metric == "sec_per_query" else {}))
+        if setting == default:
+            figures.update(indexed=timing["seconds"] / q, parts={p: timing[p] / q for p in ("dense", "sparse",
+                                                                                             "rescore")})
+    line(name, n, "peak_rss_mb", indexed["peak_rss_mb"], exact["peak_rss_mb"], "lower", "MB", smoke_run,
+         index_build_seconds=round(indexed["index_seconds"], 2))
+    return figures
+
+
+def extrapolate(points: list[dict], out: Path, smoke_run: bool) -> None:
+    """Fit seconds per query ~ a N^b (each part of the indexed search, and exact) and peak RSS ~ c + d N over the
+    synthetic sizes; print and tabulate the large corpora."""
+    if len(points) < 2:
+        return
+    n = np.array([p["docs"] for p in points], dtype=float)
+
+    def fit(values):  # log-log slope and intercept
+        b, a = np.polyfit(np.log(n), np.log(np.maximum(values, 1e-9)), 1)
+        return lambda size: float(np.exp(a) * size ** b), float(b)
+
+    exact, b_exact = fit([p["exact"] for p in points])
+    parts = {part: fit([p["parts"][part] for p in points]) for part in ("dense", "sparse", "rescore")}
+    rss = {k: np.polyfit(n, [p[k] for p in points], 1) for k in ("exact_rss", "indexed_rss")}
+    rows = ["| corpus | documents | exact s/query | indexed s/query (dense + sparse + rescore) | ratio | exact peak RSS "
+            "GB | indexed peak RSS GB |", "|---|---|---|---|---|---|---|"]
+    for name, size in LARGE.items():
+        ours = sum(f(size) for f, _ in parts.values())
+        rss_e, rss_i = (float(np.polyval(rss[k], size)) for k in ("exact_rss", "indexed_rss"))
+        line(f"{name} (extrapolated)", size, "sec_per_query", ours, exact(size), "lower", "s", smoke_run,
+             extrapolated=True)
+        line(f"{name} (extrapolated)", size, "peak_rss_mb", rss_i, rss_e, "lower", "MB", smoke_run, extrapolated=True)
+        split = " + ".join(f"{parts[p][0](size):.4f}" for p in ("dense", "sparse", "rescore"))
+        rows.append(f"| {name} | {size:,} | {exact(size):.3f} | {ours:.4f} ({split}) | {ours / exact(size):.3f} | "
+                    f"{rss_e / 1024:.1f} | {rss_i / 1024:.1f} |")
+    growth = ", ".join(f"{p} N^{b:.2f}" for p, (_, b) in parts.items())
+    rows.append(f"\nGrowth fitted over {', '.join(f'{int(x):,}' for x in n)} documents: exact N^{b_exact:.2f}; "
+                f"indexed parts {growth}; peak RSS linear in N.")
+    (out / "extrapolation.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="runs/search_scale")
+    parser.add_argument("--cache_dir", default=None, help="embedding cache of the real sets (default OUTPUT_DIR/cache)")
+    parser.add_argument("--model", default=None, help="encoder (default: the packaged MiniLM)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--worker", choices=["exact", "indexed"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--sparse_weight", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--curve", action="store_true", help=argparse.SUPPRESS)
+    args = smoke.parse_args(parser, argv, sizes=[3000])
+    if args.worker:
+        return worker(args)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(args.output_dir)
+    sets, weight = real_sets(args)
+    for name, corpus, queries, data in sets:
+        measure(name, corpus, queries, out / "rows", weight, args.smoke, data)
+    scifact_queries = sets[0][2]
+    points = []
+    for size in args.sizes:
+        corpus = synthesize([c for _, c, _, _ in sets], size, out / "synthetic" / f"n{size}")
+        points.append(measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke))
+    extrapolate(points, out, args.smoke)
+
+
+if __name__ == "__main__":
+    main()
