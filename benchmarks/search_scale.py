@@ -34,18 +34,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import smoke  # noqa: E402
 from evaluation import cache  # noqa: E402
-from evaluation.search import SearchOptions, dupmae_search, indexed_dupmae_search  # noqa: E402
-from evaluation.sparse_index import SeismicConfig, SeismicIndex, index_record, load_or_build  # noqa: E402
+from evaluation.search import SearchOptions, dupmae_search, faiss_index, indexed_dupmae_search  # noqa: E402
+from evaluation.sparse_index import SeismicConfig, index_record, load_or_build  # noqa: E402
 
 BENCH = "search_scale"
 SHARED = REPO.parent / "shared" / "data"
 DEPTH = 100
-#: (candidates M, query_cut) along the trade-off curve; the defaults are SearchOptions'.
-CURVE = [(100, 16), (100, 32), (300, 32), (1000, 16), (1000, 32), (1000, 64)]
+#: (candidates M, query_cut, faiss nprobe) along the trade-off curve; DEFAULT is where it sits by default.
+CURVE = [(100, 32, 16), (300, 16, 16), (300, 32, 4), (300, 32, 16), (300, 32, 64), (1000, 32, 16)]
+DEFAULT = (SearchOptions().candidates, SearchOptions().query_cut, 16)
 #: Large corpora the extrapolation names (documents; MS MARCO passages, BEIR's largest).
 LARGE = {"msmarco": 8_841_823, "climate-fever/fever": 5_416_568, "hotpotqa": 5_233_329, "dbpedia-entity": 4_635_922,
          "nq": 2_681_468}
@@ -137,30 +139,42 @@ def worker(args) -> None:
     queries = cache.load(args.queries.parent, args.queries.name)
     queries.vocab = np.asarray(queries.vocab)  # [Q, V]: small, read once
     result = {"docs": len(corpus.ids), "queries": len(queries.ids)}
+    config = SeismicConfig()
+    record = index_record(args.corpus.name, {"synthetic_or_cache_entry": str(args.corpus)},
+                          corpus.sparse_indices.shape[1], len(corpus.ids), config)
+    index_folder = args.corpus.with_name(args.corpus.name + ".seismic")
     if args.worker == "exact":
         start = time.perf_counter()
         _, rows = dupmae_search(queries, corpus, DEPTH, args.sparse_weight)
         result["seconds"] = time.perf_counter() - start
         np.save(args.rows, rows)
-    else:
-        config = SeismicConfig()
-        record = index_record(args.corpus.name, {"synthetic_or_cache_entry": str(args.corpus)},
-                              corpus.sparse_indices.shape[1], len(corpus.ids), config)
+    elif args.worker == "build":  # the Seismic index, once per corpus (cached beside it)
         start = time.perf_counter()
-        index = load_or_build(args.corpus.with_name(args.corpus.name + ".seismic"), record, corpus.sparse_indices,
-                              corpus.sparse_values, config)
-        result["index_seconds"] = time.perf_counter() - start
+        load_or_build(index_folder, record, corpus.sparse_indices, corpus.sparse_values, config)
+        result["seconds"] = time.perf_counter() - start
+    else:
+        index = load_or_build(index_folder, record, corpus.sparse_indices, corpus.sparse_values, config)
+        start = time.perf_counter()
+        dense = faiss_index(corpus.dense, dense_factory(len(corpus.ids)))
+        result["dense_index_seconds"] = time.perf_counter() - start
         result["settings"] = {}
-        for m, cut in CURVE if args.curve else [(SearchOptions().candidates, SearchOptions().query_cut)]:
-            options = SearchOptions("seismic", candidates=m, query_cut=cut)
+        for m, cut, nprobe in CURVE if args.curve else [DEFAULT]:
+            options = SearchOptions("seismic", candidates=m, query_cut=cut, faiss_params=f"nprobe={nprobe}")
+            faiss.ParameterSpace().set_index_parameters(dense, options.faiss_params)
             timings: dict[str, float] = {}
             start = time.perf_counter()
             _, rows = indexed_dupmae_search(queries, corpus, DEPTH, args.sparse_weight, index, options,
-                                            timings=timings)
-            result["settings"][f"{m},{cut}"] = {"seconds": time.perf_counter() - start, **timings}
-            np.save(f"{args.rows}.{m}-{cut}.npy", rows)
+                                            timings=timings, dense_index=dense)
+            result["settings"][f"{m},{cut},{nprobe}"] = {"seconds": time.perf_counter() - start, **timings}
+            np.save(f"{args.rows}.{m}-{cut}-{nprobe}.npy", rows)
     result["peak_rss_mb"] = rss_mb()
     print(json.dumps(result), flush=True)
+
+
+def dense_factory(n: int) -> str:
+    """The dense candidates' faiss index: IVF with about sqrt(N) lists, 8-bit scalar codes (the candidates are
+    rescored from the exact vectors, so the index may be approximate and small)."""
+    return f"IVF{max(1, int(np.sqrt(n)))},SQ8"
 
 
 def run_worker(method: str, corpus: Path, queries: Path, rows: Path, sparse_weight: float, curve: bool) -> dict:
@@ -187,16 +201,19 @@ def ndcg10(data, corpus: Path, queries: Path, rows: np.ndarray) -> float:
     return evaluate(data.qrels, ranking_from_hits(query_ids, ids, scores, rows, DEPTH - 1))["nDCG@10"]
 
 
-def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, smoke_run: bool, data=None) -> dict:
+def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, smoke_run: bool, data=None,
+            curve: bool = True) -> dict:
     """Both methods on one corpus; prints its lines, returns the figures the extrapolation fits."""
     out.mkdir(parents=True, exist_ok=True)
-    exact = run_worker("exact", corpus, queries, out / f"{name}.exact.npy", weight, curve=False)
-    indexed = run_worker("indexed", corpus, queries, out / f"{name}.indexed", weight, curve=True)
+    exact = run_worker("exact", corpus, queries, out / f"{name}.exact.npy", weight, curve)
+    # the build in a process of its own, so the search's peak RSS is the search's (--smoke: built by the search)
+    build = run_worker("build", corpus, queries, out / f"{name}.build", weight, curve) if curve else None
+    indexed = run_worker("indexed", corpus, queries, out / f"{name}.indexed", weight, curve)
     exact_rows = np.load(out / f"{name}.exact.npy")
     n, q = exact["docs"], exact["queries"]
-    default = f"{SearchOptions().candidates},{SearchOptions().query_cut}"
+    default = ",".join(map(str, DEFAULT))
     figures = {"docs": n, "exact": exact["seconds"] / q, "exact_rss": exact["peak_rss_mb"],
-               "indexed_rss": indexed["peak_rss_mb"], "index_seconds": indexed["index_seconds"]}
+               "indexed_rss": indexed["peak_rss_mb"]}
     for setting, timing in indexed["settings"].items():
         rows = np.load(out / f"{name}.indexed.{setting.replace(',', '-')}.npy")
         figs = {"sec_per_query": (timing["seconds"] / q, exact["seconds"] / q, "lower", "s"),
@@ -205,16 +222,19 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
         if data is not None:
             figs["ndcg@10"] = (ndcg10(data, corpus, queries, rows), ndcg10(data, corpus, queries, exact_rows),
                                "higher", "nDCG@10")
-        m, cut = setting.split(",")
+        m, cut, nprobe = map(int, setting.split(","))
         parts = {f"{part}_sec_per_query": round(timing[part] / q, 6) for part in ("dense", "sparse", "rescore")}
         for metric, (ours, baseline, better, unit) in figs.items():
             line(name, n, metric if setting == default else f"curve_{metric}", ours, baseline, better, unit,
-                 smoke_run, candidates=int(m), query_cut=int(cut), **(parts if metric == "sec_per_query" else {}))
+                 smoke_run, candidates=m, query_cut=cut, nprobe=nprobe, dense_index=dense_factory(n),
+                 **(parts if metric == "sec_per_query" else {}))
         if setting == default:
             figures.update(indexed=timing["seconds"] / q, parts={p: timing[p] / q for p in ("dense", "sparse",
                                                                                              "rescore")})
     line(name, n, "peak_rss_mb", indexed["peak_rss_mb"], exact["peak_rss_mb"], "lower", "MB", smoke_run,
-         index_build_seconds=round(indexed["index_seconds"], 2))
+         **({"index_build_seconds": round(build["seconds"], 2),
+             "index_build_peak_rss_mb": round(build["peak_rss_mb"], 1)} if build else {}),
+         dense_index_seconds=round(indexed["dense_index_seconds"], 2))
     return figures
 
 
@@ -256,25 +276,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache_dir", default=None, help="embedding cache of the real sets (default OUTPUT_DIR/cache)")
     parser.add_argument("--model", default=None, help="encoder (default: the packaged MiniLM)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
-    parser.add_argument("--worker", choices=["exact", "indexed"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["exact", "build", "indexed"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sparse_weight", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--curve", action="store_true", help=argparse.SUPPRESS)
-    args = smoke.parse_args(parser, argv, sizes=[3000])
+    args = smoke.parse_args(parser, argv, sizes=[1000])
     if args.worker:
         return worker(args)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.output_dir)
     sets, weight = real_sets(args)
     for name, corpus, queries, data in sets:
-        measure(name, corpus, queries, out / "rows", weight, args.smoke, data)
+        measure(name, corpus, queries, out / "rows", weight, args.smoke, data, curve=not args.smoke)
     scifact_queries = sets[0][2]
     points = []
     for size in args.sizes:
         corpus = synthesize([c for _, c, _, _ in sets], size, out / "synthetic" / f"n{size}")
-        points.append(measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke))
+        points.append(measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke,
+                              curve=not args.smoke))
     extrapolate(points, out, args.smoke)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -77,3 +78,12 @@ def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | 
 def save(cache_dir: str | Path, key: str, encoded: Encoded, description: dict) -> None:
     save_arrays(cache_dir, key, {name: getattr(encoded, name) for name in Encoded.ARRAYS}, description,
                 {"ids": encoded.ids})
+
+
+def drop_pages(*arrays) -> None:
+    """Let the kernel unmap this process's resident pages of memory-mapped arrays (the page cache keeps them, so a
+    later read is a cheap fault): a search over a memory-mapped corpus then holds one batch's rows, not the corpus."""
+    for array in arrays:
+        mapping = getattr(array, "_mmap", None)  # np.memmap's mmap object (np.load(mmap_mode="r"))
+        if mapping is not None:
+            mapping.madvise(mmap.MADV_DONTNEED)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from evaluation.cache import drop_pages
 from evaluation.encode import Encoded
 from evaluation.sparse_index import SeismicConfig, SeismicIndex
 
@@ -42,9 +43,10 @@ class SearchOptions:
     """How a dupmae corpus is searched (`--sparse_index`, `--candidates`, `--query_cut`, `--heap_factor`)."""
 
     sparse_index: str = "exact"  # exact, seismic, or auto (exact below EXACT_BELOW documents)
-    candidates: int = 1000  # indexed: candidates per half (sparse index, faiss) rescored exactly
+    candidates: int = 300  # indexed: candidates per half (sparse index, faiss) rescored exactly (at least depth)
     query_cut: int = 32  # indexed: the query's largest vocabulary entries the sparse index reads
     heap_factor: float = 0.9  # indexed: Seismic skips a block whose summary score is below this x the M-th best
+    faiss_params: str | None = None  # faiss ParameterSpace settings for the dense index, e.g. "nprobe=16"
     seismic: SeismicConfig = field(default_factory=SeismicConfig)
 
     def __post_init__(self) -> None:
@@ -61,18 +63,27 @@ class SearchOptions:
         return self.sparse_index
 
 
-def faiss_index(dense: np.ndarray, index_factory: str | None = None):
-    """A faiss inner-product index over the rows of `dense` (IndexFlatIP unless a factory is given)."""
+ADD_ROWS = 1 << 16  # rows added to faiss at once
+TRAIN_ROWS = 100_000  # at most this many rows (evenly spaced) train a faiss index that needs training
+
+
+def faiss_index(dense: np.ndarray, index_factory: str | None = None, params: str | None = None):
+    """A faiss inner-product index over the rows of `dense` (IndexFlatIP unless a factory is given), added in
+    chunks; `params`: faiss ParameterSpace settings (e.g. "nprobe=16")."""
     import faiss
 
-    dim = dense.shape[1]
+    n, dim = dense.shape
     if index_factory:
         index = faiss.index_factory(dim, index_factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            index.train(np.ascontiguousarray(dense))
+            index.train(np.ascontiguousarray(dense[::max(1, n // TRAIN_ROWS)], dtype=np.float32))
     else:
         index = faiss.IndexFlatIP(dim)
-    index.add(np.ascontiguousarray(dense))
+    for start in range(0, n, ADD_ROWS):
+        index.add(np.ascontiguousarray(dense[start:start + ADD_ROWS], dtype=np.float32))
+        drop_pages(dense)
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
     return index
 
 
@@ -141,6 +152,7 @@ def rescore(q_dense: np.ndarray, q_vocab: np.ndarray, corpus: Encoded, rows: np.
         qv = q_vocab[s:s + b][np.arange(b)[:, None, None], idx]  # [b, C, k]: the query at the kept entries
         block = np.einsum("bcd,bd->bc", dense, q_dense[s:s + b]) + sparse_weight * np.einsum("bck,bck->bc", qv, val)
         scores[s:s + b] = np.where(valid, block, -np.inf)
+        drop_pages(corpus.dense, corpus.sparse_indices, corpus.sparse_values)
     return scores
 
 
@@ -153,16 +165,17 @@ def candidate_union(*parts: np.ndarray) -> np.ndarray:
 
 def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: float,
                           sparse_index: SeismicIndex, options: SearchOptions, index_factory: str | None = None,
-                          timings: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          timings: dict[str, float] | None = None, dense_index=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-depth of the union of each half's top `options.candidates`, rescored exactly; (scores, corpus rows)
     [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than depth' documents). `timings`,
-    when given, accumulates the seconds of each part: dense_index (faiss add), dense, sparse, rescore."""
+    when given, accumulates the seconds of each part: dense_index (faiss add), dense, sparse, rescore;
+    `dense_index`: a faiss index of corpus.dense built before (else one is built from index_factory)."""
     _check_dupmae(queries, corpus)
     n = len(corpus.ids)
-    depth, m = min(depth, n), min(options.candidates, n)
+    depth, m = min(depth, n), min(max(options.candidates, depth), n)
     clock = _Clock(timings)
     with clock("dense_index"):
-        dense = faiss_index(corpus.dense, index_factory)
+        dense = dense_index or faiss_index(corpus.dense, index_factory, options.faiss_params)
     all_scores, all_rows = [], []
     for qs in tqdm(range(0, len(queries.ids), QUERY_BATCH), desc="indexed dupmae search", unit="batch", mininterval=5):
         q_dense = np.ascontiguousarray(queries.dense[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, D]

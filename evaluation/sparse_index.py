@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.cache import drop_pages
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "seismic"  # Seismic appends .index.seismic
@@ -82,6 +84,7 @@ class SeismicIndex:
         for start in range(0, n, cls.BUILD_ROWS):
             stop = min(start + cls.BUILD_ROWS, n)
             comps, vals, offsets = sorted_csr(indices[start:stop], values[start:stop], config.doc_top)
+            drop_pages(indices, values)
             dataset.add_documents_by_id([str(r) for r in range(start, stop)], comps, vals, offsets)
         index = seismic.SeismicIndex.build_from_dataset(
             dataset, n_postings=config.n_postings, centroid_fraction=config.centroid_fraction,
