@@ -43,9 +43,12 @@ class EvalConfig:
     sparse_index: str = field(default="auto", metadata=_help(
         "dupmae search: exact, seismic (candidates of a Seismic index and faiss, rescored exactly), or auto (exact "
         f"below {EXACT_BELOW} documents)", choices=list(SPARSE_INDEXES)))
-    candidates: int = field(default=1000, metadata=_help("--sparse_index seismic: candidates per half rescored"))
+    candidates: int = field(default=300, metadata=_help(
+        "--sparse_index seismic: candidates per half rescored exactly (at least --depth)"))
     query_cut: int = field(default=32, metadata=_help("--sparse_index seismic: query entries the index reads"))
     heap_factor: float = field(default=0.9, metadata=_help("--sparse_index seismic: Seismic's heap factor (0, 1]"))
+    faiss_params: str | None = field(default=None, metadata=_help(
+        "faiss ParameterSpace settings of the --index_factory index, e.g. nprobe=16 (IVF) or efSearch=128 (HNSW)"))
     cache_dir: str | None = field(default=None, metadata=_help("embedding cache; None: OUTPUT_DIR/cache"))
     no_cache: bool = field(default=False, metadata=_help("neither read nor write the embedding cache"))
     shard_index: int | None = field(default=None, metadata=_help("encode only this corpus shard into the cache, then stop"))
@@ -88,7 +91,7 @@ class EvalConfig:
         self.search_options()  # validates the search options
 
     def search_options(self) -> SearchOptions:
-        return SearchOptions(self.sparse_index, self.candidates, self.query_cut, self.heap_factor)
+        return SearchOptions(self.sparse_index, self.candidates, self.query_cut, self.heap_factor, self.faiss_params)
 
     def representation_config(self) -> RepresentationConfig:
         """The model's saved representation with the options given here applied (`resolve_config`)."""

@@ -87,10 +87,10 @@ def faiss_index(dense: np.ndarray, index_factory: str | None = None, params: str
     return index
 
 
-def dense_search(queries: Encoded, corpus: Encoded, depth: int, index_factory: str | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def dense_search(queries: Encoded, corpus: Encoded, depth: int, index_factory: str | None = None,
+                 params: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, corpus rows), both [Q, depth'], best first, with faiss (IndexFlatIP unless a factory is given)."""
-    index = faiss_index(corpus.dense, index_factory)
+    index = faiss_index(corpus.dense, index_factory, params)
     return index.search(np.ascontiguousarray(queries.dense), min(depth, len(corpus.ids)))
 
 
@@ -232,7 +232,7 @@ def search_shard(queries: Encoded, shard: Encoded, depth: int, index_factory: st
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, shard rows) [Q, depth'] of one shard by `method` (dense, exact or seismic)."""
     if method == "dense":
-        return dense_search(queries, shard, depth, index_factory)
+        return dense_search(queries, shard, depth, index_factory, options.faiss_params)
     if method == "exact":
         if index_factory:
             raise ValueError("--index_factory applies to dense search only, and to dupmae's dense candidates with "
