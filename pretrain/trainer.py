@@ -37,9 +37,11 @@ def derived_seed(*parts: int) -> int:
 
 
 def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
-    """Linear warm-up to 1, then linear or cosine decay to 0 at `total`."""
+    """Linear warm-up from 0, then linear or cosine decay to 0 at `total`: the factor of optimizer step `step`
+    (0-based), exactly as HF Trainer's get_linear/cosine_schedule_with_warmup give it (step 0 at lr 0 when
+    warming up), so a run here follows the official recipe's learning rates step for step."""
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 

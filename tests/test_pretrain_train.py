@@ -109,8 +109,9 @@ def test_two_rank_zero2_run_finishes_and_logs(straight, shard_dir):
         assert record["samples_per_s"] > 0 and record["tokens_per_s"] > record["samples_per_s"]
     last = records[-1]
     assert last["loss"] == pytest.approx(last["mlm_loss"] + last["decoder_loss"] + last["bow_loss"], rel=1e-5)
-    # warm-up ceil(0.1 * 4) = 1 step, then linear decay to 0 at step 4 (lr logged is the one each step used)
-    assert [r["lr"] for r in records] == pytest.approx([1e-4 * f for f in (1, 1, 2 / 3, 1 / 3)])
+    # warm-up ceil(0.1 * 4) = 1 step from 0 (HF's schedule), then linear decay to 0 at step 4 (lr logged is the
+    # one each step used)
+    assert [r["lr"] for r in records] == pytest.approx([1e-4 * f for f in (0, 1, 2 / 3, 1 / 3)])
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((straight / VERIFIED_FILE).read_text())["data_dir"] == str(shard_dir.resolve())
     checkpoints = straight / "checkpoints"
@@ -545,7 +546,7 @@ def test_schedule_matches_a_plain_formula(kind):
     total, warmup, peak = 20, 5, 1e-3
     for step in range(total):
         if step < warmup:
-            expected = peak * (step + 1) / warmup
+            expected = peak * step / warmup  # HF's get_*_schedule_with_warmup
         else:
             progress = (step - warmup) / (total - warmup)
             expected = peak * ((1 - progress) if kind == "linear" else (1 + math.cos(math.pi * progress)) / 2)
@@ -582,7 +583,7 @@ def test_frozen_encoder_steps_then_its_own_schedule_and_the_retrieval_probe(tmp_
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "pretrain/main.py", "--deepspeed", "ds_configs/zero2_cpu.json",
                            "--data_dir", str(shard_dir), "--output_dir", str(out), "--model_name_or_path", minilm_path,
-                           "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--max_steps", "3",
+                           "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--max_steps", "4",
                            "--freeze_encoder_steps", "2", "--learning_rate", "1e-3", "--encoder_learning_rate", "1e-4",
                            "--warmup_steps", "1", "--save_steps", "1", "--logging_steps", "1", "--eval_dataset",
                            str(beir), "--eval_steps", "2", "--eval_max_docs", "0", "--disable_tqdm"],
@@ -590,24 +591,24 @@ def test_frozen_encoder_steps_then_its_own_schedule_and_the_retrieval_probe(tmp_
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "retrieval probes took" in done.stderr + done.stdout
     masters = {step: get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=f"step-{step:08d}")
-               for step in (1, 2, 3)}
+               for step in (1, 2, 3, 4)}
     packaged = AutoModel.from_pretrained(minilm_path).state_dict()
     encoder_keys = [k for k in masters[1] if k.startswith("mlm.bert.")]
     assert len(encoder_keys) > 50
-    for step in (1, 2):
+    for step in (1, 2, 3):  # frozen for 2 steps, then its warm-up's first step at lr 0 (HF's schedule)
         for key in encoder_keys:
             assert torch.equal(masters[step][key], packaged[key[len("mlm.bert."):]]), (step, key)
     head = "mlm.cls.predictions.transform.dense.weight"
     assert not torch.equal(masters[1][head], masters[2][head])  # the new head learns during the freeze
-    moved = [k for k in encoder_keys if not torch.equal(masters[3][k], masters[2][k])]
+    moved = [k for k in encoder_keys if not torch.equal(masters[4][k], masters[3][k])]
     assert len(moved) > len(encoder_keys) // 2  # and the encoder after it
 
     records = metrics(out)
     train = [r for r in records if "loss" in r]
-    assert [r["encoder_lr"] for r in train] == pytest.approx([0.0, 0.0, 1e-4])  # warm-up 1 step: full at step 3
-    assert [r["lr"] for r in train] == pytest.approx([1e-3, 1e-3 * 2 / 2, 1e-3 * 1 / 2])
+    assert [r["encoder_lr"] for r in train] == pytest.approx([0.0, 0.0, 0.0, 1e-4])  # warm-up 1 step: full at 4
+    assert [r["lr"] for r in train] == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 * 1 / 3])
     probes = [r for r in records if "eval_seconds" in r]
-    assert [r["step"] for r in probes] == [0, 2]
+    assert [r["step"] for r in probes] == [0, 2, 4]
     for name in ("cls", "mean", "dupmae"):
         assert all(0 <= r[f"eval/{name}/nDCG@10"] <= 1 and 0 <= r[f"eval/{name}/Recall@100"] <= 1 for r in probes)
     own = Encoder.from_pretrained(minilm_path)  # mean + cosine, as it ships
