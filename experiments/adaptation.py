@@ -8,7 +8,8 @@ and the same continued-pre-training recipe (`--freeze_encoder_steps`, learning r
   mlm              MLM only (--decoder_weight 0 --bow_weight 0: no decoder is built, no BoW branch)
   retromae         MLM + [CLS] decoding (--bow_weight 0)
   dupmae           MLM + [CLS] decoding + BoW, the paper's weights 1/1/1
-  dupmae-official  the official code's settings: BoW weight 0.1, masked tokens pooled (--bow_include_masked)
+  dupmae-official  the official code's loss (--objective official: BoW weight 0.1, masked tokens and [SEP] pooled,
+                   target 1/n per unique token)
 Each variant is scored zero-shot with `mean` and `cls` pooling (cosine) and, for the DupMAE variants, the `dupmae`
 representation its export records; then, where the dataset has qrels/train.tsv, fine-tuned the same way for every
 variant (BM25 negatives mined once; same steps, seed and options; the base model's own embedding, `mean`), and

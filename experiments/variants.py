@@ -16,7 +16,7 @@ VARIANTS = {
     "mlm": Variant(("--decoder_weight", "0", "--bow_weight", "0"), False),
     "retromae": Variant(("--bow_weight", "0"), False),
     "dupmae": Variant((), True),
-    "dupmae-official": Variant(("--bow_weight", "0.1", "--bow_include_masked"), True),
+    "dupmae-official": Variant(("--objective", "official"), True),  # the official code's loss, BoW weight 0.1
 }
 
 
