@@ -107,7 +107,9 @@ class Evaluator:
             hit = None
             if cfg.cache_path is not None and shard.source and queries.source:
                 hit = cache.load_arrays(cfg.cache_path / f"{key}.hits", ("scores", "rows"))
-            if hit is None or hit["rows"] is None:
+            if hit is not None and hit["rows"] is not None:
+                logger.info("search hits cache hit: %s", cfg.cache_path / f"{key}.hits")
+            else:
                 logger.info("searching shard %s (%d documents, %s)", shard.source, len(shard.ids), method)
                 scores, rows = search_shard(queries, shard, cfg.depth + 1, cfg.index_factory, weight, method,
                                             lambda: self.sparse_index(shard, options), options)

@@ -150,3 +150,39 @@ def test_seismic_index_round_trip(tmp_path):
     index.save(tmp_path)
     again = SeismicIndex.load(tmp_path, 500)
     np.testing.assert_array_equal(again.search(queries.vocab, 10, 32, 1.0), index.search(queries.vocab, 10, 32, 1.0))
+
+
+def test_seismic_serves_the_exported_sparse_encoder(minilm_path, tmp_path):
+    """Serving: the sentence-transformers SparseEncoder of a dupmae export feeds Seismic as it is (its document
+    vectors' ids and values), and Seismic's top-5 for its query vectors is the exact sparse dot product's."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from transformers import BertConfig, BertForMaskedLM
+
+    from benchmarks.smoke import NEAR_MISSES, TOPICS
+    from common.representation import Encoder, RepresentationConfig
+    from common.st_modules import SPARSE_DIR
+    from common.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(minilm_path)
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=len(tokenizer), max_position_embeddings=64)).eval()
+    config = RepresentationConfig(kind="dupmae", top_k=16, normalize=True, sparse_values="probs", dense_dim=32)
+    Encoder(mlm, config, torch.nn.Linear(32, 32)).save_pretrained(tmp_path / "export", tokenizer)
+    sparse = SparseEncoder(str(tmp_path / "export" / SPARSE_DIR), device="cpu", trust_remote_code=True)
+    docs = [passage for passage, _ in TOPICS] + NEAR_MISSES
+    doc_vectors = sparse.encode_document(docs, convert_to_tensor=True).to_dense()  # [N, V], top 16 kept
+    query_vectors = sparse.encode_query([query for _, query in TOPICS], convert_to_tensor=True).to_dense()  # [Q, V]
+    values, indices = torch.topk(doc_vectors, 16, dim=1)
+    index = SeismicIndex.build(indices.numpy(), values.numpy(), SeismicConfig(doc_top=16))
+    for row in range(len(docs)):  # Seismic holds each document's vector as the SparseEncoder gave it
+        components, stored = index.index.get(row)
+        kept = doc_vectors[row].nonzero().squeeze(1)
+        assert sorted(int(c) for c in components) == kept.tolist()
+        np.testing.assert_allclose(sorted(stored), sorted(doc_vectors[row, kept].tolist()), rtol=1e-3)
+    found = index.search(query_vectors.numpy(), 5, query_cut=64, heap_factor=1.0)  # [Q, 5] document rows
+    assert (found >= 0).all() and all(len(set(r)) == 5 for r in found)
+    scores = (query_vectors @ doc_vectors.T).numpy()  # [Q, N] exact sparse dot products
+    # Seismic's search is approximate (pruned postings, block summaries); its top-1 must be a near-best document
+    assert (np.take_along_axis(scores, found[:, :1], 1)[:, 0] >= 0.9 * scores.max(1)).all()

@@ -198,6 +198,8 @@ def test_evaluate_encodes_one_shard_per_task_then_merges(slurm_env, minilm_path,
     for task in (0, 1):  # task i encoded shard i
         assert f"tiny: shard {task}/2 encoded" in (log_dir / f"rank-{task}.log").read_text(), read_logs(log_dir)
     merge = (log_dir / "batch.log").read_text()
-    assert merge.count("embedding cache hit") == 2, merge  # the merge read both shards instead of encoding them
+    # the merge read both shards and the queries the tasks encoded, and each task's hits instead of searching again
+    assert merge.count("embedding cache hit") == 3 and merge.count("search hits cache hit") == 2, merge
+    assert "searching shard" not in merge, merge
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert 0 < results["tiny"]["nDCG@10"] <= 1
