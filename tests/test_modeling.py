@@ -117,13 +117,18 @@ def test_losses_and_gradients_equal_reference(include_masked):
     model = tiny_model(config)
     batch = make_batch(random_rows(5, seed=3))
     assert batch["labels"][0].ne(-100).sum() == 1  # the 1-token row: masked, so nothing kept for BoW (paper mode)
+    assert_equals_reference(model, batch, ("loss", "mlm_loss", "decoder_loss", "bow_loss"))
+
+
+def assert_equals_reference(model: DupMAEModel, batch: dict, terms: tuple[str, ...]) -> None:
+    """The model's loss terms and every gradient equal `reference_losses`'."""
     out = model(**batch)
     out.loss.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     ref = reference_losses(model, batch)
     ref["loss"].backward()
-    for name in ("loss", "mlm_loss", "decoder_loss", "bow_loss"):
+    for name in terms:
         assert getattr(out, name).item() == pytest.approx(ref[name].item(), abs=1e-5, rel=1e-5), name
     for name, param in model.named_parameters():
         assert torch.allclose(ours[name], param.grad, atol=1e-5, rtol=1e-4), name
@@ -137,18 +142,8 @@ def test_official_objective_equals_reference(bow_weight):
     config = DupMAEConfig(objective="official", bow_weight=bow_weight, vocab_chunk_size=13, ce_chunk_size=7)
     assert (config.bow_weight, config.decoder_query) == ((0.1, "embedded") if bow_weight is None else (0.0, "summed"))
     model = tiny_model(config)
-    batch = make_batch(random_rows(5, seed=5))
-    out = model(**batch)
-    out.loss.backward()
-    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    ref = reference_losses(model, batch)
-    ref["loss"].backward()
-    names = ("loss", "mlm_loss", "decoder_loss", "bow_loss") if bow_weight is None else ("loss", "decoder_loss")
-    for name in names:
-        assert getattr(out, name).item() == pytest.approx(ref[name].item(), abs=1e-5, rel=1e-5), name
-    for name, param in model.named_parameters():
-        assert torch.allclose(ours[name], param.grad, atol=1e-5, rtol=1e-4), name
+    terms = ("loss", "mlm_loss", "decoder_loss", "bow_loss") if bow_weight is None else ("loss", "decoder_loss")
+    assert_equals_reference(model, make_batch(random_rows(5, seed=5)), terms)
 
 
 def test_official_bow_target_sums_to_unique_over_length():
