@@ -16,7 +16,9 @@ SciFact and the docstring set in one BEIR folder, ids prefixed); hard negatives 
 (`finetune.mine_negatives`); the two teachers' scores of every (query, positive or negative) pair
 (`finetune.teacher_scores --scorer fusion|bi-encoder`); per seed and variant a fine-tuning run
 (`finetune/main.py`, `mean` cosine, temperature 0.05; the teachers with `--teacher_temperature` and
-`--contrastive_loss_weight`). Test queries against the whole corpus, documents at --max_length tokens.
+`--contrastive_loss_weight`). Test queries against the whole corpus, documents at --max_length tokens, encoded under
+--bf16 (auto: bf16 autocast where the CPU has it natively, as training). Processes running at once (one per seed)
+share the cells that do not depend on the seed: a lock file makes one compute them and the others wait.
 Output: one JSON line per cell on stdout and in OUTPUT_DIR/results.jsonl: {"bench": "distill", "dataset" (or
 "average", per seed then over seeds), "variant": zero-shot | no-teacher | fusion-teacher | self-teacher |
 teacher (the fusion teacher's own score), "metric": "nDCG@10", "ours" (mean over seeds), "per_seed", "spread"
@@ -68,9 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="both teachers' scores are cosine-like (fusion: RRF x (k+1)/2 in (0, 1])")
     parser.add_argument("--contrastive_loss_weight", type=float, default=1.0, help="loss = KL + this x InfoNCE")
     parser.add_argument("--bf16", default="auto")
+    parser.add_argument("--variants", default=",".join(TRAINED), help=f"fine-tuned variants: subset of {TRAINED}")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: the table from the cells earlier runs of OUTPUT_DIR scored (seeds given)")
     args = smoke.parse_args(parser, argv, **SMOKE)
     if args.seeds < 1 or args.steps < 1:
         parser.error("need --seeds >= 1 and --steps >= 1")
+    args.variants = [v for v in args.variants.split(",") if v]
+    if not args.variants or set(args.variants) - set(TRAINED):
+        parser.error(f"--variants: a comma-separated subset of {','.join(TRAINED)}")
     return args
 
 
@@ -92,6 +100,30 @@ def test_sets(out: Path, smoke_mode: bool, extra: list[str]) -> tuple[list[Path]
         scifact = SHARED / "scifact"
         train = ([scifact] if (scifact / "corpus.jsonl").is_file() else []) + [docstrings]
     return train, train + [Path(d).resolve() for d in extra]
+
+
+@contextlib.contextmanager
+def _cell_lock(lock: Path):
+    """Yields True when this process holds `lock` (created with O_EXCL, holding our pid), False when a live process
+    does; a lock whose process is gone is taken over."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            alive = True
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            alive = False
+        if not alive:
+            lock.unlink(missing_ok=True)
+        yield False
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 class Distill:
@@ -153,38 +185,74 @@ class Distill:
         return out / "model"
 
     def score(self, name: str, dataset: Path, compute):
-        """nDCG@10 of one cell ({row: nDCG@10} for a dict of rows), cached in OUTPUT_DIR/scores by name."""
+        """nDCG@10 of one cell ({row: nDCG@10} for a dict of rows), cached in OUTPUT_DIR/scores by name. A cell
+        another process is computing (its lock file names a live pid) is waited for, not computed twice."""
+        path = self.out / "scores" / f"{name}--{dataset.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while not path.is_file():
+            with _cell_lock(path.with_suffix(".lock")) as mine:
+                if mine and not path.is_file():
+                    start = time.perf_counter()
+                    metrics = compute()
+                    self.seconds[f"score {name} {dataset.name}"] = time.perf_counter() - start
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(metrics) + "\n")
+                    tmp.replace(path)
+            if not path.is_file():
+                time.sleep(10)
+        return self.cached(name, dataset)
+
+    def cached(self, name: str, dataset: Path):
+        """A scored cell (as `score` returns it), or None when no run scored it."""
         path = self.out / "scores" / f"{name}--{dataset.name}.json"
         if not path.is_file():
-            start = time.perf_counter()
-            metrics = compute()
-            self.seconds[f"score {name} {dataset.name}"] = time.perf_counter() - start
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(metrics) + "\n")
+            return None
         metrics = json.loads(path.read_text())
         return metrics["nDCG@10"] if "nDCG@10" in metrics else {row: m["nDCG@10"] for row, m in metrics.items()}
 
 
-def base_scores(model: str, dataset: Path, max_length: int) -> dict[str, dict[str, float]]:
-    """{"zero-shot": metrics, "teacher-fusion": metrics} from one encoding of the test split: the base model's own
-    ranking, and it fused with BM25 by reciprocal rank (the computation of `experiments.scoring.fused_scores`)."""
-    from common.representation import Encoder
+def ranking(model: str, dataset: Path, max_length: int, bf16: bool):
+    """(the test split, the model's top-DEPTH run): mean pooling + cosine (the packaged MiniLM's own), documents at
+    max_length tokens, queries at experiments.scoring's length, exact search; encoded under bf16 autocast when the
+    CPU has native bf16 (AMX here: half the CPU time; every cell of the table is encoded the same way)."""
+    from common.representation import Encoder, RepresentationConfig
     from common.tokenizer import load_tokenizer
-    from evaluation.compare import rank_representations
     from evaluation.data import load_beir
-    from evaluation.fusion import bm25_run, reciprocal_rank_fusion
-    from evaluation.metrics import evaluate
+    from evaluation.encode import encode_texts
+    from evaluation.search import search
     from experiments.scoring import DEPTH, QUERY_MAX_LENGTH
 
     data = load_beir(dataset, "test")
-    dense = rank_representations({"own": Encoder.from_pretrained(model)}, load_tokenizer(model), data,
-                                 max_length=max_length, query_max_length=QUERY_MAX_LENGTH, depth=DEPTH)["own"]
+    encoder = Encoder.from_pretrained(model, RepresentationConfig(kind="mean", normalize=True)).eval()
+    tokenizer, options = load_tokenizer(model), {"max_tokens": 8192, "batch_size": 128, "bf16": bf16}
+    docs = encode_texts(encoder, tokenizer, data.doc_ids, data.doc_texts, documents=True, max_length=max_length,
+                        desc=f"{data.name} corpus", **options)
+    queries = encode_texts(encoder, tokenizer, data.query_ids, data.query_texts, documents=False,
+                           max_length=QUERY_MAX_LENGTH, desc=f"{data.name} queries", **options)
+    return data, search(queries, docs, DEPTH)
+
+
+def model_scores(model: str, dataset: Path, max_length: int, bf16: bool) -> dict[str, float]:
+    from evaluation.metrics import evaluate
+
+    data, run = ranking(model, dataset, max_length, bf16)
+    return evaluate(data.qrels, run)
+
+
+def base_scores(model: str, dataset: Path, max_length: int, bf16: bool) -> dict[str, dict[str, float]]:
+    """{"zero-shot": metrics, "teacher-fusion": metrics} from one encoding of the test split: the base model's
+    ranking, and it fused with BM25 (common.bm25's standard one) by reciprocal rank, k = 60, as `--fuse bm25`."""
+    from evaluation.fusion import bm25_run, reciprocal_rank_fusion
+    from evaluation.metrics import evaluate
+    from experiments.scoring import DEPTH
+
+    data, dense = ranking(model, dataset, max_length, bf16)
     return {"zero-shot": evaluate(data.qrels, dense),
             "teacher-fusion": evaluate(data.qrels, reciprocal_rank_fusion([dense, bm25_run(data, DEPTH)], 60, DEPTH))}
 
 
 def run(args: argparse.Namespace, out: Path) -> tuple[list[dict], Distill]:
-    from experiments.scoring import evaluate_model
+    from common.precision import decide_bf16
 
     train_sets, tests = test_sets(out, args.smoke, args.datasets)
     if args.smoke and args.model == "default":  # a model every stage loads, trains and checkpoints in a second
@@ -192,37 +260,50 @@ def run(args: argparse.Namespace, out: Path) -> tuple[list[dict], Distill]:
     distill = Distill(args, train_sets, out)
     distill.prepare()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    models = {(seed, variant): distill.finetune(seed, variant) for seed in seeds for variant in TRAINED}
-    base = args.model
-    cells: dict[str, dict[str, list[float]]] = {}
+    if args.report_only:  # the table from the cells earlier runs scored
+        cells = {d.name: {v: {s: distill.cached(f"s{s}-{v}", d) for s in seeds} for v in TRAINED} for d in tests}
+        for dataset in tests:
+            both = distill.cached("base", dataset) or {}
+            cells[dataset.name].update({"zero-shot": {0: both.get("zero-shot")}, "teacher": {0: both.get("teacher-fusion")}})
+        return report_lines(cells, args.smoke), distill
+    distill.prepare()
+    models = {(seed, variant): distill.finetune(seed, variant) for seed in seeds for variant in args.variants}
+    base, bf16 = args.model, decide_bf16(args.bf16).enabled
+    cells: dict[str, dict[str, dict[int, float]]] = {}
+    for dataset in tests:  # the trained models first: parallel per-seed processes then meet at the shared cells
+        cells[dataset.name] = {variant: {seed: distill.score(f"s{seed}-{variant}", dataset, lambda m=models[seed, variant]:
+                                                             model_scores(str(m), dataset, args.max_length, bf16))
+                                         for seed in seeds} for variant in args.variants}
     for dataset in tests:
-        row = cells.setdefault(dataset.name, {})
-        both = distill.score("base", dataset, lambda: base_scores(base, dataset, args.max_length))
-        zero, teacher = both["zero-shot"], both["teacher-fusion"]
-        row["zero-shot"], row["teacher"] = [zero] * len(seeds), [teacher] * len(seeds)
-        for variant in TRAINED:
-            row[variant] = [distill.score(f"s{seed}-{variant}", dataset,
-                                          lambda m=models[seed, variant]: evaluate_model(str(m), dataset,
-                                                                                         args.max_length, 0)["mean"])
-                            for seed in seeds]
-    return report_lines(cells, args.smoke, len(seeds)), distill
+        both = distill.score("base", dataset, lambda: base_scores(base, dataset, args.max_length, bf16))
+        cells[dataset.name].update({"zero-shot": {0: both["zero-shot"]}, "teacher": {0: both["teacher-fusion"]}})
+    return report_lines(cells, args.smoke), distill
 
 
-def report_lines(cells: dict[str, dict[str, list[float]]], smoke_mode: bool, seeds: int) -> list[dict]:
-    """One line per (dataset or average, variant): mean over seeds, per seed, spread, against no-teacher."""
+def report_lines(cells: dict[str, dict[str, dict[int, float | None]]], smoke_mode: bool) -> list[dict]:
+    """One line per (dataset or average, variant) with a score: mean over its seeds, per seed, spread, against the
+    no-teacher cell. The zero-shot and teacher rows do not depend on a seed (one value). `average`: per seed over
+    the test sets (seeds every test set has), then over seeds."""
+    cells = {d: {v: {s: x for s, x in per_seed.items() if x is not None} for v, per_seed in row.items()}
+             for d, row in cells.items()}
     names = list(cells)
-    if len(names) > 1:  # per seed over the test sets, then over seeds
-        cells = {**cells, AVERAGE: {v: [statistics.fmean(cells[n][v][s] for n in names) for s in range(seeds)]
-                                    for v in VARIANTS}}
+    if len(names) > 1:
+        cells[AVERAGE] = {}
+        for variant in VARIANTS:
+            common = set.intersection(*(set(cells[n].get(variant, {})) for n in names))
+            cells[AVERAGE][variant] = {s: statistics.fmean(cells[n][variant][s] for n in names) for s in sorted(common)}
     lines = []
     for dataset, row in cells.items():
-        baseline = statistics.fmean(row["no-teacher"])
+        baseline = statistics.fmean(row["no-teacher"].values()) if row.get("no-teacher") else None
         for variant in VARIANTS:
-            values = row[variant]
+            values = list(row.get(variant, {}).values())
+            if not values:
+                continue
             ours = statistics.fmean(values)
             lines.append({"bench": "distill", "dataset": dataset, "variant": variant, "metric": "nDCG@10",
                           "unit": "nDCG@10", "ours": round(ours, 4), "per_seed": [round(v, 4) for v in values],
-                          "spread": round(max(values) - min(values), 4), "baseline": round(baseline, 4),
+                          "spread": round(max(values) - min(values), 4),
+                          "baseline": round(baseline, 4) if baseline is not None else None,
                           "baseline_cell": "no-teacher", "ratio": round(ours / baseline, 4) if baseline else None,
                           "better": "higher", "seeds": len(values), "smoke": smoke_mode})
     return lines
@@ -234,7 +315,8 @@ def markdown(lines: list[dict]) -> str:
     rows = ["| variant | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
     for variant in VARIANTS:
         rows.append(f"| {variant} | " + " | ".join(
-            f"{cell[d, variant]['ours']:.4f} (±{cell[d, variant]['spread']:.4f})" for d in datasets) + " |")
+            f"{cell[d, variant]['ours']:.4f} ({cell[d, variant]['seeds']} seed(s), spread {cell[d, variant]['spread']:.4f})"
+            if (d, variant) in cell else "" for d in datasets) + " |")
     return "\n".join(rows)
 
 
