@@ -47,7 +47,7 @@ SHARED = REPO.parent / "shared" / "data"
 DEPTH = 100
 #: (candidates M, query_cut, faiss nprobe) along the trade-off curve; DEFAULT is where it sits by default.
 CURVE = [(100, 32, 64), (300, 16, 64), (300, 32, 16), (300, 32, 64), (300, 32, 256), (1000, 32, 64)]
-DEFAULT = (SearchOptions().candidates, SearchOptions().query_cut, 64)
+DEFAULT = (SearchOptions().candidates, SearchOptions().query_cut, 256)
 #: Large corpora the extrapolation names (documents; MS MARCO passages, BEIR's largest).
 LARGE = {"msmarco": 8_841_823, "climate-fever/fever": 5_416_568, "hotpotqa": 5_233_329, "dbpedia-entity": 4_635_922,
          "nq": 2_681_468}
@@ -57,12 +57,16 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+PRINTED: list[dict] = []  # every line printed, for the extrapolation
+
+
 def line(corpus: str, docs: int, metric: str, ours: float, baseline: float, better: str, unit: str, smoke_run: bool,
          **extra) -> None:
-    print(json.dumps({"bench": BENCH, "corpus": corpus, "docs": docs, "metric": metric, "unit": unit,
-                      "ours": round(ours, 6), "baseline": round(baseline, 6),
-                      "ratio": round(ours / baseline, 6) if baseline else None, "better": better, **extra,
-                      **({"smoke": True} if smoke_run else {})}), flush=True)
+    PRINTED.append({"bench": BENCH, "corpus": corpus, "docs": docs, "metric": metric, "unit": unit,
+                    "ours": round(ours, 6), "baseline": round(baseline, 6),
+                    "ratio": round(ours / baseline, 6) if baseline else None, "better": better, **extra,
+                    **({"smoke": True} if smoke_run else {})})
+    print(json.dumps(PRINTED[-1]), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ the corpora
@@ -204,8 +208,8 @@ def ndcg10(data, corpus: Path, queries: Path, rows: np.ndarray) -> float:
 
 
 def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, smoke_run: bool, data=None,
-            curve: bool = True) -> dict:
-    """Both methods on one corpus; prints its lines, returns the figures the extrapolation fits."""
+            curve: bool = True) -> None:
+    """Both methods on one corpus; prints its lines."""
     out.mkdir(parents=True, exist_ok=True)
     exact = run_worker("exact", corpus, queries, out / f"{name}.exact.npy", weight, curve)
     # the build in a process of its own, so the search's peak RSS is the search's (--smoke: built by the search)
@@ -214,8 +218,6 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
     exact_rows = np.load(out / f"{name}.exact.npy")
     n, q = exact["docs"], exact["queries"]
     default = ",".join(map(str, DEFAULT))
-    figures = {"docs": n, "exact": exact["seconds"] / q, "exact_rss": exact["peak_rss_mb"],
-               "indexed_rss": indexed["peak_rss_mb"]}
     for setting, timing in indexed["settings"].items():
         rows = np.load(out / f"{name}.indexed.{setting.replace(',', '-')}.npy")
         figs = {"sec_per_query": (timing["seconds"] / q, exact["seconds"] / q, "lower", "s"),
@@ -231,46 +233,71 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
             line(name, n, metric if setting == default else f"curve_{metric}", ours, baseline, better, unit,
                  smoke_run, candidates=m, query_cut=cut, nprobe=nprobe, dense_index=dense_factory(n),
                  **(parts if metric == "sec_per_query" else {}))
-        if setting == default:
-            figures.update(indexed=timing["seconds"] / q, parts={p: timing[p] / q for p in ("dense", "sparse",
-                                                                                             "rescore")})
     line(name, n, "peak_rss_mb", indexed["peak_rss_mb"], exact["peak_rss_mb"], "lower", "MB", smoke_run,
          **({"index_build_seconds": round(build["seconds"], 2),
              "index_build_peak_rss_mb": round(build["peak_rss_mb"], 1)} if build else {}),
          dense_index_seconds=round(indexed["dense_index_seconds"], 2))
-    return figures
 
 
-def extrapolate(points: list[dict], out: Path, smoke_run: bool) -> None:
-    """Fit seconds per query ~ a N^b (each part of the indexed search, and exact) and peak RSS ~ c + d N over the
-    synthetic sizes; print and tabulate the large corpora."""
-    if len(points) < 2:
+def extrapolate(printed: list[dict], out: Path, smoke_run: bool) -> None:
+    """Extrapolate the synthetic corpora's default lines to the large corpora, part by part, by how each part grows:
+    exact search scores every document (N·k per query): a·N through the origin; the dense candidates scan
+    nprobe/nlist of the corpus, so holding the largest run's fraction (and so its recall) costs time linear in N;
+    Seismic keeps at most n_postings x 1.5 postings per vocabulary id whatever N, so its search is held at the
+    largest run's time (its fitted growth, clamped to [0, 1], where that is above 0); the rescoring reads 2M
+    candidates: constant. Peak RSS: a straight line through the measured sizes."""
+    syn = [p for p in printed if p["corpus"] == "synthetic" and not p.get("extrapolated")]
+    speed = sorted((p for p in syn if p["metric"] == "sec_per_query"), key=lambda p: p["docs"])
+    rss = sorted((p for p in syn if p["metric"] == "peak_rss_mb"), key=lambda p: p["docs"])
+    if len(speed) < 2 or len(rss) != len(speed):
         return
-    n = np.array([p["docs"] for p in points], dtype=float)
-
-    def fit(values):  # log-log slope and intercept
-        b, a = np.polyfit(np.log(n), np.log(np.maximum(values, 1e-9)), 1)
-        return lambda size: float(np.exp(a) * size ** b), float(b)
-
-    exact, b_exact = fit([p["exact"] for p in points])
-    parts = {part: fit([p["parts"][part] for p in points]) for part in ("dense", "sparse", "rescore")}
-    rss = {k: np.polyfit(n, [p[k] for p in points], 1) for k in ("exact_rss", "indexed_rss")}
+    n = np.array([p["docs"] for p in speed], dtype=float)
+    exact_rate = float(np.dot(n, [p["baseline"] for p in speed]) / np.dot(n, n))
+    top = speed[-1]
+    fraction = top["nprobe"] / int(top["dense_index"][3:].split(",")[0])  # scanned share of the largest run
+    scanned = n * np.array([p["nprobe"] / int(p["dense_index"][3:].split(",")[0]) for p in speed])
+    dense_rate = float(np.dot(scanned, [p["dense_sec_per_query"] for p in speed]) / np.dot(scanned, scanned))
+    growth = float(np.clip(np.polyfit(np.log(n), np.log([p["sparse_sec_per_query"] for p in speed]), 1)[0], 0, 1))
+    rss_fit = {k: np.polyfit(n, [p[k] for p in rss], 1) for k in ("baseline", "ours")}
     rows = ["| corpus | documents | exact s/query | indexed s/query (dense + sparse + rescore) | ratio | exact peak RSS "
             "GB | indexed peak RSS GB |", "|---|---|---|---|---|---|---|"]
     for name, size in LARGE.items():
-        ours = sum(f(size) for f, _ in parts.values())
-        rss_e, rss_i = (float(np.polyval(rss[k], size)) for k in ("exact_rss", "indexed_rss"))
-        line(f"{name} (extrapolated)", size, "sec_per_query", ours, exact(size), "lower", "s", smoke_run,
-             extrapolated=True)
+        parts = [dense_rate * size * fraction, top["sparse_sec_per_query"] * (size / top["docs"]) ** growth,
+                 top["rescore_sec_per_query"]]
+        ours, exact = sum(parts), exact_rate * size
+        rss_e, rss_i = (float(np.polyval(rss_fit[k], size)) for k in ("baseline", "ours"))
+        line(f"{name} (extrapolated)", size, "sec_per_query", ours, exact, "lower", "s", smoke_run, extrapolated=True,
+             **{f"{p}_sec_per_query": round(v, 6) for p, v in zip(("dense", "sparse", "rescore"), parts)})
         line(f"{name} (extrapolated)", size, "peak_rss_mb", rss_i, rss_e, "lower", "MB", smoke_run, extrapolated=True)
-        split = " + ".join(f"{parts[p][0](size):.4f}" for p in ("dense", "sparse", "rescore"))
-        rows.append(f"| {name} | {size:,} | {exact(size):.3f} | {ours:.4f} ({split}) | {ours / exact(size):.3f} | "
+        split = " + ".join(f"{v:.4f}" for v in parts)
+        rows.append(f"| {name} | {size:,} | {exact:.3f} | {ours:.4f} ({split}) | {ours / exact:.3f} | "
                     f"{rss_e / 1024:.1f} | {rss_i / 1024:.1f} |")
-    growth = ", ".join(f"{p} N^{b:.2f}" for p, (_, b) in parts.items())
-    rows.append(f"\nGrowth fitted over {', '.join(f'{int(x):,}' for x in n)} documents: exact N^{b_exact:.2f}; "
-                f"indexed parts {growth}; peak RSS linear in N.")
+    rows.append(f"\nFrom {', '.join(f'{int(x):,}' for x in n)} documents at candidates {top['candidates']}, query cut "
+                f"{top['query_cut']}: exact {exact_rate * 1e6:.3f} s per query per million documents (linear); dense "
+                f"candidates linear at {fraction:.1%} of the corpus scanned; Seismic N^{growth:.2f}; rescoring "
+                "constant; peak RSS linear.")
     (out / "extrapolation.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows), file=sys.stderr)
+
+
+def relabel(path: Path, smoke_run: bool) -> list[dict]:
+    """Print a previous run's lines again with DEFAULT's lines as the figures and the others as curve_ lines (the
+    measurements unchanged); extrapolated lines are dropped, to be computed again."""
+    printed, labeled = [], set()
+    for old in map(json.loads, Path(path).read_text().splitlines()):
+        if old.get("extrapolated") or "candidates" not in old:
+            if not old.get("extrapolated"):
+                printed.append(old)
+                print(json.dumps(old))
+            continue
+        nlist = int(old["dense_index"][3:].split(",")[0])
+        metric = old["metric"].removeprefix("curve_")
+        default = (old["candidates"], old["query_cut"], old["nprobe"]) == (*DEFAULT[:2], min(DEFAULT[2], nlist))
+        default = default and (old["corpus"], old["docs"], metric) not in labeled  # nprobe capped: 64 may equal 256
+        labeled |= {(old["corpus"], old["docs"], metric)} if default else set()
+        printed.append({**old, "metric": metric if default else f"curve_{metric}"})
+        print(json.dumps(printed[-1]))
+    return printed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache_dir", default=None, help="embedding cache of the real sets (default OUTPUT_DIR/cache)")
     parser.add_argument("--model", default=None, help="encoder (default: the packaged MiniLM)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--from_jsonl", type=Path, default=None,
+                        help="print a previous run's lines again under this DEFAULT and extrapolate them (no search)")
     parser.add_argument("--worker", choices=["exact", "build", "indexed"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
@@ -290,16 +319,18 @@ def main(argv: list[str] | None = None) -> None:
         return worker(args)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.output_dir)
+    if args.from_jsonl:
+        out.mkdir(parents=True, exist_ok=True)
+        return extrapolate(relabel(args.from_jsonl, args.smoke), out, args.smoke)
     sets, weight = real_sets(args)
     for name, corpus, queries, data in sets:
         measure(name, corpus, queries, out / "rows", weight, args.smoke, data, curve=not args.smoke)
     scifact_queries = sets[0][2]
-    points = []
     for size in args.sizes:
         corpus = synthesize([c for _, c, _, _ in sets], size, out / "synthetic" / f"n{size}")
-        points.append(measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke,
-                              curve=not args.smoke))
-    extrapolate(points, out, args.smoke)
+        measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke,
+                curve=not args.smoke)
+    extrapolate(PRINTED, out, args.smoke)
 
 
 if __name__ == "__main__":

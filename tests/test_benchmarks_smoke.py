@@ -22,7 +22,7 @@ NEEDS_OFFICIAL = {"official_parity.py"}
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py")
                  if 'if __name__ == "__main__":' in p.read_text() and p.name not in SMOKE_TESTED_ELSEWHERE)
 #: Extra flags: scripts that write a run folder get the test's.
-OUTPUT_DIR = {"distill.py", "evaluate.py", "finetune_scifact.py"}
+OUTPUT_DIR = {"distill.py", "evaluate.py", "finetune_scifact.py", "search_scale.py"}
 #: The official RetroMAE `src` folder and a Python with the transformers it needs (4.x), for pretrain_step.py's
 #: `official` baseline; that case is skipped without them (the README's "Pre-training step against the official code").
 OFFICIAL = ("RETROMAE_SRC", "RETROMAE_PYTHON")
