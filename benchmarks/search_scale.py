@@ -10,8 +10,9 @@ entries, values jittered by a log-normal factor, its top k kept; dense = a rando
 normalized), so vocabulary ids, values and their co-occurrence follow real documents, not a uniform draw. Queries:
 SciFact's real test queries (whole vocabulary vectors). Corpora are written as memory-mapped cache entries.
 Each method runs in a subprocess of its own (peak RSS = that process's ru_maxrss): exact (`dupmae_search`) and
-indexed (`--sparse_index seismic`, at the defaults and along a curve of candidates M and query cut). The index
-build is timed apart (it is built once per corpus and cached). Prints one JSON line per figure: sec_per_query,
+indexed (`--sparse_index seismic`: dense candidates from faiss IVF√N,SQ8; at DEFAULT and along CURVE, the
+candidates M, the query cut and faiss's nprobe). The index build runs and is timed apart (built once per corpus,
+cached beside it). `--from_jsonl RUN.jsonl` prints a run's lines again under DEFAULT and extrapolates them. Prints one JSON line per figure: sec_per_query,
 peak_rss_mb, recall@10_of_exact, recall@100_of_exact (ours: indexed, baseline: exact), ndcg@10 on the real sets;
 "curve" lines for the other settings; and lines extrapolated to MS MARCO and the large BEIR corpora from the
 measured growth, written as a table to OUTPUT_DIR/extrapolation.md too.
