@@ -376,15 +376,17 @@ def parity(args: argparse.Namespace, init: str, tokenizer, work: Path) -> None:
                  baseline=TARGETS[metric], ratio=value / TARGETS[metric], within_target=value <= TARGETS[metric],
                  objective_options=options, **extra)
         if model_class == "DupMAEForPretraining":
-            paper_terms(args, init_dir, batches[0], official["terms"], common)
+            paper_terms(init_dir, batches[0], official["terms"], common)
 
 
-def paper_terms(args, init_dir: Path, batch: dict, official: dict, common: dict) -> None:
+def paper_terms(init_dir: Path, batch: dict, official: dict, common: dict) -> None:
     """The paper objective (and the paper's with masked tokens pooled) term by term against the official code's."""
+    from pretrain.modeling import OBJECTIVES
+
     for name, options in (("paper", {"objective": "paper"}),
                           ("paper_include_masked", {"objective": "paper", "bow_include_masked": True})):
         terms, _ = ours_step1(init_dir, batch, **options)
-        terms["bow_loss_weighted"] = terms["bow_loss"] * 1.0  # the paper's weight
+        terms["bow_loss_weighted"] = terms["bow_loss"] * OBJECTIVES["paper"]  # the paper's weight
         reference = dict(official, bow_loss_weighted=official["bow_loss"] * OFFICIAL_BOW_WEIGHT)
         for term in ("mlm_loss", "decoder_loss", "bow_loss", "bow_loss_weighted", "loss"):
             value, base = terms[term], reference[term]

@@ -4,8 +4,8 @@
 
 RetroMAE is the same model with bow_weight = 0 (the BoW branch is then skipped); plain MLM has decoder_weight = 0
 too (no decoder is built). `objective = "official"` computes what staoxiao/RetroMAE's DupMAEForPretraining (and,
-with bow_weight 0, its RetroMAEForPretraining) computes: `benchmarks/official_parity.py` shows it step for step. The decoder's prediction head is the encoder's MLM head (shared weights, tied to the
-word embeddings as in BERT).
+with bow_weight 0, its RetroMAEForPretraining) computes: `benchmarks/official_parity.py` shows it step for step.
+The decoder's prediction head is the encoder's MLM head (shared weights, tied to the word embeddings as in BERT).
 
 Memory: no [B, L, V] tensor exists. MLM logits are computed only at the masked positions and decoder
 logits only at the positions with a target, together in one `linear_cross_entropy` call (row chunks,
