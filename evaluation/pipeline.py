@@ -24,7 +24,7 @@ from evaluation.data import BeirData, DatasetError, load_beir, resolve_dataset
 from evaluation.encode import Encoded, encode_texts
 from evaluation.fusion import bm25_run, reciprocal_rank_fusion
 from evaluation.metrics import evaluate, write_results, write_run
-from evaluation.search import SearchOptions, merge_top, ranking_from_hits, search_shard
+from evaluation.search import HITS_FORMAT, SearchOptions, merge_top, ranking_from_hits, search_shard
 from evaluation.sparse_index import SeismicIndex, index_record, load_or_build
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,8 @@ class Evaluator:
         weight = self.encoder.config.sparse_weight
         parts, offsets, ids = [], [], []
         for shard in shards:
-            key = cache.cache_key(shard=shard.source, queries=queries.source, method=method, depth=cfg.depth,
-                                  options=options, index_factory=cfg.index_factory, weight=weight)
+            key = cache.cache_key(hits=HITS_FORMAT, shard=shard.source, queries=queries.source, method=method,
+                                  depth=cfg.depth, options=options, index_factory=cfg.index_factory, weight=weight)
             hit = None
             if cfg.cache_path is not None and shard.source and queries.source:
                 hit = cache.load_arrays(cfg.cache_path / f"{key}.hits", ("scores", "rows"))

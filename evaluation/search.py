@@ -34,6 +34,9 @@ QUERY_BATCH = 256  # queries scored at once
 DOC_CHUNK = 1 << 20  # corpus rows scored at once in the exact sparse search (bounds the [Q, N] score block)
 RESCORE_BATCH = 8  # queries whose candidates are gathered at once in the rescoring ([b, 2M, k] arrays)
 SPARSE_INDEXES = ("auto", "exact", "seismic")
+#: Part of the search-hits cache's key: raised when a search's hits change for the same inputs, so that hits cached
+#: before are not reused (2: Seismic's hits filed by their query id, not by position; issue 36).
+HITS_FORMAT = 2
 #: --sparse_index auto searches exactly below this many corpus documents (all shards), with Seismic from it on.
 EXACT_BELOW = 100_000
 

@@ -108,9 +108,9 @@ class SeismicIndex:
         results = self.index.batch_search(query_ids, comps, vals, k=candidates, query_cut=query_cut,
                                           heap_factor=heap_factor)
         rows = np.full((len(top), candidates), -1, dtype=np.int64)
-        for q, hits in enumerate(results):
-            found = [int(doc) for _, _, doc in hits]
-            rows[q, :len(found)] = found
+        for hits in results:  # not in the queries' order: each hit names its query (a query with none stays -1)
+            if hits:
+                rows[int(hits[0][0]), :len(hits)] = [int(doc) for _, _, doc in hits]
         return rows
 
     def save(self, folder: Path) -> None:
