@@ -121,8 +121,26 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+#: The similarity sentence-transformers gives a SentenceTransformer whose config_sentence_transformers.json names
+#: none (`SentenceTransformer.similarity_fn_name`, sentence-transformers 3 to 6): cosine. BEIR and MTEB score so too.
+ST_DEFAULT_SIMILARITY = "cosine"
+
+
+def _st_similarity(folder: Path) -> tuple[str, str]:
+    """(similarity, where it comes from) of a sentence-transformers folder: its `similarity_fn_name`, else the
+    default."""
+    file = folder / "config_sentence_transformers.json"
+    name = json.loads(file.read_text()).get("similarity_fn_name") if file.is_file() else None
+    if name is None:
+        return ST_DEFAULT_SIMILARITY, f"{file} names no similarity_fn_name: sentence-transformers' default"
+    return name, f"similarity_fn_name in {file}"
+
+
 def _sentence_transformers_config(folder: Path) -> RepresentationConfig | None:
-    """Pooling and normalization of a sentence-transformers folder (modules.json), or None if it is not one."""
+    """Pooling and normalization of a sentence-transformers folder (modules.json), or None if it is not one.
+
+    Our score is a dot product, so a model sentence-transformers scores by cosine is normalized here: its
+    similarity_fn_name decides, not only a Normalize module (a cosine model may have none)."""
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
@@ -140,7 +158,17 @@ def _sentence_transformers_config(folder: Path) -> RepresentationConfig | None:
     unsupported = [t for t in types if t not in ("Transformer", "Pooling", "Normalize")]
     if unsupported:
         raise ValueError(f"{modules_file}: modules {unsupported} are not supported (Transformer, Pooling, Normalize)")
-    return RepresentationConfig(kind=mode, normalize="Normalize" in types)
+    similarity, why = _st_similarity(folder)
+    if similarity == "cosine":
+        normalize = True
+    elif similarity in ("dot", "dot_product"):
+        normalize = "Normalize" in types  # the dot product of what the modules output
+    else:
+        raise ValueError(f"{folder / 'config_sentence_transformers.json'}: similarity_fn_name {similarity!r} is not "
+                         "supported (cosine or dot)")
+    logger.info("%s: %s similarity (%s): %s", folder, similarity, why,
+                "vectors L2-normalized, scored by dot product" if normalize else "scored by dot product")
+    return RepresentationConfig(kind=mode, normalize=normalize)
 
 
 def folder_config(name_or_path: str | None) -> RepresentationConfig | None:

@@ -7,7 +7,8 @@
         modules.json                     SentenceTransformer(OUT): the dense half
             Transformer -> 1_Pooling (cls | mean) -> 2_Dense (the projection W, identity activation)
                         -> 3_Normalize (if normalize)
-        config_sentence_transformers.json    similarity "dot": the dense half of the score is a dot product
+        config_sentence_transformers.json    similarity "dot" (every kind): the dense score is a dot product; without
+                                         it sentence-transformers would score an unnormalized model by cosine
         sentence_bert_config.json
         sparse/                          SparseEncoder(OUT/sparse, trust_remote_code=True): the sparse half
             modules.json                 Transformer (fill-mask: MLM logits) -> 1_DupMAESparsePooling
@@ -115,9 +116,11 @@ def save_sentence_transformers(encoder, out: Path, tokenizer) -> None:
         (out / modules[-1][1]).mkdir(exist_ok=True)
     _write_modules(out, modules)
     _write_json(out / "sentence_bert_config.json", {"max_seq_length": int(max_len), "do_lower_case": False})
+    # Every kind: our score is the dot product of these vectors (normalized by 3_Normalize when `normalize`), and
+    # sentence-transformers would score a folder that names no similarity by cosine.
+    _write_json(out / "config_sentence_transformers.json",
+                {"model_type": "SentenceTransformer", "similarity_fn_name": "dot"})
     if config.kind == "dupmae":
-        _write_json(out / "config_sentence_transformers.json",
-                    {"model_type": "SentenceTransformer", "similarity_fn_name": "dot"})
         _save_sparse(out, DupMAESparsePooling(config.top_k, config.sparse_bias, config.sparse_values, config.normalize),
                      int(max_len))
 

@@ -152,7 +152,8 @@ def test_dense_save_load_matches_sentence_transformers(tiny_mlm_dir, tokenizer, 
 
     enc.save_pretrained(tmp_path, tokenizer)
     assert json.loads((tmp_path / "representation.json").read_text())["kind"] == kind
-    assert not (tmp_path / "sparse").exists() and not (tmp_path / "config_sentence_transformers.json").exists()
+    assert not (tmp_path / "sparse").exists()
+    assert json.loads((tmp_path / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "dot"
     assert Encoder.from_pretrained(str(tmp_path)).config == cfg
     (tmp_path / "representation.json").unlink()  # sentence-transformers modules alone give the same config
     assert Encoder.from_pretrained(str(tmp_path)).config == cfg
@@ -182,3 +183,57 @@ def test_dupmae_config_of_plain_encoders_and_sentence_embedders():
     assert (st.pooling, st.normalize, st.dense_dim) == ("mean", True, 768)
     assert {k: getattr(st, k) for k in ZERO_SHOT_SPARSE} == ZERO_SHOT_SPARSE
     assert dupmae_config(st, 32) is st
+
+
+def _st_scores(folder, queries, docs):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu")
+    return st.similarity(st.encode(queries, convert_to_tensor=True), st.encode(docs, convert_to_tensor=True))
+
+
+def _our_scores(folder, tokenizer, queries, docs):
+    enc = Encoder.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return score(enc(**batch(tokenizer, queries)), enc(**batch(tokenizer, docs)), None)
+
+
+@pytest.mark.parametrize("similarity,normalize_module,expected", [
+    ("cosine", False, True), (None, False, True), ("dot", False, False), ("dot", True, True), (None, True, True)])
+def test_sentence_transformers_similarity_decides_normalization(tiny_mlm_dir, tokenizer, tmp_path, caplog,
+                                                                 similarity, normalize_module, expected):
+    """A sentence-transformers folder is scored as sentence-transformers scores it: its similarity_fn_name, and
+    cosine (sentence-transformers' default) when config_sentence_transformers.json names none."""
+    Encoder.from_pretrained(str(tiny_mlm_dir), RepresentationConfig(kind="mean", normalize=normalize_module)) \
+        .save_pretrained(tmp_path, tokenizer)
+    (tmp_path / "representation.json").unlink()
+    st_config = tmp_path / "config_sentence_transformers.json"
+    st_config.write_text(json.dumps({} if similarity is None else {"similarity_fn_name": similarity}))
+    with caplog.at_level(logging.INFO, logger="common.representation"):
+        assert rep.folder_config(str(tmp_path)).normalize is expected
+    said = "similarity_fn_name" if similarity else "default"
+    assert any(said in r.getMessage() and (similarity or "cosine") in r.getMessage() for r in caplog.records)
+    queries, docs = TEXTS[:2], TEXTS[2:] + ["a little longer query than the first one"]
+    torch.testing.assert_close(_our_scores(tmp_path, tokenizer, queries, docs), _st_scores(tmp_path, queries, docs),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_unsupported_sentence_transformers_similarity_is_refused(tiny_mlm_dir, tokenizer, tmp_path):
+    Encoder.from_pretrained(str(tiny_mlm_dir), RepresentationConfig(kind="cls")).save_pretrained(tmp_path, tokenizer)
+    (tmp_path / "representation.json").unlink()
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "manhattan"}))
+    with pytest.raises(ValueError, match="config_sentence_transformers.json: similarity_fn_name 'manhattan'"):
+        rep.folder_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("kind,normalize", [("cls", False), ("mean", False), ("mean", True), ("dupmae", False)])
+def test_exports_score_the_same_in_sentence_transformers(tiny_mlm_dir, tokenizer, tmp_path, kind, normalize):
+    """Every export kind tells sentence-transformers the similarity the project scores it with (its dense half for
+    dupmae): an unnormalized cls/mean export is a dot-product model, not sentence-transformers' default cosine."""
+    cfg = RepresentationConfig(kind=kind, normalize=normalize, dense_dim=16)
+    Encoder.from_pretrained(str(tiny_mlm_dir), cfg).save_pretrained(tmp_path, tokenizer)
+    queries, docs = TEXTS[:2], TEXTS[2:]
+    enc = Encoder.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        ours = enc(**batch(tokenizer, queries)).dense @ enc(**batch(tokenizer, docs)).dense.T
+    torch.testing.assert_close(_st_scores(tmp_path, queries, docs), ours, atol=1e-5, rtol=1e-4)
