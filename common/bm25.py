@@ -79,8 +79,11 @@ class BM25:
         return ids.tolist()
 
     def scores(self, query: str) -> np.ndarray:
-        """[N] float32: the query's BM25 score for every corpus position (0 where no term matches)."""
+        """[N] float32: the query's BM25 score for every corpus position (0 where no term matches; all 0 for a query
+        without terms, empty or only stop words)."""
         (tokens,) = self._tokenize([query], ids=False)
+        if not tokens:  # bm25s reads tokens[0]
+            return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self._retriever.get_scores(tokens), dtype=np.float32)
 
 

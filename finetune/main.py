@@ -8,7 +8,8 @@ CPU, one process:  python finetune/main.py --deepspeed ds_configs/finetune_cpu.j
 Writes output_dir/{model/ (export), checkpoints/step-N/, metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl}.
 Exit 3 with one error line after --max_consecutive_nonfinite optimizer steps in a row were skipped for a NaN/inf
 loss or gradient norm, or before a checkpoint would hold a NaN/inf weight; exit 4 when a checkpoint does not fit or
-fails to write (a full disk); exit 5 when a collective fails, e.g. a rank hung for --ddp_timeout seconds.
+fails to write (a full disk); exit 5 when a collective fails, e.g. a rank hung for --ddp_timeout seconds; exit 2
+with one error line when --resume_from_checkpoint names a checkpoint of another number of ranks.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
+    from common.checkpoint import ResumeWorldSizeError
     from common.distributed import init_distributed
     from common.logging_setup import setup_logging
     from common.failures import exit_code
@@ -48,14 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     teacher = None
     if cfg.teacher_scores:
         teacher = read_teacher_scores(cfg.teacher_scores)
-        check_coverage(teacher, data.groups)
+        check_coverage(teacher, data.groups, data.corpus)
         logger.info("distilling from %s: %d queries' teacher scores", cfg.teacher_scores, len(teacher))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = BiEncoder.from_config(cfg)
     try:
-        Trainer(cfg, model, tokenizer, data, teacher).train()
+        trainer = Trainer(cfg, model, tokenizer, data, teacher)
+    except ResumeWorldSizeError as exc:  # before DeepSpeed reads the checkpoint: one line, no traceback
+        logger.error("%s", exc)
+        return 2
+    try:
+        trainer.train()
     except RuntimeError as exc:  # NonFiniteError, CheckpointSaveError, a failed collective
         ending = exit_code(exc, cfg.ddp_timeout)
         if ending is None:

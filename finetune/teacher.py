@@ -17,6 +17,7 @@ References: RetroMAE `src/bi_encoder/modeling.py` (`kl_loss`, `contrastive_loss_
 """
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import torch
@@ -58,15 +59,18 @@ def write_teacher_scores(path: str | Path, scores: TeacherScores) -> None:
     """The official format, atomically (a temporary file renamed), so a killed run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        for qid, row in scores.items():
-            for did, value in row.items():
-                if len(qid.split()) != 1 or len(did.split()) != 1:
-                    raise ValueError(f"{path}: ids with whitespace cannot be written as 'qid did score': "
-                                     f"{qid!r}, {did!r}")
-                out.write(f"{qid} {did} {value:.9g}\n")
-    tmp.replace(path)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # this writer's own: two shards may merge at once
+    try:
+        with open(tmp, "x", encoding="utf-8") as out:
+            for qid, row in scores.items():
+                for did, value in row.items():
+                    if len(qid.split()) != 1 or len(did.split()) != 1:
+                        raise ValueError(f"{path}: ids with whitespace cannot be written as 'qid did score': "
+                                         f"{qid!r}, {did!r}")
+                    out.write(f"{qid} {did} {value:.9g}\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def group_scores(table: TeacherScores, batch: list[tuple[str, list[str]]]) -> Tensor:
@@ -84,10 +88,24 @@ def group_scores(table: TeacherScores, batch: list[tuple[str, list[str]]]) -> Te
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def check_coverage(table: TeacherScores, groups) -> None:
-    """Fail before training when a group's positive or hard negative has no teacher score (the first one named)."""
+def check_coverage(table: TeacherScores, groups, corpus_ids) -> None:
+    """Fail before training when a document the sampler can draw for a query has no teacher score (the first one
+    named): a group's positives and mined negatives, and for a query without mined negatives, whose group
+    `GroupSampler` fills with random corpus documents, every corpus document (else the run would stop at the first
+    batch holding one, possibly hours in)."""
     for group in groups:
         group_scores(table, [(group.query_id, group.positives + group.negatives)])
+    corpus = list(corpus_ids)
+    for group in groups:
+        if group.negatives:
+            continue
+        row = table.get(group.query_id, {})
+        missing = next((d for d in corpus if d not in row), None)
+        if missing is not None:
+            raise TeacherScoreError(f"query {group.query_id!r} has no mined negatives, so its group is drawn from the "
+                                    f"whole corpus, and document {missing!r} has no teacher score: mine negatives "
+                                    "for every training query (python -m finetune.mine_negatives) and score them, "
+                                    "or score every document for it")
 
 
 def own_group(scores: Tensor, labels: Tensor, group_size: int) -> Tensor:

@@ -10,7 +10,8 @@ set, each training query's positives and its mined hard negatives, by one of fou
     torchrun --nproc_per_node N -m finetune.teacher_scores ...   (or --num_shards N --shard_index i)
 
 Scores, by scorer:
-- cross-encoder: the model's logit for (query, passage) (no sigmoid), passage = title + " " + text.
+- cross-encoder: the model's logit for (query, passage) (no sigmoid), passage = title + " " + text; a model with
+  more than one label needs --label, the one that means relevant (an index or an id2label name).
 - bi-encoder: the model's own retrieval score (`common.representation.score`: cls, mean or dupmae, as fine-tuning
   and evaluation compute it), query and passage cut at --query_max_length / --passage_max_length.
 - bm25: `common.bm25` (Anserini's BEIR baseline unless --bm25 says otherwise).
@@ -59,6 +60,8 @@ class TeacherScoresConfig:
     normalize: bool | None = optional_bool("bi-encoder: L2-normalize the dense part; None: the model's")
     query_max_length: int = arg(32, "bi-encoder: query tokens, [CLS]/[SEP] included")
     passage_max_length: int = arg(144, "bi-encoder: passage tokens; cross-encoder: pair tokens")
+    label: str | None = arg(None, "cross-encoder: the label whose logit is the score, by index or id2label name "
+                                  "(e.g. 1 or 'relevant'); required when the model has more than one label")
     bm25: Literal["standard", "bm25s-defaults"] = arg("standard", PRESET_HELP)
     rrf_k: int = arg(60, "fusion: the RRF constant k in 1 / (k + rank)")
     depth: int = arg(1000, "fusion: each run's documents per query (a document outside both adds nothing)")
@@ -96,14 +99,36 @@ def cross_encoder_scores(cfg: TeacherScoresConfig, data: FinetuneData, pairs: di
     from common.defaults import resolve_model
 
     model = CrossEncoder(resolve_model(cfg.model), max_length=cfg.passage_max_length)
+    column = relevant_column(model.config, cfg.label, cfg.model)
     flat = [(qid, did) for qid, docs in pairs.items() for did in docs]
     with _autocast(cfg, model.device):
         logits = model.predict([(data.queries[q], data.corpus[d]) for q, d in flat], batch_size=cfg.batch_size,
                                show_progress_bar=True, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
     scores: TeacherScores = {}
-    for (qid, did), value in zip(flat, np.asarray(logits, dtype=np.float32).reshape(len(flat), -1)[:, 0].tolist()):
+    values = np.asarray(logits, dtype=np.float32).reshape(len(flat), -1)[:, column]
+    for (qid, did), value in zip(flat, values.tolist()):
         scores.setdefault(qid, {})[did] = value
     return scores
+
+
+def relevant_column(config, label: str | None, model: str) -> int:
+    """The logit column that scores relevance: the only one of a 1-label model, else --label's (an index or an
+    id2label name). A 2-label reranker's column 0 usually means "not relevant", so it is never taken silently."""
+    names = {int(i): str(name) for i, name in (getattr(config, "id2label", None) or {}).items()}
+    count = config.num_labels
+    if label is None:
+        if count != 1:
+            raise ValueError(f"{model}: the cross-encoder has {count} labels ({names}); pass --label with the one "
+                             "that means relevant (an index or a name)")
+        column = 0
+    elif label.lstrip("-").isdigit() and 0 <= int(label) < count:
+        column = int(label)
+    elif label in names.values():
+        column = next(i for i, name in names.items() if name == label)
+    else:
+        raise ValueError(f"{model}: label {label!r} is neither an index below {count} nor one of {names}")
+    logger.info("cross-encoder teacher: the logit of label %d (%r) of %d", column, names.get(column), count)
+    return column
 
 
 def _encode(encoder, collator, texts: list[str], max_length: int, batch_size: int, autocast, documents: bool,

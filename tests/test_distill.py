@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,7 +97,7 @@ def test_a_pair_without_a_teacher_score_is_an_error_naming_query_and_document():
     with pytest.raises(TeacherScoreError, match="query 'q1' and document 'd9'"):
         group_scores(table, [("q1", ["d1", "d9"])])
     with pytest.raises(TeacherScoreError, match="query 'q2' and document 'd1'"):
-        check_coverage(table, [TrainGroup("q1", ["d1"], ["d2"]), TrainGroup("q2", ["d1"], [])])
+        check_coverage(table, [TrainGroup("q1", ["d1"], ["d2"]), TrainGroup("q2", ["d1"], [])], ["d1", "d2"])
 
 
 @pytest.mark.slow
@@ -185,3 +186,95 @@ def test_standard_bm25_matches_anserini_on_scifact(scifact_dir):
     data = load_test(scifact_dir, "test")
     assert evaluate(data.qrels, bm25_run(data, 100))["nDCG@10"] == pytest.approx(0.6789, abs=0.005)
     assert evaluate(data.qrels, bm25_run(data, 100, "bm25s-defaults"))["nDCG@10"] == pytest.approx(0.6617, abs=1e-4)
+
+
+# ---------------------------------------------------------------- issue 35 item 6: four faults of the stage
+
+def test_a_query_without_mined_negatives_is_refused_before_training():
+    """Its group would be filled with random corpus documents, which have no teacher score: the run used to pass
+    the check and fail at the first batch holding one, possibly hours in."""
+    table = {"q1": {"d1": 1.0, "d2": 0.5}, "q2": {"d1": 0.3, "d2": 0.1}}
+    corpus = ["d1", "d2", "d3"]
+    check_coverage(table, [TrainGroup("q1", ["d1"], ["d2"])], corpus)
+    with pytest.raises(TeacherScoreError, match="query 'q2' has no mined negatives.*document 'd3'"):
+        check_coverage(table, [TrainGroup("q1", ["d1"], ["d2"]), TrainGroup("q2", ["d1"], [])], corpus)
+    table["q2"]["d3"] = 0.2  # every document it can draw is scored
+    check_coverage(table, [TrainGroup("q2", ["d1"], [])], corpus)
+
+
+def test_bm25_scores_of_a_query_without_terms_are_zeros():
+    """An empty query, or one made only of stop words, matches nothing: zeros, as `search` copes (bm25s read
+    tokens[0] and raised IndexError)."""
+    pytest.importorskip("Stemmer")
+    from common.bm25 import BM25, BM25S_DEFAULTS
+
+    corpus = ["the cells divide", "a cell divided quickly", "proteins fold"]
+    for config in (BM25(corpus), BM25(corpus, BM25S_DEFAULTS)):
+        for query in ("is this it", "", "  "):
+            scores = config.scores(query)
+            assert scores.dtype == np.float32 and scores.tolist() == [0.0, 0.0, 0.0], query
+
+
+def _sequence_classifier(folder, tokenizer, num_labels: int, **config):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=64, vocab_size=len(tokenizer),
+                                             max_position_embeddings=64, num_labels=num_labels,
+                                             **config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_two_label_cross_encoder_needs_its_relevant_label(tokenizer, beir_dir, tmp_path):
+    """A 2-label reranker's column 0 is 'not relevant': taken silently, it reversed the teacher. Without --label
+    such a model is refused; with it, that column's logit is the score (by index or by id2label name)."""
+    from sentence_transformers import CrossEncoder
+
+    from finetune.teacher_scores import TeacherScoresConfig, teacher_scores
+
+    model = _sequence_classifier(tmp_path / "ce2", tokenizer, 2, id2label={0: "irrelevant", 1: "relevant"},
+                                 label2id={"irrelevant": 0, "relevant": 1})
+    negatives = tmp_path / "negs.jsonl"
+    negatives.write_text(json.dumps({"query_id": "q0", "negatives": ["d3", "d5"]}) + "\n")
+
+    def run(name: str, **options):
+        return teacher_scores(TeacherScoresConfig(scorer="cross-encoder", model=str(model), data_dir=str(beir_dir),
+                                                  negatives=str(negatives), out=str(tmp_path / name),
+                                                  passage_max_length=48, bf16="false", **options))
+
+    with pytest.raises(ValueError, match="2 labels.*--label"):
+        run("refused.txt")
+    data = load_beir(beir_dir, "train", str(negatives), DeadLetter(None))
+    group = next(g for g in data.groups if g.query_id == "q0")
+    docs = group.positives + group.negatives
+    logits = CrossEncoder(str(model), max_length=48).predict([(data.queries["q0"], data.corpus[d]) for d in docs],
+                                                             activation_fn=torch.nn.Identity())
+    for label in ("1", "relevant"):
+        table = read_teacher_scores(run(f"scores-{label}.txt", label=label))
+        assert [table["q0"][d] for d in docs] == pytest.approx(logits[:, 1].tolist(), rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="label 'maybe'.*irrelevant.*relevant"):
+        run("unknown.txt", label="maybe")
+
+
+def test_two_writers_of_one_score_file_do_not_share_a_temporary_file(tmp_path, monkeypatch):
+    """Two shards finishing at once both merge into --out: the second writer starts while the first one is about
+    to rename its temporary file. With one temporary name the second truncated it, renamed it, and the first
+    rename failed (FileNotFoundError); each writer now has its own."""
+    from pathlib import Path
+
+    out = tmp_path / "scores.txt"
+    table = {"q1": {"d1": 1.5, "d2": -0.25}, "q2": {"d1": 3.0}}
+    real_replace, nested = Path.replace, []
+
+    def replace_after_another_writer(self, target):
+        if not nested:
+            nested.append(self)
+            write_teacher_scores(out, table)  # the other shard, start to end, between our write and rename
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_after_another_writer)
+    write_teacher_scores(out, table)
+    assert read_teacher_scores(out) == table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.txt"]  # no temporary file left behind
