@@ -36,12 +36,16 @@ from preprocessing.records import (
     decode_line, expand_inputs, json_object,
 )
 from preprocessing.runner import (
-    GatherAll, Progress, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
+    Progress, check_paths_reach_workers, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
 )
-from preprocessing.shards import list_array, prepare_output_dir, read_manifest, write_arrow, write_manifest
+from preprocessing.ordered_file import ArrowRows, WriteInOrder
+from preprocessing.shards import list_array, prepare_output_dir, read_manifest, write_manifest
 from preprocessing.tokenize import BatchEncoder, tokenizer_json
+from preprocessing.writes import OutputDir
 
 logger = logging.getLogger(__name__)
+
+GROUPS_TAG = "groups"  # BuildGroups' output of every group's key
 
 
 @dataclass
@@ -109,26 +113,30 @@ class TokenizeTexts(beam.DoFn):
             yield document.key, document.doc_id, np.asarray(ids, dtype=np.int32)
 
 
-class WriteTokenized(beam.DoFn):
-    """(None, rows) -> one Arrow file of (id, input_ids) rows in input order; outputs (ShardInfo, tokens).
-    A repeated id is a dead letter; its first row is kept."""
+class DropRepeatedIds(beam.DoFn):
+    """(id, [(sort key, input_ids)]) -> (sort key, (id, input_ids)) of the id's first row; a repeated id is a
+    dead letter. Grouped by id, so no worker needs every id of the corpus."""
 
-    def __init__(self, output_dir: str, file_name: str, schema: pa.Schema, source_name: str):
-        self.output_dir, self.file_name, self.schema, self.source_name = output_dir, file_name, schema, source_name
+    def __init__(self, source_name: str):
+        self.source_name = source_name
 
     def process(self, keyed):
-        rows, seen = [], set()
-        for row in sorted(keyed[1], key=lambda row: row[0]):
-            if row[1] in seen:
-                detail = f"id {row[1]!r} appeared on an earlier line"
-                yield dead_letter(self.source_name, row[0][1], "duplicate_id", detail, row[1])
-            else:
-                seen.add(row[1])
-                rows.append(row)
-        ids = pa.array([r[1] for r in rows], type=pa.string())
-        table = pa.Table.from_arrays([ids, list_array([r[2] for r in rows], pa.int32())], schema=self.schema)
-        sha = write_arrow(FileSystems.join(self.output_dir, self.file_name), table)
-        yield ShardInfo(self.file_name, len(rows), sha), sum(len(r[2]) for r in rows)
+        row_id, rows = keyed
+        (key, ids), *repeats = sorted(rows, key=lambda row: row[0])
+        yield key, (row_id, ids)
+        for repeat, _ in repeats:
+            detail = f"id {row_id!r} appeared on an earlier line"
+            yield dead_letter(self.source_name, repeat[1], "duplicate_id", detail, row_id)
+
+
+def tokenized_table(rows: list, schema: pa.Schema) -> pa.Table:
+    """(id, input_ids) rows -> the two-column table of corpus.arrow or queries.arrow."""
+    ids = pa.array([row_id for row_id, _ in rows], type=pa.string())
+    return pa.Table.from_arrays([ids, list_array([tokens for _, tokens in rows], pa.int32())], schema=schema)
+
+
+def token_stats(rows: list) -> dict[str, int]:
+    return {"tokens": sum(len(tokens) for _, tokens in rows)}
 
 
 def parse_qrel(payload: bytes, line: int) -> tuple[str, str, int] | None:
@@ -183,8 +191,9 @@ class Ref(typing.NamedTuple):
 
 
 class BuildGroups(beam.DoFn):
-    """CoGroupByKey by query -> (doc_id, Ref) for the corpus check; unknown queries, repeated negatives
-    lines and queries without a positive are dead letters."""
+    """CoGroupByKey by query -> (doc_id, Ref) for the corpus check, and on the "groups" output each group's
+    (group line, query_id) key, so every group reaches FinishGroup even with no document left; unknown queries,
+    repeated negatives lines and queries without a positive are dead letters."""
 
     def __init__(self, qrels_name: str, negatives_name: str):
         self.qrels_name, self.negatives_name = qrels_name, negatives_name
@@ -214,8 +223,7 @@ class BuildGroups(beam.DoFn):
         else:
             line, ranked = negative_line
             negatives = [d for d in dict.fromkeys(ranked) if d not in positives]
-            # a marker under key None, so every group reaches the writer even with no references left
-            yield None, Ref(first, query_id, "positive", -1, first)
+            yield beam.pvalue.TaggedOutput(GROUPS_TAG, ((first, query_id), ("positive", -1, None)))
             for rank, (doc, doc_line) in enumerate(positives.items()):
                 yield doc, Ref(first, query_id, "positive", rank, doc_line)
             for rank, doc in enumerate(negatives):
@@ -233,7 +241,7 @@ class CheckDocuments(beam.DoFn):
     def process(self, joined):
         doc_id, grouped = joined
         for ref in grouped["refs"]:
-            if doc_id is None or grouped["corpus"]:
+            if grouped["corpus"]:
                 yield (ref.group_line, ref.query_id), (ref.role, ref.rank, doc_id)
             else:
                 file = self.qrels_name if ref.role == "positive" else self.negatives_name
@@ -241,32 +249,37 @@ class CheckDocuments(beam.DoFn):
                 yield dead_letter(file, ref.line, "unknown_document", detail, doc_id)
 
 
-class WriteGroups(beam.DoFn):
-    """(None, [((first line, query_id), refs)]) -> groups.arrow in qrels order; groups left without a
-    positive are dead letters."""
+class FinishGroup(beam.DoFn):
+    """((group line, query_id), refs) -> ((qrels file, group line, query_id), groups.arrow row); a group left
+    without a positive is a dead letter."""
 
-    def __init__(self, output_dir: str, qrels_name: str):
-        self.output_dir, self.qrels_name = output_dir, qrels_name
+    def __init__(self, qrels_name: str):
+        self.qrels_name = qrels_name
 
     def process(self, keyed):
-        rows = []
-        for (first, query_id), refs in sorted(keyed[1]):
-            refs = sorted(r for r in refs if r[2] is not None)
-            positives = [doc for role, _, doc in refs if role == "positive"]
-            if not positives:
-                detail = f"no positive of {query_id!r} is in the corpus"
-                yield dead_letter(self.qrels_name, first, "no_positive", detail, query_id)
-                continue
-            negatives = [doc for role, _, doc in refs if role == "negative"]
-            rows.append({"query_id": query_id, "positive_ids": positives, "negative_ids": negatives})
-        table = pa.Table.from_pylist(rows, schema=FINETUNE_GROUPS_SCHEMA)
-        sha = write_arrow(FileSystems.join(self.output_dir, FINETUNE_GROUPS_FILE), table)
-        doc_ids = sum(len(r["positive_ids"]) + len(r["negative_ids"]) for r in rows)
-        yield ShardInfo(FINETUNE_GROUPS_FILE, len(rows), sha), doc_ids
+        (first, query_id), refs = keyed
+        refs = sorted(r for r in refs if r[2] is not None)
+        positives = [doc for role, _, doc in refs if role == "positive"]
+        if not positives:
+            detail = f"no positive of {query_id!r} is in the corpus"
+            yield dead_letter(self.qrels_name, first, "no_positive", detail, query_id)
+            return
+        negatives = [doc for role, _, doc in refs if role == "negative"]
+        yield (self.qrels_name, first, query_id), {"query_id": query_id, "positive_ids": positives,
+                                                    "negative_ids": negatives}
+
+
+def groups_table(rows: list, schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def group_stats(rows: list) -> dict[str, int]:
+    return {"doc_ids": sum(len(r["positive_ids"]) + len(r["negative_ids"]) for r in rows)}
 
 
 def _tokenized_table(
-    pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str
+    pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str,
+    output: OutputDir,
 ):
     """Read, parse, tokenize and write one of corpus / queries; returns (file info, [dead letters], ids)."""
     parsed = (
@@ -278,14 +291,15 @@ def _tokenized_table(
     )
     tokenize = TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads)
     rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(tokenize)
-    write = WriteTokenized(cfg.output_dir, out_file, schema, file.name)
-    written = (
+    unique = (
         rows
-        | f"Gather{name}" >> GatherAll()
-        | f"Write{name}" >> beam.ParDo(write).with_outputs(DEAD_LETTER_TAG, main="info")
+        | f"KeyById{name}" >> beam.MapTuple(lambda key, row_id, ids: (row_id, (key, ids)))
+        | f"GroupById{name}" >> beam.GroupByKey()
+        | f"DropRepeatedIds{name}" >> beam.ParDo(DropRepeatedIds(file.name)).with_outputs(DEAD_LETTER_TAG, main="rows")
     )
+    info = unique.rows | f"Write{name}" >> WriteInOrder(output, out_file, ArrowRows(schema, tokenized_table), token_stats)
     ids = rows | f"{name}Ids" >> beam.MapTuple(lambda key, row_id, ids: (row_id, True))
-    return written.info, [parsed[DEAD_LETTER_TAG], written[DEAD_LETTER_TAG]], ids
+    return info, [parsed[DEAD_LETTER_TAG], unique[DEAD_LETTER_TAG]], ids
 
 
 def _lines(pipeline, name: str, file, parser: beam.DoFn):
@@ -297,15 +311,17 @@ def _lines(pipeline, name: str, file, parser: beam.DoFn):
     )
 
 
-def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict, tokenizer, pipeline_args) -> None:
+def build_pipeline(
+    pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict, tokenizer, pipeline_args, output: OutputDir
+) -> None:
     serialized = tokenizer_json(tokenizer)
     corpus_info, corpus_dead, corpus_ids = _tokenized_table(
         pipeline, "Corpus", files["corpus"], RecordSpec(("title", "text"), ("title",), "_id", True),
-        cfg.passage_max_length, cfg, serialized, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE,
+        cfg.passage_max_length, cfg, serialized, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE, output,
     )
     query_info, query_dead, query_ids = _tokenized_table(
         pipeline, "Queries", files["queries"], RecordSpec(("text",), (), "_id", True), cfg.query_max_length,
-        cfg, serialized, FINETUNE_QUERIES_SCHEMA, FINETUNE_QUERIES_FILE,
+        cfg, serialized, FINETUNE_QUERIES_SCHEMA, FINETUNE_QUERIES_FILE, output,
     )
     qrels = _lines(pipeline, "Qrels", files["qrels"], ParseQrels())
     dead = [*corpus_dead, *query_dead, qrels[DEAD_LETTER_TAG]]
@@ -320,7 +336,9 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict
         {"qrels": qrels.rows, "negatives": negative_rows, "query": query_ids}
         | "JoinByQuery" >> beam.CoGroupByKey()
         | "BuildGroups"
-        >> beam.ParDo(BuildGroups(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
+        >> beam.ParDo(BuildGroups(files["qrels"].name, negatives_name)).with_outputs(
+            DEAD_LETTER_TAG, GROUPS_TAG, main="refs"
+        )
     )
     checked = (
         {"refs": refs.refs, "corpus": corpus_ids}
@@ -329,42 +347,42 @@ def build_pipeline(pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict
         >> beam.ParDo(CheckDocuments(files["qrels"].name, negatives_name)).with_outputs(DEAD_LETTER_TAG, main="refs")
     )
     groups = (
-        checked.refs
+        (refs[GROUPS_TAG], checked.refs)
+        | "FlattenRefs" >> beam.Flatten()
         | "GroupRefs" >> beam.GroupByKey()
-        | "GatherGroups" >> GatherAll()
-        | "WriteGroups"
-        >> beam.ParDo(WriteGroups(cfg.output_dir, files["qrels"].name)).with_outputs(DEAD_LETTER_TAG, main="info")
+        | "FinishGroups" >> beam.ParDo(FinishGroup(files["qrels"].name)).with_outputs(DEAD_LETTER_TAG, main="rows")
+    )
+    groups_info = groups.rows | "WriteGroups" >> WriteInOrder(
+        output, FINETUNE_GROUPS_FILE, ArrowRows(FINETUNE_GROUPS_SCHEMA, groups_table), group_stats
     )
     dead += [refs[DEAD_LETTER_TAG], checked[DEAD_LETTER_TAG], groups[DEAD_LETTER_TAG]]
-    reasons = (
-        tuple(dead) | "FlattenDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(cfg.output_dir)
-    )
+    reasons = tuple(dead) | "FlattenDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(output)
     manifest_fields = {
         "tokenizer": cfg.tokenizer, "vocab_hash": vocab_hash(tokenizer), "max_seq_length": cfg.passage_max_length,
         "options": {**asdict(cfg), "pipeline_args": list(pipeline_args)},
     }
     _ = (
-        (corpus_info, query_info, groups.info)
+        (corpus_info, query_info, groups_info)
         | "FlattenInfos" >> beam.Flatten()
         | "CollectInfos" >> beam.combiners.ToList()
-        | "WriteManifest"
-        >> beam.Map(_write_manifest, cfg.output_dir, manifest_fields, beam.pvalue.AsSingleton(reasons))
+        | "WriteManifest" >> beam.Map(_write_manifest, output, manifest_fields, beam.pvalue.AsSingleton(reasons))
     )
 
 
-def _write_manifest(infos, output_dir: str, manifest_fields: dict, reasons: dict) -> None:
-    rows = {info.file: (info, tokens) for info, tokens in infos}
+def _write_manifest(infos, output: OutputDir, manifest_fields: dict, reasons: dict) -> None:
+    rows = {info.file: (info, stats) for info, stats in infos}
     corpus, queries, groups = (rows[f] for f in (FINETUNE_CORPUS_FILE, FINETUNE_QUERIES_FILE, FINETUNE_GROUPS_FILE))
     counts = {
         "documents": corpus[0].rows, "queries": queries[0].rows, "groups": groups[0].rows,
-        "tokens": corpus[1] + queries[1], "group_doc_ids": groups[1], "dead_letter": sum(reasons.values()),
+        "tokens": corpus[1].get("tokens", 0) + queries[1].get("tokens", 0), "group_doc_ids": groups[1].get("doc_ids", 0),
+        "dead_letter": sum(reasons.values()),
     }
     extra = {
         "query_max_length": manifest_fields["options"]["query_max_length"],
         "dead_letter_reasons": dict(sorted(reasons.items())),
     }
     shards = [corpus[0], queries[0], groups[0]]
-    write_manifest(output_dir, Manifest(kind="finetune", shards=shards, counts=counts, extra=extra, **manifest_fields))
+    write_manifest(output, Manifest(kind="finetune", shards=shards, counts=counts, extra=extra, **manifest_fields))
 
 
 def input_files(cfg: FinetuneDataConfig) -> dict:
@@ -382,12 +400,16 @@ def input_files(cfg: FinetuneDataConfig) -> dict:
 def run(argv: Sequence[str] | None = None) -> Manifest:
     """Parse flags, check inputs, tokenizer and output folder (one-line errors), run the job, return its manifest."""
     cfg, pipeline_args = parse_config(FinetuneDataConfig, argv, __doc__.split("\n")[0])
+    paths = [("output_dir", cfg.output_dir), ("data_dir", cfg.data_dir), ("negatives", cfg.negatives)]
+    check_paths_reach_workers(pipeline_args, paths)
     files = input_files(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    output = OutputDir(cfg.output_dir)
     start = time.monotonic()
     with make_pipeline(pipeline_args, cfg.tokenizer_threads) as pipeline:
-        build_pipeline(pipeline, cfg, files, tokenizer, pipeline_args)
+        build_pipeline(pipeline, cfg, files, tokenizer, pipeline_args, output)
+    output.remove_temporary()
     manifest = read_manifest(cfg.output_dir)
     log_summary("finetune_data", manifest.counts, time.monotonic() - start)
     return manifest

@@ -36,13 +36,14 @@ from preprocessing.records import (
     DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
 )
 from preprocessing.runner import (
-    Progress, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
+    Progress, check_paths_reach_workers, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
 )
 from preprocessing.shards import (
     WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest, write_shard,
 )
 from preprocessing.text import split_sentences
 from preprocessing.tokenize import BatchEncoder, tokenizer_json
+from preprocessing.writes import OutputDir
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,14 @@ class WritePretrainManifest(beam.DoFn):
     """Runs once, after every shard and the dead-letter file exist: writes the shards no document went to
     (empty, so the folder always holds num_shards files) and sums all stats into manifest.json."""
 
-    def __init__(self, output_dir: str, num_shards: int, manifest_fields: dict):
-        self.output_dir = output_dir
+    def __init__(self, output: OutputDir, num_shards: int, manifest_fields: dict):
+        self.output = output
         self.num_shards = num_shards
         self.manifest_fields = manifest_fields
 
     def process(self, written_stats, dead_letter_reasons):
         written = {s.info.file for s in written_stats}
-        empty = [write_shard(self.output_dir, i, self.num_shards, []) for i in range(self.num_shards)
+        empty = [write_shard(self.output, i, self.num_shards, []) for i in range(self.num_shards)
                  if shard_name(i, self.num_shards) not in written]
         stats = sorted([*written_stats, *empty], key=lambda s: s.info.file)
         counts = {
@@ -181,12 +182,13 @@ class WritePretrainManifest(beam.DoFn):
         extra = {"dead_letter_reasons": dict(sorted(dead_letter_reasons.items()))}
         shards = [s.info for s in stats]
         manifest = Manifest(kind="pretrain", shards=shards, counts=counts, extra=extra, **self.manifest_fields)
-        write_manifest(self.output_dir, manifest)
+        write_manifest(self.output, manifest)
         yield counts
 
 
 def build_pipeline(
-    pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, tokenizer, num_shards: int, pipeline_args
+    pipeline: beam.Pipeline, cfg: PretrainDataConfig, files, tokenizer, num_shards: int, pipeline_args,
+    output: OutputDir,
 ) -> None:
     spec = RecordSpec(tuple(cfg.text_fields), id_field=cfg.id_field or None)
     parsed = (
@@ -202,15 +204,15 @@ def build_pipeline(
     shard_stats = (
         packed.documents
         | "GroupByShard" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(WriteShard(cfg.output_dir, num_shards))
+        | "WriteShards" >> beam.ParDo(WriteShard(output, num_shards))
     )
     dead = (parsed[DEAD_LETTER_TAG], packed[DEAD_LETTER_TAG]) | "FlattenDeadLetters" >> beam.Flatten()
-    reasons = dead | "WriteDeadLetters" >> WriteDeadLetters(cfg.output_dir)
+    reasons = dead | "WriteDeadLetters" >> WriteDeadLetters(output)
     manifest_fields = {
         "tokenizer": cfg.tokenizer, "vocab_hash": vocab_hash(tokenizer), "max_seq_length": cfg.max_seq_length,
         "options": {**asdict(cfg), "pipeline_args": list(pipeline_args), "num_shards": num_shards},
     }
-    manifest_writer = WritePretrainManifest(cfg.output_dir, num_shards, manifest_fields)
+    manifest_writer = WritePretrainManifest(output, num_shards, manifest_fields)
     _ = (
         shard_stats
         | "CollectShardStats" >> beam.combiners.ToList()
@@ -221,15 +223,18 @@ def build_pipeline(
 def run(argv: Sequence[str] | None = None) -> Manifest:
     """Parse flags, check inputs, tokenizer and output folder (one-line errors), run the job, return its manifest."""
     cfg, pipeline_args = parse_config(PretrainDataConfig, argv, __doc__.split("\n")[0])
+    check_paths_reach_workers(pipeline_args, [("output_dir", cfg.output_dir), *(("input", p) for p in cfg.input)])
     files = expand_inputs(cfg.input)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepare_output_dir(cfg.output_dir, cfg.overwrite)
     input_bytes = sum(m.size_in_bytes for m in FileSystems.match([f.path for f in files])[0].metadata_list)
     num_shards = cfg.num_shards or estimate_num_shards(input_bytes, cfg.shard_size_mb)
     logger.info("pretrain_data: %d input files, %d shards -> %s", len(files), num_shards, cfg.output_dir)
+    output = OutputDir(cfg.output_dir)
     start = time.monotonic()
     with make_pipeline(pipeline_args, cfg.tokenizer_threads) as pipeline:
-        build_pipeline(pipeline, cfg, files, tokenizer, num_shards, pipeline_args)
+        build_pipeline(pipeline, cfg, files, tokenizer, num_shards, pipeline_args, output)
+    output.remove_temporary()
     manifest = read_manifest(cfg.output_dir)
     log_summary("pretrain_data", manifest.counts, time.monotonic() - start)
     return manifest

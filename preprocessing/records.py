@@ -7,6 +7,7 @@ Bad records are not dropped: they become `DeadLetter`s, counted and written to D
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -15,13 +16,20 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from preprocessing.runner import GatherAll, PreflightError
+from preprocessing.ordered_file import JsonLines, WriteInOrder
+from preprocessing.runner import PreflightError
 from preprocessing.text import normalize
+from preprocessing.writes import OutputDir
+
+logger = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("auto", "jsonl", "text", "parquet")
 DEAD_LETTER_TAG = "dead_letter"
 DEAD_LETTER_FILE = "dead_letter/dead_letter.jsonl"
 _RAW_CHARS = 1000  # how much of a bad record the dead letter keeps
+# Each input file is read whole by one worker, start to end (line numbers are counted from its start); past
+# this size the job says so, since more, smaller files spread the reading over workers.
+LARGE_INPUT_BYTES = 2**30
 
 
 class InputError(PreflightError):
@@ -71,7 +79,7 @@ class RecordError(ValueError):
 
 def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
     """All files matching the globs, sorted and checked readable; a one-line InputError otherwise."""
-    paths = set()
+    sizes: dict[str, int] = {}
     for pattern in patterns:
         try:
             matched = FileSystems.match([pattern])[0].metadata_list
@@ -79,14 +87,20 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
             raise InputError(f"cannot list input {pattern!r}: {exc}") from None
         if not matched:
             raise InputError(f"input {pattern!r} matches no file")
-        paths.update(m.path for m in matched)
-    ordered = sorted(paths)
+        sizes.update((m.path, m.size_in_bytes) for m in matched)
+    ordered = sorted(sizes)
     for path in ordered:
         try:
             with FileSystems.open(path) as handle:
                 handle.read(1)
         except Exception as exc:
             raise InputError(f"cannot read input {path}: {exc}") from None
+        if sizes[path] > LARGE_INPUT_BYTES:
+            logger.warning(
+                "input %s is %.1f GiB: one worker reads it from start to end, and a failed read starts over; "
+                "split it into files of at most %.1f GiB to spread the reading", path, sizes[path] / 2**30,
+                LARGE_INPUT_BYTES / 2**30,
+            )
     root = os.path.commonprefix(ordered).rpartition("/")[0]  # plain strings: works for gs://... URLs too
     return [InputFile(i, p, p[len(root) + 1 :] if root else p) for i, p in enumerate(ordered)]
 
@@ -231,35 +245,29 @@ class ParseRecords(beam.DoFn):
             yield dead_letter(record.file.name, record.line, exc.reason, str(exc), record.payload)
 
 
-class _WriteDeadLetterFile(beam.DoFn):
-    def __init__(self, output_dir: str):
-        self.output_dir = output_dir
-
-    def process(self, keyed):
-        _, letters = keyed
-        letters = sorted(letters, key=lambda d: (d.file, d.line, d.reason))
-        path = FileSystems.join(self.output_dir, DEAD_LETTER_FILE)
-        with FileSystems.create(path) as handle:
-            handle.write("".join(d.to_json() + "\n" for d in letters).encode("utf-8"))
-        reasons: dict[str, int] = {}
-        for letter in letters:
-            reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
-        yield reasons
+def _dead_letter_reasons(letters: list[DeadLetter]) -> dict[str, int]:
+    reasons: dict[str, int] = {}
+    for letter in letters:
+        reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
+    return reasons
 
 
 class WriteDeadLetters(beam.PTransform):
-    """All dead letters into DIR/dead_letter/dead_letter.jsonl, sorted by (file, line); outputs {reason: count}.
+    """All dead letters into DIR/dead_letter/dead_letter.jsonl, sorted by (file, line, reason, detail, record):
+    a total order, so the bytes never depend on the runner (one line can give several letters, say one per
+    unknown document it names). Outputs {reason: count}.
 
     The file is written even when empty, so a run's output folder always looks the same.
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output: OutputDir):
         super().__init__()
-        self.output_dir = output_dir
+        self.output = output
 
     def expand(self, letters):
         return (
             letters
-            | "GatherDeadLetters" >> GatherAll()
-            | "WriteDeadLetterFile" >> beam.ParDo(_WriteDeadLetterFile(self.output_dir))
+            | "SortKey" >> beam.Map(lambda d: ((d.file, d.line, d.reason, d.detail, d.record), d))
+            | "WriteDeadLetterFile" >> WriteInOrder(self.output, DEAD_LETTER_FILE, JsonLines(), _dead_letter_reasons)
+            | "Reasons" >> beam.MapTuple(lambda info, reasons: reasons)
         )

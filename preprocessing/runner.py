@@ -15,7 +15,8 @@ import typing
 from collections.abc import Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 
 from common.logging_setup import setup_logging
 from common.tokenizer import TokenizerError
@@ -91,6 +92,26 @@ def make_pipeline(pipeline_args: Sequence[str], threads_per_worker: int) -> beam
     return beam.Pipeline(runner=_local_runner(options), options=options)
 
 
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "PrismRunner", "prism")  # workers share the launcher's disk
+
+
+def check_paths_reach_workers(pipeline_args: Sequence[str], paths: Sequence[tuple[str, str]]) -> None:
+    """Refuse, with one line, a local path when --runner sends the work to other machines: remote workers would
+    read and write their own disks, and the launcher would not find the manifest. Their folders must be on a
+    filesystem every worker reaches (gs://, s3://, hdfs://). A LOOPBACK environment runs the workers in the
+    launcher, where local paths are fine."""
+    options = PipelineOptions(list(pipeline_args))
+    runner = options.view_as(StandardOptions).runner
+    if runner in LOCAL_RUNNERS or options.view_as(PortableOptions).environment_type == "LOOPBACK":
+        return
+    for flag, path in paths:  # (flag, path) pairs
+        if path and FileSystems.get_scheme(path) in (None, "file"):
+            raise PreflightError(
+                f"--{flag} {path} is a local path, but --runner {runner} runs the job on other machines; "
+                "use a gs://, s3:// or hdfs:// path every worker can reach"
+            )
+
+
 def setup_worker_process(threads: int, launcher_pid: int) -> None:
     """Once per Beam worker process (a DoFn's setup): `threads` Rust tokenizer threads (1: none), and the
     heap built so far (Beam, our modules, the tokenizer) moved out of the garbage collector's reach.
@@ -98,18 +119,28 @@ def setup_worker_process(threads: int, launcher_pid: int) -> None:
     make_pipeline runs cores // threads local workers, so tokenizer threads and Beam workers share the
     cores instead of both claiming all of them. Frozen objects are skipped by every later collection and by
     the interpreter's collections at exit, which otherwise walk that heap again when the worker stops.
-    Only done in a separate worker process (before its first encode, when the thread pool starts): an
-    in-process run must not change its host's environment or garbage collector.
+    Only done in a separate worker process: an in-process run must not change its host's environment or
+    garbage collector. The heap is frozen once per process (a long-lived remote worker sets up many DoFns; each
+    freeze would keep that moment's garbage for good). RAYON_NUM_THREADS counts only before the process's
+    first parallel encode starts Rust's thread pool: on a remote worker that another job's tokenizer already
+    used, only TOKENIZERS_PARALLELISM (read on every call) takes effect (docs/preprocessing.md).
     """
+    global _heap_frozen
     if os.getpid() != launcher_pid:
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-        gc.freeze()
+        if not _heap_frozen:
+            gc.freeze()
+            _heap_frozen = True
+
+
+_heap_frozen = False  # setup_worker_process froze this process's heap already
 
 
 class GatherAll(beam.PTransform):
-    """Every element under one key: (None, [elements]), emitted even when the input is empty, so that
-    single-file outputs (dead letters, fine-tuning tables) are always written."""
+    """Every element under one key: (None, [elements]), emitted even when the input is empty. Only for small
+    collections (one descriptor per written part or shard): one worker holds them all."""
+
 
     def expand(self, pcoll):
         marker = pcoll.pipeline | "Marker" >> beam.Create([(None, None)])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +21,8 @@ from common.shard_format import MANIFEST_NAME, PRETRAIN_SCHEMA, Manifest, ShardI
 from preprocessing.packing import PackedDocument
 from preprocessing.records import DEAD_LETTER_FILE
 from preprocessing.runner import PreflightError
+from preprocessing.writes import ROWS_PER_BATCH, TEMPORARY, OutputDir, atomic_create, write_bytes
 
-ROWS_PER_BATCH = 1024  # Arrow record batch size inside a shard file
 # Output bytes per input byte, measured on ../shared/data/gutenberg (English prose, BERT vocabulary,
 # max_seq_length 512): 26.2 MB of JSONL gave 48.5 MB of shards. Only used to pick the shard count up front.
 OUTPUT_BYTES_PER_INPUT_BYTE = 1.9
@@ -33,14 +33,21 @@ class OutputDirError(PreflightError):
 
 
 def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuse a non-empty folder unless `overwrite`; then remove what earlier runs of these jobs wrote."""
-    pattern = FileSystems.join(output_dir, "**")
-    existing = [m.path for m in FileSystems.match([pattern])[0].metadata_list] if FileSystems.exists(output_dir) else []
+    """Refuse a non-empty folder unless `overwrite`; then remove what earlier runs of these jobs wrote.
+
+    Lists by prefix, not by asking whether the folder exists: on an object store (gs://, s3://) a folder is
+    never an object of its own, only the prefix of the objects in it.
+    """
+    try:
+        existing = [m.path for m in FileSystems.match([FileSystems.join(output_dir, "**")])[0].metadata_list]
+    except Exception as exc:  # Beam raises BeamIOError with a nested exception map
+        raise OutputDirError(f"cannot list output_dir {output_dir}: {exc}") from None
     if existing and not overwrite:
         raise OutputDirError(
             f"output_dir {output_dir} is not empty ({len(existing)} files); pass --overwrite to replace it"
         )
-    ours = [p for p in existing if p.endswith((".arrow", MANIFEST_NAME)) or DEAD_LETTER_FILE in p]
+    ours = [p for p in existing
+            if p.endswith((".arrow", MANIFEST_NAME)) or DEAD_LETTER_FILE in p or f"/{TEMPORARY}/" in p]
     if ours:
         FileSystems.delete(ours)
 
@@ -87,15 +94,14 @@ def blocks_table(documents: Sequence[PackedDocument]) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=PRETRAIN_SCHEMA)
 
 
-def write_arrow(path: str, table: pa.Table) -> str:
-    """Write `table` as one Arrow IPC file; returns the file's sha256."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
-    data = sink.getvalue().to_pybytes()
-    with FileSystems.create(path) as handle:
-        handle.write(data)
-    return hashlib.sha256(data).hexdigest()
+def write_arrow(output: OutputDir, name: str, batches: Iterable[pa.Table], schema: pa.Schema) -> str:
+    """DIR/`name` as one Arrow IPC file, written atomically and streamed table by table (never the whole file in
+    memory); returns the file's sha256."""
+    with atomic_create(output, output.final(name)) as handle:
+        with pa.ipc.new_file(handle, schema) as writer:
+            for table in batches:
+                writer.write_table(table, max_chunksize=ROWS_PER_BATCH)
+    return handle.sha256.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -105,25 +111,36 @@ class ShardStats:
     tokens: int
 
 
-def write_shard(output_dir: str, index: int, num_shards: int, documents: Iterable[PackedDocument]) -> ShardStats:
-    """One shard file, documents sorted by (file, line): the same bytes on any runner and worker count."""
+def _batches_of(documents: Sequence[PackedDocument]) -> Iterator[pa.Table]:
+    """The shard's rows a record batch (about ROWS_PER_BATCH blocks, whole documents) at a time."""
+    start, blocks = 0, 0
+    for end, document in enumerate(documents, start=1):
+        blocks += len(document.block_lengths)
+        if blocks >= ROWS_PER_BATCH or end == len(documents):
+            yield blocks_table(documents[start:end])
+            start, blocks = end, 0
+
+
+def write_shard(output: OutputDir, index: int, num_shards: int, documents: Iterable[PackedDocument]) -> ShardStats:
+    """One shard file, documents sorted by (file, line): the same bytes on any runner and worker count. Built
+    a record batch at a time, so a shard's writer holds its documents and one batch, not a second copy."""
     documents = sorted(documents, key=lambda d: d.key)
     name = shard_name(index, num_shards)
-    table = blocks_table(documents)
-    sha = write_arrow(FileSystems.join(output_dir, name), table)
-    return ShardStats(ShardInfo(name, table.num_rows, sha), len(documents), sum(d.num_tokens for d in documents))
+    sha = write_arrow(output, name, _batches_of(documents), PRETRAIN_SCHEMA)
+    rows = sum(len(d.block_lengths) for d in documents)
+    return ShardStats(ShardInfo(name, rows, sha), len(documents), sum(d.num_tokens for d in documents))
 
 
 class WriteShard(beam.DoFn):
     """(shard index, packed documents) -> the shard file and its ShardStats."""
 
-    def __init__(self, output_dir: str, num_shards: int):
-        self.output_dir = output_dir
+    def __init__(self, output: OutputDir, num_shards: int):
+        self.output = output
         self.num_shards = num_shards
 
     def process(self, keyed):
         index, documents = keyed
-        yield write_shard(self.output_dir, index, self.num_shards, documents)
+        yield write_shard(self.output, index, self.num_shards, documents)
 
 
 def read_manifest(output_dir: str) -> Manifest:
@@ -134,10 +151,8 @@ def read_manifest(output_dir: str) -> Manifest:
         return Manifest.read(tmp)
 
 
-def write_manifest(output_dir: str, manifest: Manifest) -> None:
-    """Manifest.write to a local temp folder, then copied through FileSystems (works for remote DIR too)."""
+def write_manifest(output: OutputDir, manifest: Manifest) -> None:
+    """Manifest.write to a local temp folder, then copied atomically through FileSystems (remote DIR too)."""
     with tempfile.TemporaryDirectory() as tmp:
         manifest.write(tmp)
-        data = (Path(tmp) / MANIFEST_NAME).read_bytes()
-    with FileSystems.create(FileSystems.join(output_dir, MANIFEST_NAME)) as handle:
-        handle.write(data)
+        write_bytes(output, MANIFEST_NAME, (Path(tmp) / MANIFEST_NAME).read_bytes())
