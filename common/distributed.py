@@ -1,8 +1,23 @@
-"""One way to join the process group for every DeepSpeed stage: deepspeed/torchrun variables, else SLURM's."""
+"""One way to join the process group for every DeepSpeed stage: deepspeed/torchrun variables, else SLURM's.
+
+The rendezvous is env://: rank 0 listens on MASTER_ADDR:MASTER_PORT (slurm/lib.sh sets them to the allocation's
+first node and a port from the job id), every rank connects there. The collectives then run over the address each
+rank picks for itself: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME's interface when set; otherwise gloo binds to the
+address its hostname resolves to (127.0.0.1 if that is all it resolves to, which other nodes cannot reach), and
+NCCL picks an interface itself (InfiniBand first, then any but lo and docker). Each rank logs that choice.
+"""
 from __future__ import annotations
 
 import datetime
+import fcntl
+import ipaddress
+import logging
 import os
+import socket
+import struct
+
+logger = logging.getLogger(__name__)
+_SIOCGIFADDR = 0x8915  # ioctl: an interface's IPv4 address
 
 
 class DistributedSetupError(ValueError):
@@ -27,6 +42,8 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     # a world of one: a per-process port, so single-process runs side by side do not collide
     env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     accelerator = get_accelerator()
+    if world_size > 1:
+        logger.info("%s", rendezvous_line(rank, accelerator.communication_backend_name()))
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
     elif env.get("DUPMAE_CPU_SHM_COMM", "0") != "1":
@@ -44,3 +61,51 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                timeout=timeout)
     return rank, local_rank, world_size
+
+
+def interface_addresses() -> dict[str, str]:
+    """{interface name: IPv4 address} of the interfaces that have one."""
+    found = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address
+                continue
+            found[name] = socket.inet_ntoa(packed[20:24])
+    return found
+
+
+def rendezvous_line(rank: int, backend: str) -> str:
+    """Where this rank meets the others and the interface and address its collectives use, in one line; a
+    MASTER_ADDR that does not resolve here is a DistributedSetupError (the rendezvous would hang or fail later)."""
+    env, host = os.environ, socket.gethostname()
+    master = env["MASTER_ADDR"]
+    try:
+        master_ip = socket.gethostbyname(master)
+    except OSError as exc:
+        raise DistributedSetupError(f"MASTER_ADDR {master} does not resolve on {host} (rank {rank}): {exc}") from None
+    variable = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    addresses = interface_addresses()
+    wanted = env.get(variable, "").split(",")[0]
+    if wanted and not wanted.startswith("^"):
+        if wanted not in addresses:
+            raise DistributedSetupError(f"{variable}={wanted}: no interface of that name with an IPv4 address on "
+                                        f"{host} (rank {rank}); it has {', '.join(sorted(addresses)) or 'none'}")
+        name, address, how = wanted, addresses[wanted], variable
+    else:
+        if backend == "nccl":  # NCCL picks itself (NCCL_DEBUG=INFO says which); report the route to rank 0
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((master_ip, int(env["MASTER_PORT"])))
+                address, how = probe.getsockname()[0], f"route to MASTER_ADDR; NCCL may choose another, {variable} unset"
+        else:
+            try:
+                address, how = socket.gethostbyname(host), f"the hostname's address, {variable} unset"
+            except OSError:
+                address, how = "127.0.0.1", f"loopback: the hostname does not resolve, {variable} unset"
+        name = next((n for n, a in addresses.items() if a == address), "?")
+    line = (f"rank {rank} on {host}: rendezvous {master}:{env['MASTER_PORT']} ({master_ip}), {backend} on "
+            f"{name} {address} ({how})")
+    if ipaddress.ip_address(address).is_loopback and not ipaddress.ip_address(master_ip).is_loopback:
+        line += f"; ranks on other nodes cannot reach a loopback address: set {variable}"
+    return line

@@ -14,3 +14,5 @@ def setup_logging(rank: int | None = None) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     fmt = _FORMAT if rank == 0 else f"%(asctime)s %(levelname)s [rank {rank}] [%(name)s] %(message)s"
     logging.basicConfig(level=level, format=fmt, force=True)
+    # every rank says where it meets the others and over which interface (common/distributed.py)
+    logging.getLogger("common.distributed").setLevel(logging.INFO)

@@ -7,7 +7,8 @@
     # CPU (gloo; bf16 works there too):
     #   DS_ACCELERATOR=cpu deepspeed --num_gpus 2 pretrain/main.py --deepspeed ds_configs/zero2.json ...
 
-Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/, export/ (the encoder
+Outputs in OUT: checkpoints/ (step-N folders, `latest`), metrics.jsonl, tensorboard/ (--report_to: also W&B,
+MLflow), provenance/step-N.json (options, DeepSpeed JSON, git, versions, hardware, data hash), export/ (the encoder
 for AutoModel / sentence-transformers, plus the decoder). Exit 0 when finished, stopped (--stop_at_step) or
 preempted (SIGUSR1/SIGTERM, after a checkpoint); exit 2 with one error line on bad options or data; exit 3
 with one error line after --max_consecutive_nonfinite skipped steps in a row, or before a checkpoint would
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the repository's packages, not this folder's modules
@@ -33,9 +35,12 @@ import torch.distributed
 from transformers import set_seed
 
 from common.distributed import init_distributed
+from common.shared_folder import check_shared_folder
 from common.failures import exit_code
 from common.nonfinite import require_skipping_engine
 from common.logging_setup import setup_logging
+from common.provenance import record
+from common.tracking import Tracking
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
 from common.checkpoint import read_latest
@@ -62,6 +67,7 @@ def build(argv: list[str] | None):
     if training.resume is None and read_latest(checkpoints):
         raise ConfigError(f"{checkpoints} holds a run: pass --resume auto to continue it, or another --output_dir")
     rank, _, world_size = init_distributed(training.ddp_timeout)
+    check_shared_folder(training.output_dir, rank, world_size)
     if args.data.verify_shards:
         verify_shards(args.data.data_dir, shards.manifest, training.output_dir, rank=rank, world_size=world_size)
     loader = RankBatchLoader(shards, batch_size=training.per_device_train_batch_size, rank=rank,
@@ -83,6 +89,13 @@ def build(argv: list[str] | None):
     trainer = Trainer(engine, DupMAECollator.from_tokenizer(tokenizer, args.collator), loader, training,
                       rank=rank, world_size=world_size, total_steps=total_steps, probe=probe)
     trainer.resume()
+    provenance = record(rank, training.output_dir, trainer.step, config=asdict(args), deepspeed=engine.config,
+                        data_files={"manifest.json": Path(args.data.data_dir) / "manifest.json"},
+                        world_size=world_size)
+    trainer.tracking = Tracking.start(training.report_to, rank=rank, output_dir=training.output_dir,
+                                      tensorboard_dir=Path(training.output_dir) / "tensorboard",
+                                      run_name=training.run_name, resume_step=trainer.step, ids=trainer.tracker_ids,
+                                      provenance=provenance)
     return trainer, model, tokenizer
 
 

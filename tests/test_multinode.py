@@ -1,0 +1,154 @@
+"""Every stage across real nodes: a 3-node SLURM cluster on this machine (slurm/local_cluster.sh start --nodes 3).
+
+Each node is a network namespace with its own hostname, address (10.213.S.x on a private bridge, no route out) and
+mount namespace; the filesystem is shared, as on a cluster. The jobs run 2 nodes x 1 task on CPU, gloo over the
+virtual link, and are compared with the same job as 2 tasks on one node. The module starts its own cluster in
+/tmp/dupmae-slurm-multinode on ports 6827/6828, beside the 1-node one of tests/test_slurm.py, and stops it at the end.
+Needs root (namespaces, the daemons); skipped when the Debian packages cannot be installed. It waits on SLURM's
+states and the runs' own files, never for a fixed time.
+
+    pytest -q -m multinode
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_pretrain_data import make_texts, write_shards
+from test_slurm import FINAL_STATES, TINY, job_info, read_logs, sbatch, steps, wait_for
+
+pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "slurm" / "local_cluster.sh"
+NODES = 3
+MAX_STEPS = 12
+ONE_NODE = ("--nodes=1", "--ntasks-per-node=2")
+TWO_NODES = ("--nodes=2", "--ntasks-per-node=1")
+
+
+def cluster(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLUSTER), *args], env=env, capture_output=True, text=True, check=check)
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    """Environment for sbatch/scontrol pointing at the module's 3-node cluster."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces and the SLURM daemons need root")
+    state = tmp_path_factory.mktemp("multinode")
+    env = {**os.environ, "DUPMAE_SLURM_DIR": "/tmp/dupmae-slurm-multinode", "DUPMAE_SLURM_CTLD_PORT": "6827",
+           "DUPMAE_SLURM_SLURMD_PORT": "6828"}
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)  # the tests pass without them
+    started = time.monotonic()
+    up = cluster(env, "start", "--nodes", str(NODES), check=False)
+    if up.returncode != 0:
+        if not all(shutil.which(tool) for tool in ("munged", "slurmctld", "slurmd", "sbatch")):
+            pytest.skip(f"the SLURM/munge Debian packages could not be installed: {up.stderr.strip()}")
+        pytest.fail(f"local_cluster.sh start --nodes {NODES} failed:\n{up.stdout}{up.stderr}")
+    print(f"cluster of {NODES} nodes up in {time.monotonic() - started:.1f} s")
+    env["SLURM_CONF"] = str(Path(env["DUPMAE_SLURM_DIR"]) / "slurm.conf")
+    env.update(PYTHON=sys.executable, REPO=str(REPO), LOG_ROOT=str(state / "logs"), DS_ACCELERATOR="cpu",
+               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    yield env
+    started = time.monotonic()
+    cluster(env, "stop")
+    print(f"cluster stopped in {time.monotonic() - started:.1f} s")
+    assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                if ns.startswith("dupmae-6827-")]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, minilm_path) -> Path:
+    from common.tokenizer import load_tokenizer
+
+    return write_shards(tmp_path_factory.mktemp("shards"), load_tokenizer(minilm_path), make_texts(64), num_shards=2)
+
+
+class Pretrain:
+    """One `sbatch slurm/pretrain.sbatch` training the tiny model on CPU into `output_dir`."""
+
+    def __init__(self, env: dict, shard_dir: Path, model: str, output_dir: Path, flags: tuple[str, ...],
+                 *extra: str):
+        self.env = {**env, "DATA_DIR": str(shard_dir), "MODEL": model, "OUTPUT_DIR": str(output_dir)}
+        self.output_dir = output_dir
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.id = sbatch(self.env, "pretrain.sbatch", "--config_overrides", TINY, "--max_seq_length", "64",
+                         "--per_device_train_batch_size", "4", "--max_steps", str(MAX_STEPS), "--logging_steps", "1",
+                         "--seed", "7", "--disable_tqdm", *extra,
+                         flags=(*flags, "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
+                                f"--output={output_dir.parent}/slurm-%j.out"))
+        self.log_dir = Path(env["LOG_ROOT"]) / f"dupmae-pretrain-{self.id}"
+
+    def info(self) -> dict[str, str]:
+        return job_info(self.env, self.id)
+
+    def wait(self, timeout: float = 300.0) -> dict[str, str]:
+        return wait_for(self.env, self.id, self.log_dir, timeout)
+
+    def logs(self) -> str:
+        return read_logs(self.log_dir)
+
+    def rank_log(self, rank: int) -> str:
+        path = self.log_dir / f"rank-{rank}.log"
+        return path.read_text() if path.is_file() else ""
+
+    def metrics(self) -> list[dict]:
+        path = self.output_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def wait_until(self, done, what: str, timeout: float = 300.0) -> None:
+        """Polls `done()` while the job is not finished."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, f"job {self.id}: no {what} after {timeout:.0f} s\n{self.logs()}"
+            assert self.info()["JobState"] not in FINAL_STATES, f"job {self.id} ended before {what}\n{self.logs()}"
+            time.sleep(0.1)
+
+
+def rendezvous(log: str) -> tuple[str, str]:
+    """(host, address) from a rank's line 'rank R on HOST: rendezvous ..., gloo on IF ADDRESS (...)'."""
+    found = re.search(r"rank \d+ on (\S+): rendezvous \S+ \(\S+\), gloo on \S+ (\S+) ", log)
+    assert found, log
+    return found.group(1), found.group(2)
+
+
+@pytest.fixture(scope="module")
+def one_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrain:
+    """The reference: the same job as 2 tasks on one node."""
+    job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp("one-node") / "out", ONE_NODE,
+                   "--save_steps", "4")
+    job.final = job.wait()
+    assert job.final["JobState"] == "COMPLETED", job.logs()
+    return job
+
+
+@pytest.fixture(scope="module")
+def two_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrain:
+    job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp("two-nodes") / "out", TWO_NODES,
+                   "--save_steps", "4")
+    job.final = job.wait()
+    return job
+
+
+def test_pretrain_across_two_nodes_equals_one_node(two_node_run, one_node_run):
+    job = two_node_run
+    assert job.final["JobState"] == "COMPLETED", job.logs()
+    assert job.final["NumNodes"] == "2"
+    hosts, addresses = zip(*(rendezvous(job.rank_log(rank)) for rank in (0, 1)))
+    assert len(set(hosts)) == 2 and len(set(addresses)) == 2, job.logs()
+    assert all(re.fullmatch(r"10\.213\.\d+\.\d+", address) for address in addresses), addresses
+    assert f"rendezvous {hosts[0]}:" in job.rank_log(1)  # MASTER_ADDR is the first node
+    # fp32 gloo all-reduce of 2 ranks over the virtual link: exactly the numbers of the 2 ranks on one node
+    assert [m["step"] for m in job.metrics()] == list(range(1, MAX_STEPS + 1))
+    assert steps(job.metrics()) == steps(one_node_run.metrics())
+    assert (job.output_dir / "export" / "config.json").is_file()
