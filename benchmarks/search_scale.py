@@ -108,8 +108,8 @@ def synthesize(bases: list[Path], n: int, out: Path, seed: int = 0, chunk: int =
     val = np.concatenate([np.asarray(b.sparse_values) for b in base])
     dense = np.concatenate([np.asarray(b.dense) for b in base])
     k, g = idx.shape[1], np.random.default_rng(seed)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = cache.temporary(out)
+    tmp.mkdir(parents=True)
     arrays = {"dense": np.lib.format.open_memmap(tmp / "dense.npy", "w+", np.float32, (n, dense.shape[1])),
               "sparse_indices": np.lib.format.open_memmap(tmp / "sparse_indices.npy", "w+", np.int32, (n, k)),
               "sparse_values": np.lib.format.open_memmap(tmp / "sparse_values.npy", "w+", np.float32, (n, k))}

@@ -3,8 +3,10 @@
 The key hashes everything that changes the vectors: the model folder's files (name, size, mtime), the data files
 (path, size, mtime), the representation config, max length, precision and shard. A changed checkpoint or
 dataset therefore misses the cache instead of returning stale vectors. Entries are written to a temporary
-folder and renamed, so a killed run never leaves a half entry that a later run would trust; a later run removes
-the temporary folders of killed writers (`evaluation.sparse_index.sweep_stale`). Arrays are read back memory-mapped:
+folder and renamed, so a killed run never leaves a half entry that a later run would trust. A temporary folder is
+named by host, PID and a random suffix (`temporary`): tasks on several nodes, or in containers where each is PID 1,
+share one cache folder without sharing a temporary name; a later run on the same host removes those nobody has
+written for STALE_AFTER_SECONDS (`sweep_stale`). Arrays are read back memory-mapped:
 a corpus shard larger than RAM is searched from the page cache, never loaded whole.
 """
 from __future__ import annotations
@@ -14,7 +16,11 @@ import json
 import logging
 import mmap
 import os
+import re
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,38 @@ from evaluation.encode import Encoded
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: A temporary folder nobody has written for this long is a killed writer's: a live one writes into it all along.
+STALE_AFTER_SECONDS = 6 * 3600
+
+
+def _host() -> str:
+    """This machine's name as it appears in temporary names (no '-', so a name splits from the right)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def temporary(folder: Path) -> Path:
+    """A writer's own temporary sibling of `folder`, `.NAME.tmp-HOST-PID-RANDOM`: unique across nodes and PID
+    namespaces that share the cache folder, and across threads and repeated writes of one process."""
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def sweep_stale(cache_dir: str | Path, now: float | None = None) -> None:
+    """Remove this host's temporary folders that nobody has written for STALE_AFTER_SECONDS (killed builds or
+    saves). Another host's are left alone: it may still be writing them, and its PIDs mean nothing here."""
+    now = time.time() if now is None else now
+    for tmp in Path(cache_dir).glob(".*.tmp-*"):
+        parts = tmp.name.rsplit("-", 3)  # [.NAME.tmp, HOST, PID, RANDOM]
+        if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
+            continue
+        try:
+            written = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.rglob("*")])
+        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+            continue
+        if now - written > STALE_AFTER_SECONDS:
+            logger.info("removing %s, left by a killed run (unwritten for %.0f h)", tmp, (now - written) / 3600)
+            shutil.rmtree(tmp, ignore_errors=True)
+
 
 
 def fingerprint(path: str | Path) -> dict:
@@ -61,8 +99,8 @@ def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | 
                 extra: dict[str, object] | None = None) -> None:
     """Write a cache entry atomically: arrays as NAME.npy, `description` as key.json, `extra` as NAME.json."""
     folder = Path(cache_dir) / key
-    tmp = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = temporary(folder)
+    tmp.mkdir(parents=True)
     for name, array in arrays.items():
         if array is not None:
             np.save(tmp / f"{name}.npy", array)

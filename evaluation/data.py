@@ -132,6 +132,8 @@ def read_qrels(path: Path) -> dict[str, dict[str, int]]:
 def load_beir(folder: str | Path, split: str) -> BeirData:
     folder = Path(folder)
     corpus = _read_texts(folder / "corpus.jsonl", with_title=True)
+    if not corpus:
+        raise DatasetError(f"{folder / 'corpus.jsonl'}: no documents")
     queries = _read_texts(folder / "queries.jsonl", with_title=False)
     qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
     missing = [qid for qid in qrels if qid not in queries]

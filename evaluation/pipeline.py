@@ -131,8 +131,9 @@ class Evaluator:
 
 def check_sparse(shard: Encoded, queries: Encoded, top_k: int) -> None:
     """A dupmae corpus shard must hold the documents' kept entries, as many per document as the queries' model
-    keeps; otherwise one line naming the file (a cache entry from another representation, or a damaged one)."""
-    if queries.vocab is None:
+    keeps; otherwise one line naming the file (a cache entry from another representation, or a damaged one). An
+    empty shard (more shards than documents) holds nothing to check, and the search skips it."""
+    if queries.vocab is None or not shard.ids:
         return
     where = Path(shard.source or "the corpus")
     if shard.sparse_indices is None or shard.sparse_values is None:

@@ -233,7 +233,10 @@ def build_index(shard_number: int, shard: Encoded, options: SearchOptions) -> Se
 def search_shard(queries: Encoded, shard: Encoded, depth: int, index_factory: str | None, sparse_weight: float,
                  method: str, sparse_index: Callable[[], SeismicIndex], options: SearchOptions
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, shard rows) [Q, depth'] of one shard by `method` (dense, exact or seismic)."""
+    """(scores, shard rows) [Q, depth'] of one shard by `method` (dense, exact or seismic); [Q, 0] for an empty
+    shard (more shards than documents), which neither search nor index build accepts."""
+    if not shard.ids:
+        return np.zeros((len(queries.ids), 0), np.float32), np.zeros((len(queries.ids), 0), np.int64)
     if method == "dense":
         return dense_search(queries, shard, depth, index_factory, options.faiss_params)
     if method == "exact":
@@ -250,7 +253,9 @@ def search(queries: Encoded, corpus: Encoded | Sequence[Encoded], depth: int, in
     """{query id: {doc id: score}} with `depth` documents per query, never the query's own id (sparse_weight:
     the dupmae score's weight on the sparse part). `corpus` may be a list of shards, searched one by one and
     merged; `index_for(shard number, shard, options)` gives a shard's sparse index (--sparse_index seismic)."""
-    shards = [corpus] if isinstance(corpus, Encoded) else [s for s in corpus if s.ids] or list(corpus)[:1]
+    shards = [s for s in ([corpus] if isinstance(corpus, Encoded) else corpus) if s.ids]
+    if not shards:
+        raise ValueError("search: the corpus holds no documents")
     options = options or SearchOptions()
     total = sum(len(s.ids) for s in shards)
     dupmae = any(s.sparse_indices is not None for s in shards)

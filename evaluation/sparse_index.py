@@ -10,13 +10,13 @@ rescores their union with faiss's dense candidates by the exact dupmae formula. 
 
 Cache safety: an index folder is written under a temporary name and renamed when whole; its `index.json` records
 what it was built from (the corpus shard's cache key, model, k, rows, options, library version), and a folder whose
-record differs from what is asked for is refused and rebuilt. Temporary folders of killed runs are swept.
+record differs from what is asked for is refused and rebuilt. Temporary folders are named and swept as the
+embedding cache's are (`evaluation.cache.temporary`, `sweep_stale`: by host, PID and a random suffix; by age).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.cache import drop_pages
+from evaluation.cache import drop_pages, sweep_stale, temporary
 
 logger = logging.getLogger(__name__)
 
@@ -129,25 +129,6 @@ def index_record(corpus_key: str, model: dict, top_k: int, rows: int, config: Se
             "top_k": top_k, "rows": rows, "config": asdict(config)}
 
 
-def sweep_stale(cache_dir: Path) -> None:
-    """Remove temporary folders (`.NAME.tmp-PID`) whose writer is no longer running (a killed build or save)."""
-    for tmp in Path(cache_dir).glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            logger.info("removing %s, left by a killed run", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def load_or_build(folder: Path, record: dict, indices: np.ndarray, values: np.ndarray,
                   config: SeismicConfig = SeismicConfig()) -> SeismicIndex:
     """The index in `folder` when its record equals `record`; otherwise build it, write it atomically, return it."""
@@ -162,13 +143,12 @@ def load_or_build(folder: Path, record: dict, indices: np.ndarray, values: np.nd
         logger.warning("%s: refused, built for another %s; rebuilding", folder / RECORD, "/".join(differs))
     logger.info("building the Seismic index of %d documents into %s", len(indices), folder)
     index = SeismicIndex.build(indices, values, config)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary(folder)
     tmp.mkdir(parents=True)
     index.save(tmp)
     (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")  # written last: marks it whole
     if folder.exists():
-        old = folder.parent / f".{folder.name}.tmp-old-{os.getpid()}"
+        old = temporary(folder)
         folder.rename(old)
         shutil.rmtree(old, ignore_errors=True)
     try:

@@ -229,6 +229,25 @@ def test_sharded_encoding_merges_to_the_unsharded_result(tiny_model, tiny_beir, 
     assert rankings[0] == rankings[1]
 
 
+def test_more_shards_than_documents_skips_the_empty_shards(tiny_model, tiny_beir, tmp_path):
+    """--num_shards above the corpus size leaves shards empty: they are skipped, not searched (the exact search
+    raised AttributeError and Seismic AssertionError on them); an empty corpus is one line naming the file."""
+    docs = [{"_id": f"d{i}", "text": " ".join(WORDS[i:i + 4])} for i in range(5)]
+    five = write_beir(tmp_path / "five", docs, [{"_id": "q", "text": "heart study"}], {"q": {"d1": 1}})
+    whole = run(config(tiny_model, five, tmp_path / "whole", sparse_index="exact"))
+
+    def ranks(out):
+        return [line.split()[:4] for line in (out / "five.run").read_text().splitlines()]
+
+    for method in ("exact", "seismic"):
+        out = tmp_path / method
+        assert run(config(tiny_model, five, out, sparse_index=method, num_shards=8)) == whole
+        assert ranks(out) == ranks(tmp_path / "whole")  # scores equal to float32 rounding
+    empty = write_beir(tmp_path / "empty", [], [{"_id": "q", "text": "heart"}], {"q": {"d": 1}})
+    with pytest.raises(DatasetError, match=r"empty/corpus.jsonl: no documents"):
+        run(config(tiny_model, empty, tmp_path / "out"))
+
+
 def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="shard_index"):
         EvalConfig(datasets=["x"], output_dir=str(tmp_path), num_shards=2, shard_index=2)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +160,39 @@ def test_a_killed_index_build_leaves_nothing_trusted(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not folder.exists()  # only the temporary folder, which no load trusts
     (left,) = folder.parent.iterdir()
-    assert left.name.startswith(".shard.seismic.tmp-") and (left / "seismic.index.seismic").is_file()
+    assert left.name.startswith(f".shard.seismic.tmp-{cache._host()}-") and (left / "seismic.index.seismic").is_file()
+    elsewhere = folder.parent / ".shard.seismic.tmp-othernode-1-0123abcd"  # another node's build, same cache folder
+    (elsewhere / "seismic.index.seismic").parent.mkdir()
+    (elsewhere / "seismic.index.seismic").write_bytes(b"half")
     record = index_record("shard", {}, K, 300, SeismicConfig())
     load_or_build(folder, record, corpus.sparse_indices, corpus.sparse_values)
-    assert sorted(p.name for p in folder.parent.iterdir()) == ["shard.seismic"]  # the dead writer's folder swept
+    assert left.exists()  # written a moment ago: its writer may be alive (PIDs say nothing across namespaces)
+    old = time.time() - cache.STALE_AFTER_SECONDS - 60
+    for path in (left, left / "seismic.index.seismic", elsewhere, elsewhere / "seismic.index.seismic"):
+        os.utime(path, (old, old))
+    load_or_build(folder, record, corpus.sparse_indices, corpus.sparse_values)
+    assert not left.exists() and elsewhere.exists()  # this host's stale folder swept; the other host's left alone
+
+
+def test_two_writers_with_one_pid_do_not_share_a_temporary_folder(tmp_path, monkeypatch):
+    """Two shard tasks that are both PID 1 (containers) or share a PID on two nodes write the same cache entry at
+    once: each writes its own temporary folder, the first rename wins, and the entry is whole (issue 34 item 5)."""
+    monkeypatch.setattr(os, "getpid", lambda: 1)
+    save = np.save
+    first = {"a": np.arange(5), "b": np.arange(7)}
+
+    def save_while_another_writes(path, array):
+        if path.name == "a.npy" and array.sum() == first["a"].sum():  # the first writer, midway
+            monkeypatch.setattr(np, "save", save)
+            cache.save_arrays(tmp_path, "entry", {"a": array + 1, "b": first["b"] + 1}, {"writer": 2})
+        save(path, array)
+
+    monkeypatch.setattr(np, "save", save_while_another_writes)
+    cache.save_arrays(tmp_path, "entry", first, {"writer": 1})  # the old `.entry.tmp-1`: FileNotFoundError here
+    entry = cache.load_arrays(tmp_path / "entry", ("a", "b"))
+    np.testing.assert_array_equal(entry["a"], first["a"] + 1)
+    np.testing.assert_array_equal(entry["b"], first["b"] + 1)  # the second writer's entry, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # the loser's temporary folder removed
 
 
 def test_seismic_index_round_trip(tmp_path):
