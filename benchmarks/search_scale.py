@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -100,9 +101,15 @@ def real_sets(args) -> list[tuple[str, Path, Path, object]]:
 
 
 def synthesize(bases: list[Path], n: int, out: Path, seed: int = 0, chunk: int = 20000) -> Path:
-    """A cache entry of n synthetic documents, each two real documents mixed (see the module docstring)."""
+    """A cache entry of n synthetic documents, each two real documents mixed (see the module docstring); one
+    already at `out` is reused only when it was built from the same real entries (their cache keys: the model and
+    the data they were encoded from), size and seed."""
+    built_from = {"synthetic": n, "bases": [b.name for b in bases], "seed": seed}
     if (out / "ids.json").is_file():
-        return out
+        if (out / "key.json").is_file() and json.loads((out / "key.json").read_text()) == built_from:
+            return out
+        print(f"{out}: built from other real sets or another model; building it again", file=sys.stderr)
+        shutil.rmtree(out)
     base = [cache.load(b.parent, b.name) for b in bases]
     idx = np.concatenate([np.asarray(b.sparse_indices) for b in base])  # [B, k]
     val = np.concatenate([np.asarray(b.sparse_values) for b in base])
@@ -132,7 +139,7 @@ def synthesize(bases: list[Path], n: int, out: Path, seed: int = 0, chunk: int =
     for array in arrays.values():
         array.flush()
     (tmp / "ids.json").write_text(json.dumps([f"s{i}" for i in range(n)]))
-    (tmp / "key.json").write_text(json.dumps({"synthetic": n, "bases": [str(b) for b in bases], "seed": seed}))
+    (tmp / "key.json").write_text(json.dumps(built_from))
     tmp.rename(out)
     return out
 
@@ -145,7 +152,8 @@ def worker(args) -> None:
     queries.vocab = np.asarray(queries.vocab)  # [Q, V]: small, read once
     result = {"docs": len(corpus.ids), "queries": len(queries.ids)}
     config = SeismicConfig()
-    record = index_record(args.corpus.name, {"synthetic_or_cache_entry": str(args.corpus)},
+    built_from = json.loads((args.corpus / "key.json").read_text())  # a synthetic corpus's bases, or a real entry's key
+    record = index_record(cache.cache_key(**built_from), {"corpus_built_from": built_from},
                           corpus.sparse_indices.shape[1], len(corpus.ids), config)
     index_folder = args.corpus.with_name(args.corpus.name + ".seismic")
     if args.worker == "exact":

@@ -237,3 +237,21 @@ def test_seismic_serves_the_exported_sparse_encoder(minilm_path, tmp_path):
     scores = (query_vectors @ doc_vectors.T).numpy()  # [Q, N] exact sparse dot products
     # Seismic's search is approximate (pruned postings, block summaries); its top-1 must be a near-best document
     assert (np.take_along_axis(scores, found[:, :1], 1)[:, 0] >= 0.9 * scores.max(1)).all()
+
+
+def test_a_synthetic_corpus_is_rebuilt_from_other_real_sets(tmp_path):
+    """benchmarks/search_scale.py reused any `n{size}` corpus at its path; it is keyed on the real entries it was
+    drawn from (their cache keys name the model and data), so other bases build it again."""
+    from benchmarks.search_scale import synthesize
+
+    for name, seed in (("base_a", 4), ("base_b", 5)):
+        corpus, _ = corpus_and_queries(40, 1, seed=seed)
+        cache.save(tmp_path, name, corpus, {})
+    out = tmp_path / "synthetic" / "n200"
+    first = np.array(cache.load(out.parent, synthesize([tmp_path / "base_a"], 200, out).name).sparse_indices)
+    written = (out / "ids.json").stat().st_mtime_ns
+    synthesize([tmp_path / "base_a"], 200, out)
+    assert (out / "ids.json").stat().st_mtime_ns == written  # the same bases: reused
+    other = cache.load(out.parent, synthesize([tmp_path / "base_b"], 200, out).name)
+    assert set(np.unique(other.sparse_indices)) <= set(np.unique(cache.load(tmp_path, "base_b").sparse_indices))
+    assert not np.array_equal(other.sparse_indices, first)
