@@ -194,11 +194,11 @@ start_slurmd() {
 
 # Wait until all nodes take jobs; bring back a node that a previous run left down or drained.
 wait_for_nodes() {
-    local n=$1 states
+    local n=$1 states node
     for _ in $(seq 120); do
         states=$(sinfo --noheader --Node --format='%N %T' 2>/dev/null || true)
         if [[ $(grep -cE ' (idle|mixed|allocated|completing)' <<<"$states") == "$n" ]]; then return 0; fi
-        grep -E ' (down|drain)' <<<"$states" | while read -r node _; do
+        for node in $(awk '$2 ~ /^(down|drain)/ {print $1}' <<<"$states"); do
             scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
         done
         sleep 0.5

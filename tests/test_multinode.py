@@ -152,3 +152,26 @@ def test_pretrain_across_two_nodes_equals_one_node(two_node_run, one_node_run):
     assert [m["step"] for m in job.metrics()] == list(range(1, MAX_STEPS + 1))
     assert steps(job.metrics()) == steps(one_node_run.metrics())
     assert (job.output_dir / "export" / "config.json").is_file()
+
+
+def test_an_output_folder_the_nodes_do_not_share_is_refused_before_any_step(slurm_env, shard_dir, minilm_path,
+                                                                             tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # node-local scratch: node2 sees its own empty tmpfs at the same path, node1 the shared folder
+    cluster(slurm_env, "exec", "node2", "mount", "-t", "tmpfs", "-o", "size=16m", "scratch", str(out))
+    try:
+        job = Pretrain(slurm_env, shard_dir, minilm_path, out, ("--nodelist=node1,node2", *TWO_NODES),
+                       "--save_steps", "4")
+        final = job.wait()
+    finally:
+        cluster(slurm_env, "exec", "node2", "umount", str(out))
+    assert final["JobState"] == "FAILED" and final["ExitCode"].startswith("2:"), job.logs()
+    expected = (f"output folder {out} is not shared by all ranks: rank 0 (node1) cannot see the files of rank(s) "
+                f"1 (node2); rank 1 (node2) cannot see the files of rank(s) 0 (node1); put it on a filesystem "
+                f"that every node mounts")
+    for rank in (0, 1):
+        errors = [line for line in job.rank_log(rank).splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and errors[0].endswith(expected), job.logs()
+    assert "step" not in "".join(job.rank_log(r) for r in (0, 1)).replace("steps", ""), job.logs()
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
