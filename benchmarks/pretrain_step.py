@@ -16,7 +16,8 @@ Baselines (the `baseline_name` of each JSON line):
 Protocol: this process collates the batches once (Gutenberg text from ../shared/data, random ids without
 it; our collator) and saves them; every variant runs in a fresh process per round: build the model,
 AdamW, one untimed warm-up step, then --steps timed steps, all on those batches in fp32. Peak memory is
-that process's peak RSS (ru_maxrss: imports, model, optimizer state and the steps) on CPU, the peak
+that process's own peak RSS (VmHWM, `common.memory`: imports, model, optimizer state and the steps; not
+ru_maxrss, which a child inherits from this parent) on CPU, the peak
 allocated CUDA memory on GPU. Variants alternate for --repeats rounds and each figure is the minimum over
 rounds (wall seconds per step, CPU seconds per step, peak memory), so load from other processes hits all
 variants alike. Our model runs twice, with and without `gradient_checkpointing`, and starts as
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import smoke  # noqa: E402
+from common.memory import peak_rss_bytes  # noqa: E402
 
 #: Our model's variants and their gradient_checkpointing setting.
 OURS = {"ours": True, "ours_no_checkpointing": False}
@@ -101,7 +102,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peak = peak_rss_bytes()
     return {"sec_per_step": seconds, "cpu_sec_per_step": cpu_seconds, "peak_bytes": peak, "loss": losses[-1]}
 
 

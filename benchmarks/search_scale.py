@@ -9,7 +9,7 @@ drawn from those real encodings: each synthetic document mixes two real ones (th
 entries, values jittered by a log-normal factor, its top k kept; dense = a random convex mix plus noise, L2
 normalized), so vocabulary ids, values and their co-occurrence follow real documents, not a uniform draw. Queries:
 SciFact's real test queries (whole vocabulary vectors). Corpora are written as memory-mapped cache entries.
-Each method runs in a subprocess of its own (peak RSS = that process's ru_maxrss): exact (`dupmae_search`) and
+Each method runs in a subprocess of its own (peak RSS = that process's own VmHWM, `common.memory`): exact (`dupmae_search`) and
 indexed (`--sparse_index seismic`: dense candidates from faiss IVF√N,SQ8; at DEFAULT and along CURVE, the
 candidates M, the query cut and faiss's nprobe). The index build runs and is timed apart (built once per corpus,
 cached beside it). `--from_jsonl RUN.jsonl` prints a run's lines again under DEFAULT and extrapolates them. Prints one JSON line per figure: sec_per_query,
@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import smoke  # noqa: E402
+from common.memory import peak_rss_bytes  # noqa: E402
 from evaluation import cache  # noqa: E402
 from evaluation.search import SearchOptions, dupmae_search, faiss_index, indexed_dupmae_search  # noqa: E402
 from evaluation.sparse_index import SeismicConfig, index_record, load_or_build  # noqa: E402
@@ -56,7 +56,7 @@ LARGE = {"msmarco": 8_841_823, "climate-fever/fever": 5_416_568, "hotpotqa": 5_2
 
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 PRINTED: list[dict] = []  # every line printed, for the extrapolation
