@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 
@@ -33,7 +32,8 @@ from common.shard_format import Manifest, shard_name
 from common.tokenizer import load_tokenizer, vocab_hash
 from preprocessing.packing import BOW_WEIGHTINGS, pack_document
 from preprocessing.records import (
-    DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, dead_letter, expand_inputs,
+    DEAD_LETTER_TAG, INPUT_FORMATS, ParseRecords, ReadRecords, RecordSpec, WriteDeadLetters, content_bytes, dead_letter,
+    expand_inputs,
 )
 from preprocessing.runner import (
     Progress, check_paths_reach_workers, log_summary, main_entry, make_pipeline, parse_config, setup_worker_process,
@@ -227,7 +227,8 @@ def run(argv: Sequence[str] | None = None) -> Manifest:
     files = expand_inputs(cfg.input)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    input_bytes = sum(m.size_in_bytes for m in FileSystems.match([f.path for f in files])[0].metadata_list)
+    columns = [*cfg.text_fields, cfg.id_field] if cfg.id_field else cfg.text_fields
+    input_bytes = sum(content_bytes(f, cfg.input_format, columns) for f in files)
     num_shards = cfg.num_shards or estimate_num_shards(input_bytes, cfg.shard_size_mb)
     logger.info("pretrain_data: %d input files, %d shards -> %s", len(files), num_shards, cfg.output_dir)
     output = OutputDir(cfg.output_dir)

@@ -6,13 +6,17 @@ Bad records are not dropped: they become `DeadLetter`s, counted and written to D
 """
 from __future__ import annotations
 
+import bz2
 import json
 import logging
+import lzma
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -30,6 +34,7 @@ _RAW_CHARS = 1000  # how much of a bad record the dead letter keeps
 # Each input file is read whole by one worker, start to end (line numbers are counted from its start); past
 # this size the job says so, since more, smaller files spread the reading over workers.
 LARGE_INPUT_BYTES = 2**30
+SAMPLE_BYTES = 4 * 2**20  # compressed bytes decompressed to measure a compressed input's ratio
 
 
 class InputError(PreflightError):
@@ -41,6 +46,7 @@ class InputFile:
     index: int  # position in the sorted list of all matched files
     path: str
     name: str  # path relative to the inputs' common folder: stable across machines, used in ids and reports
+    size: int = 0  # bytes as stored (compressed, for .gz or Parquet)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,40 @@ def expand_inputs(patterns: Sequence[str]) -> list[InputFile]:
                 LARGE_INPUT_BYTES / 2**30,
             )
     root = os.path.commonprefix(ordered).rpartition("/")[0]  # plain strings: works for gs://... URLs too
-    return [InputFile(i, p, p[len(root) + 1 :] if root else p) for i, p in enumerate(ordered)]
+    return [InputFile(i, p, p[len(root) + 1 :] if root else p, sizes[p]) for i, p in enumerate(ordered)]
+
+
+def content_bytes(file: InputFile, declared_format: str, columns: Sequence[str]) -> int:
+    """About how many bytes of records `file` holds, uncompressed, to size shards by: a Parquet file's
+    uncompressed size of the columns read; a compressed file's size times the ratio measured on its first
+    SAMPLE_BYTES (exact when it is that small); otherwise its size."""
+    if input_format(file.path, declared_format) == "parquet":
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(file.path) as handle:
+            meta = pq.ParquetFile(handle).metadata
+        wanted = set(columns)
+        return sum(
+            group.column(c).total_uncompressed_size
+            for group in (meta.row_group(r) for r in range(meta.num_row_groups))
+            for c in range(group.num_columns)
+            if not wanted or group.column(c).path_in_schema in wanted
+        )
+    decompressor = _DECOMPRESSORS.get(CompressionTypes.detect_compression_type(file.path))
+    if decompressor is None:
+        return file.size
+    with FileSystems.open(file.path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        sample = handle.read(SAMPLE_BYTES)
+    inflated = decompressor().decompress(sample)
+    return round(file.size * len(inflated) / max(1, len(sample)))
+
+
+_DECOMPRESSORS = {  # stream decompressors that take a truncated input (Beam's other codecs: stored size)
+    CompressionTypes.GZIP: lambda: zlib.decompressobj(16 + zlib.MAX_WBITS),
+    CompressionTypes.DEFLATE: lambda: zlib.decompressobj(),
+    CompressionTypes.BZIP2: bz2.BZ2Decompressor,
+    CompressionTypes.LZMA: lzma.LZMADecompressor,
+}
 
 
 def input_format(path: str, declared: str) -> str:

@@ -257,3 +257,27 @@ def test_no_step_holds_the_corpus_under_one_key(tmp_path, monkeypatch):
     assert (manifest.counts["documents"], manifest.counts["groups"], manifest.counts["dead_letter"]) == (rows, rows, rows)
     assert 0 < largest_group <= lines_per_part
     assert len(shares) >= 5 and max(shares) <= 0.25, shares
+
+
+def test_shards_are_sized_by_the_records_not_the_compressed_file(tmp_path, monkeypatch):
+    import gzip
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from preprocessing import records
+
+    rng = random.Random(0)
+    lines = [json.dumps({"text": " ".join(rng.choice(["alpha", "beta", "gamma", "delta"]) for _ in range(60)),
+                         "id": str(i)}) + "\n" for i in range(2000)]
+    plain = "".join(lines).encode()
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(plain))
+    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in lines]), tmp_path / "b.parquet")
+    gz, parquet = records.expand_inputs([str(tmp_path / "*.gz"), str(tmp_path / "*.parquet")])
+    assert gz.size < len(plain) / 4  # compressed well: its stored size would give a quarter of the shards
+    assert records.content_bytes(gz, "auto", ["text"]) == len(plain)  # sampled whole: exact
+    monkeypatch.setattr(records, "SAMPLE_BYTES", gz.size // 5)
+    assert abs(records.content_bytes(gz, "auto", ["text"]) / len(plain) - 1) < 0.1
+    texts = sum(len(json.loads(line)["text"]) for line in lines)
+    assert 1 <= records.content_bytes(parquet, "auto", ["text"]) / texts < 1.1  # the text column only
