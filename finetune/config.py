@@ -43,11 +43,18 @@ class FinetuneConfig:
               "both halves), 1.0 for raw dense dot products, and for dupmae's raw logits unnormalized (the paper's) "
               "calibrated on the first batch: the mean per-query spread of the scores")
     cross_device_negatives: bool = arg(False, "score each query against the passages of every rank")
+    official_cross_device: bool = arg(
+        False, "with --cross_device_negatives: InfoNCE as the official BiEncoderModel computes it (every rank scores "
+               "every rank's queries, the gathered ones without gradient): 1/world_size of the default's gradient, "
+               "which is the gradient of the mean loss over all queries (docs/finetuning.md, parity)")
     # Distillation (finetune/teacher.py)
     teacher_scores: str | None = arg(
         None, "'qid did score' file(s), comma-separated (the official --teacher_score_files): adds KL(softmax(teacher "
               "/ --teacher_temperature) || softmax(student / --temperature)) over each query's group")
     teacher_temperature: float = arg(1.0, "the teacher's scores are divided by it before the softmax (official: 1)")
+    kl_reduction: Literal["batchmean", "mean"] = arg(
+        "batchmean", "the KL's average: 'batchmean' per query (the KL's own scale), or 'mean' over the Bq x G "
+                     "entries, the official nn.KLDivLoss(reduction='mean'): 1/G of it")
     contrastive_loss_weight: float = arg(
         1.0, "with --teacher_scores: loss = KL + this x InfoNCE (the official name; its default is 1e-4); "
              "0 trains on the teacher alone")
@@ -97,6 +104,10 @@ class FinetuneConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.teacher_temperature <= 0 or self.contrastive_loss_weight < 0:
             raise ValueError("need --teacher_temperature > 0 and --contrastive_loss_weight >= 0")
+        if self.official_cross_device and not self.cross_device_negatives:
+            raise ValueError("--official_cross_device applies to --cross_device_negatives")
+        if self.kl_reduction not in ("batchmean", "mean"):
+            raise ValueError(f"--kl_reduction must be batchmean or mean, got {self.kl_reduction!r}")
         if self.teacher_scores and self.train_group_size < 2:
             raise ValueError("--teacher_scores needs --train_group_size >= 2 (the KL runs over each query's group)")
         if self.sparse_weight is not None and self.sparse_weight < 0:

@@ -5,6 +5,10 @@ For query i with passages laid out in groups of G (positive first, then its hard
 where j runs over every passage of the batch (every rank's with cross-device negatives) and o is the index of
 this rank's first passage in the gathered list (rank · B · G). References: sentence-transformers
 `MultipleNegativesRankingLoss(gather_across_devices=True)`, tevatron `_dist_gather_tensor`.
+
+The official RetroMAE BiEncoderModel (`--official_cross_device`) gathers queries and passages without gradient
+(`gather_detached_but_own`) and takes on every rank the mean over all W·B queries; after the ranks' gradients are
+averaged, that is 1/W of the gradient of this mean loss, which the default gives (one process with the whole batch).
 """
 from __future__ import annotations
 
@@ -42,6 +46,17 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor
     return _GatherWithGrad.apply(tensor)
+
+
+def gather_detached_but_own(tensor: Tensor) -> Tensor:
+    """Every rank's tensor in rank order, the others' without gradient and this rank's in place (the official
+    BiEncoderModel's `_dist_gather_tensor`): a rank's loss reaches only its own representations."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    parts[dist.get_rank()] = tensor
+    return torch.cat(parts)
 
 
 def positive_labels(num_queries: int, group_size: int, offset: int = 0, device=None) -> Tensor:

@@ -12,7 +12,8 @@ s_ij and teacher scores t_ij (j in g_i):
 τ is the student's InfoNCE temperature, τ_t `--teacher_temperature`. Only the query's own group carries teacher
 scores, so the KL runs over it, as in the official code; in-batch and cross-device passages enter InfoNCE only.
 The official code takes `nn.KLDivLoss(reduction="mean")` (the sum divided by Bq · G) with τ_t = 1; this is the
-per-query KL (`batchmean`), which is G times that: the KL's own scale. Runs in fp32 under bf16 too.
+per-query KL (`batchmean`), which is G times that: the KL's own scale (`--kl_reduction mean` gives the official
+one). Runs in fp32 under bf16 too.
 References: RetroMAE `src/bi_encoder/modeling.py` (`kl_loss`, `contrastive_loss_weight`), Hinton et al. 2015.
 """
 from __future__ import annotations
@@ -114,8 +115,10 @@ def own_group(scores: Tensor, labels: Tensor, group_size: int) -> Tensor:
     return scores.gather(1, columns)
 
 
-def distill_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, teacher_temperature: float) -> Tensor:
-    """Mean over queries of KL(softmax(teacher / τ_t) || softmax(student / τ)); student, teacher [Bq, G]."""
+def distill_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, teacher_temperature: float,
+               reduction: str = "batchmean") -> Tensor:
+    """Mean over queries of KL(softmax(teacher / τ_t) || softmax(student / τ)); student, teacher [Bq, G].
+    reduction "mean" divides by Bq · G instead, as the official code does (--kl_reduction)."""
     log_q = F.log_softmax(student.float() / temperature, dim=-1)  # [Bq, G]
     log_p = F.log_softmax(teacher.float() / teacher_temperature, dim=-1)  # [Bq, G]
-    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+    return F.kl_div(log_q, log_p, log_target=True, reduction=reduction)

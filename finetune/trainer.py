@@ -45,7 +45,8 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int) -> 
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
         "lr": cfg.learning_rate, "warmup_max_lr": cfg.learning_rate, "weight_decay": cfg.weight_decay,
-        "total_num_steps": total_steps, "warmup_num_steps": max(1, int(cfg.warmup_ratio * total_steps)),  # DeepSpeed needs >= 1
+        "total_num_steps": total_steps,
+        "warmup_num_steps": max(1, math.ceil(cfg.warmup_ratio * total_steps)),  # HF's count; DeepSpeed needs >= 1
     }
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         given = raw.setdefault(key, "auto")

@@ -36,6 +36,7 @@ def test_kl_equals_reference_on_fixed_scores():
         p, q = _softmax(t, tau_t), _softmax(s, tau)
         expected += sum(pj * (math.log(pj) - math.log(qj)) for pj, qj in zip(p, q))
     assert distill_kl(student, teacher, tau, tau_t).item() == pytest.approx(expected / 2, rel=1e-5)
+    assert distill_kl(student, teacher, tau, tau_t, "mean").item() == pytest.approx(expected / 6, rel=1e-5)  # official
     assert distill_kl(student, student * tau_t / tau, tau, tau_t).item() == pytest.approx(0.0, abs=1e-6)
     assert distill_kl(student.bfloat16(), teacher, tau, tau_t).dtype == torch.float32  # fp32 under bf16
 

@@ -94,9 +94,13 @@ def _slice(batch: dict, start: int, stop: int) -> dict:
 TEACHER = torch.tensor([[2.0, -1.0], [0.5, 0.0], [-3.0, 1.0], [1.0, 1.5]])
 
 
+#: (representation, with teacher scores, --official_cross_device) of the 2-rank test.
+CROSS_DEVICE_CASES = [(kind, teacher, False) for kind in KINDS for teacher in (False, True)] + [("mean", True, True)]
+
+
 def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None:
     """Rank `rank` of 2: its half of the batch with cross-device negatives, without and with teacher scores (KL +
-    0.5 x InfoNCE); saves the rank-mean loss and gradients."""
+    0.5 x InfoNCE), and once as the official code computes it; saves the rank-mean loss and gradients."""
     import torch.distributed as dist
 
     from common.tokenizer import load_tokenizer
@@ -104,10 +108,11 @@ def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None
     dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
     query, passage = _tiny_batch(load_tokenizer(model_dir), 4, 2, seed=1)
     results = {}
-    for kind, teacher in ((kind, teacher) for kind in KINDS for teacher in (None, TEACHER[2 * rank:2 * rank + 2])):
+    for kind, with_teacher, official in CROSS_DEVICE_CASES:
         model = BiEncoder.from_config(config(model_name_or_path=model_dir, representation=kind, top_k=8,
                                              train_group_size=2, cross_device_negatives=True,
-                                             contrastive_loss_weight=0.5)).eval()
+                                             contrastive_loss_weight=0.5, official_cross_device=official)).eval()
+        teacher = TEACHER[2 * rank:2 * rank + 2] if with_teacher else None
         output = model(_slice(query, 2 * rank, 2 * rank + 2), _slice(passage, 4 * rank, 4 * rank + 4), teacher)
         output.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -116,7 +121,7 @@ def _cross_device_worker(rank: int, model_dir: str, port: int, out: str) -> None
             g /= 2
         loss = output.loss.detach().clone()
         dist.all_reduce(loss)
-        results[kind, teacher is not None] = {"loss": loss / 2, "grads": grads}
+        results[kind, with_teacher, official] = {"loss": loss / 2, "grads": grads}
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
@@ -129,13 +134,16 @@ def test_cross_device_negatives_equal_one_process(tiny_model, tokenizer, tmp_pat
                                 nprocs=2, join=True)
     results = torch.load(out)
     query, passage = _tiny_batch(tokenizer, 4, 2, seed=1)
-    for kind, teacher in ((kind, teacher) for kind in KINDS for teacher in (None, TEACHER)):
+    for kind, with_teacher, official in CROSS_DEVICE_CASES:
+        # official: the same loss; the InfoNCE gradient halved (1/world size), the KL's not
         model = BiEncoder.from_config(config(model_name_or_path=str(tiny_model), representation=kind, top_k=8,
-                                             train_group_size=2, contrastive_loss_weight=0.5)).eval()
-        output = model(query, passage, teacher)
+                                             train_group_size=2, contrastive_loss_weight=0.25 if official else 0.5)
+                                      ).eval()
+        output = model(query, passage, TEACHER if with_teacher else None)
         output.loss.backward()
-        ranks = results[kind, teacher is not None]
-        assert ranks["loss"].item() == pytest.approx(output.loss.item(), rel=1e-5)
+        ranks = results[kind, with_teacher, official]
+        expected = output.distill + 0.5 * output.contrastive if with_teacher else output.contrastive
+        assert ranks["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         assert grads.keys() == ranks["grads"].keys()
         for name, grad in grads.items():
