@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from test_pretrain_data import make_texts, write_shards
-from test_slurm import FINAL_STATES, TINY, job_info, read_logs, sbatch, steps, wait_for
+from test_finetune import beir_dir, tiny_model, tokenizer  # noqa: F401  fixtures
+from test_slurm import FINAL_STATES, TINY, WORDS, job_info, read_logs, sbatch, steps, wait_for
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.slow]
 
@@ -175,3 +176,56 @@ def test_an_output_folder_the_nodes_do_not_share_is_refused_before_any_step(slur
         assert len(errors) == 1 and errors[0].endswith(expected), job.logs()
     assert "step" not in "".join(job.rank_log(r) for r in (0, 1)).replace("steps", ""), job.logs()
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_finetune_with_cross_device_negatives_across_two_nodes_equals_one_node(slurm_env, tiny_model, beir_dir,
+                                                                                tmp_path):
+    negatives = tmp_path / "negs.jsonl"
+    negatives.write_text("".join(json.dumps({"query_id": f"q{i}", "negatives": [f"d{j}" for j in range(30)]}) + "\n"
+                                 for i in range(12)))
+    jobs = {}
+    for name, flags in (("one-node", ONE_NODE), ("two-nodes", TWO_NODES)):  # both queued at once
+        env = {**slurm_env, "MODEL": str(tiny_model), "DATA_DIR": str(beir_dir), "OUTPUT_DIR": str(tmp_path / name),
+               "DS_CONFIG": "ds_configs/finetune_cpu.json"}
+        job_id = sbatch(env, "finetune.sbatch", "--negatives", str(negatives), "--train_group_size", "3",
+                        "--per_device_train_batch_size", "2", "--passage_max_length", "24", "--max_steps", "4",
+                        "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3", "--representation",
+                        "dupmae", "--top_k", "16", "--cross_device_negatives",
+                        flags=(*flags, "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out"))
+        jobs[name] = (job_id, Path(slurm_env["LOG_ROOT"]) / f"dupmae-finetune-{job_id}")
+    for name, (job_id, log_dir) in jobs.items():
+        final = wait_for(slurm_env, job_id, log_dir)
+        assert final["JobState"] == "COMPLETED", read_logs(log_dir)
+    assert job_info(slurm_env, jobs["two-nodes"][0])["NumNodes"] == "2"
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                for name in ("one-node", "two-nodes"))
+    assert [m["step"] for m in two] == [1, 2, 3, 4]
+    # the ranks' passages gathered over the link: every number of every step exactly, all but the timing
+    assert [{k: v for k, v in m.items() if k != "seconds"} for m in two] == [
+        {k: v for k, v in m.items() if k != "seconds"} for m in one]
+
+
+def test_evaluate_shards_on_two_nodes_merge_to_one_nodes_metrics(slurm_env, minilm_path, tmp_path):
+    beir = tmp_path / "tiny"
+    (beir / "qrels").mkdir(parents=True)
+    docs = [" ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(i % 5 + 6)) for i in range(30)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n"
+                                               for i, text in enumerate(docs)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": " ".join(docs[3 * i].split()[:3])})
+                                                + "\n" for i in range(6)))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{3 * i}\t1\n"
+                                                                                      for i in range(6)))
+    jobs = {}
+    for name, flags in (("one-node", ONE_NODE), ("two-nodes", TWO_NODES)):
+        env = {**slurm_env, "MODEL": minilm_path, "DATASETS": str(beir), "OUTPUT_DIR": str(tmp_path / name)}
+        job_id = sbatch(env, "evaluate.sbatch", "--batch_size", "8",
+                        flags=(*flags, "--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/slurm-%j.out"))
+        jobs[name] = (job_id, Path(slurm_env["LOG_ROOT"]) / f"dupmae-evaluate-{job_id}")
+    for name, (job_id, log_dir) in jobs.items():
+        assert wait_for(slurm_env, job_id, log_dir)["JobState"] == "COMPLETED", read_logs(log_dir)
+    job_id, log_dir = jobs["two-nodes"]
+    for task in (0, 1):  # task i encoded and searched shard i, on its own node
+        assert f"tiny: shard {task}/2 encoded" in (log_dir / f"rank-{task}.log").read_text(), read_logs(log_dir)
+    assert job_info(slurm_env, job_id)["NumNodes"] == "2"
+    one, two = (json.loads((tmp_path / name / "results.json").read_text())["tiny"] for name in ("one-node", "two-nodes"))
+    assert two == one and 0 < two["nDCG@10"] <= 1
