@@ -197,6 +197,12 @@ def resolve_config(name_or_path: str | None, **overrides) -> RepresentationConfi
     return replace(base or RepresentationConfig(), **overrides)
 
 
+def saved_max_seq_length(folder: str | Path) -> int | None:
+    """The length a sentence-transformers folder truncates to (sentence_bert_config.json), or None."""
+    st_config = Path(folder) / "sentence_bert_config.json"
+    return json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+
+
 class Encoder(nn.Module):
     """A HF encoder plus the pooling (and, for dupmae, the MLM head and the projection W) that make a vector."""
 
@@ -213,8 +219,9 @@ class Encoder(nn.Module):
 
         A DupMAE folder keeps its MLM head under any config, so a `mean` fine-tuning of a DupMAE export exports the
         head too, and the result can still be scored as dupmae (its trained sparse half on the tuned encoder).
-        Weights load in fp32 whatever dtype they were saved in (a bf16 fine-tuning saves bf16): bf16 compute is
-        autocast's job (`--bf16`), and the projection W is fp32."""
+        Weights load in fp32 whatever dtype they were saved in (our exports are fp32, a bf16 fine-tuning included:
+        it saves the fp32 master weights; a folder from elsewhere may hold bf16): bf16 compute is autocast's job
+        (`--bf16`), and the projection W is fp32."""
         from transformers import AutoModel, AutoModelForMaskedLM
 
         path = resolve_model(name_or_path)
@@ -245,9 +252,7 @@ class Encoder(nn.Module):
                     logger.warning("%s has no %s: projection initialized (%s)", path, PROJECTION_NAME,
                                    "identity" if config.dense_dim == model.config.hidden_size else f"seed {INIT_SEED}")
         encoder = cls(model, config, projection)
-        st_config = folder / "sentence_bert_config.json"
-        if st_config.is_file():
-            encoder.max_seq_length = json.loads(st_config.read_text()).get("max_seq_length")
+        encoder.max_seq_length = saved_max_seq_length(folder)
         return encoder
 
     def with_config(self, config: RepresentationConfig) -> "Encoder":

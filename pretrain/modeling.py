@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from common.defaults import resolve_model
-from common.representation import Encoder, RepresentationConfig, dupmae_config, folder_config, new_projection
+from common.representation import (Encoder, RepresentationConfig, dupmae_config, folder_config, new_projection,
+                                   saved_max_seq_length)
 from pretrain.cpu_attention import use_fast_cpu_attention
 from pretrain.enhanced_decoder import EnhancedDecoderLayer
 from pretrain.linear_ce import linear_cross_entropy
@@ -162,6 +163,7 @@ class DupMAEModel(nn.Module):
                         if config.decoder_weight > 0 else None)
         self.encoder_frozen = False
         self.new_head = False  # the MLM head was initialized here (from_pretrained sets it), not loaded
+        self.max_seq_length: int | None = None  # the base folder's (sentence_bert_config.json), kept by the export
         split_mlm_head(mlm)  # fail at construction, not at the first step
         if config.cpu_attention:
             use_fast_cpu_attention(mlm)
@@ -205,6 +207,8 @@ class DupMAEModel(nn.Module):
         base = None if model_config_overrides or model_config_file else folder_config(path)
         model = cls(mlm, config, dupmae_config(base, mlm.config.hidden_size))
         model.new_head = bool(head_missing or model_config_overrides or model_config_file)
+        if not (model_config_overrides or model_config_file):
+            model.max_seq_length = saved_max_seq_length(path)
         decoder_file = Path(path) / DECODER_FILE
         if model.decoder is not None and not (model_config_overrides or model_config_file) and decoder_file.is_file():
             from safetensors.torch import load_file
@@ -293,12 +297,14 @@ class DupMAEModel(nn.Module):
 
     def save_export(self, out_dir: str, tokenizer) -> None:
         """Encoder + MLM head as a HF folder with the `dupmae` representation (projection initialized as
-        `common.representation` does: the identity when square), plus the decoder and the loss config."""
+        `common.representation` does: the identity when square), plus the decoder and the loss config. The base
+        model's max_seq_length is kept, so a default evaluation of the export truncates as the base does."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         encoder = Encoder(self.mlm, self.representation, new_projection(self.mlm.config.hidden_size,
                                                                         self.representation.dense_dim))
+        encoder.max_seq_length = self.max_seq_length
         encoder.save_pretrained(out, tokenizer)
         if self.decoder is not None:
             state = {k: v.detach().contiguous().cpu() for k, v in self.decoder.state_dict().items()}

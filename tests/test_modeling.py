@@ -439,7 +439,8 @@ def test_init_head_bias_sets_the_centered_log_prior():
 
 
 def test_minilm_export_dense_half_is_the_packaged_embedding(minilm_path, tmp_path):
-    """Before any training step the dupmae export of a sentence embedder scores with its own embedding."""
+    """Before any training step the dupmae export of a sentence embedder scores with its own embedding, and
+    truncates where it does (max_seq_length 256, not the position limit 512)."""
     from sentence_transformers import SentenceTransformer
 
     from common.representation import Encoder, RepresentationConfig
@@ -450,6 +451,7 @@ def test_minilm_export_dense_half_is_the_packaged_embedding(minilm_path, tmp_pat
     encoder = Encoder.from_pretrained(str(tmp_path)).eval()
     assert encoder.config == RepresentationConfig(kind="dupmae", pooling="mean", normalize=True, dense_dim=384,
                                                   sparse_bias=False, sparse_values="probs", sparse_weight=0.2)
+    assert encoder.max_seq_length == Encoder.from_pretrained(minilm_path).max_seq_length == 256
     texts = ["Nanotechnologies track stem cells.", "low birth weight and perinatal mortality"]
     with torch.no_grad():
         ours = encoder(**tokenizer(texts, padding=True, return_tensors="pt"))
