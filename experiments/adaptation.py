@@ -14,7 +14,8 @@ Each variant is scored zero-shot with `mean` and `cls` pooling (cosine) and, for
 representation its export records; then, where the dataset has qrels/train.tsv, fine-tuned the same way for every
 variant (BM25 negatives mined once; same steps, seed and options; the base model's own embedding, `mean`), and
 scored the same way again (a DupMAE variant's `dupmae`: the tuned dense half plus its pre-trained sparse half,
-with the same representation config as its zero-shot row). Every stage is a subprocess with its own log, reused
+with the same representation config as its zero-shot row, scored from a folder that holds both: `with_sparse_half`,
+so the row's artifact reproduces it in this code and in sentence-transformers; `Experiment.models` names each). Every stage is a subprocess with its own log, reused
 when its command and inputs are unchanged (`experiments.stages`); evaluations are cached by their options and a
 fingerprint of the model's weights. The base model's row fused with BM25 by reciprocal rank is a reference row.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,6 +114,31 @@ def _corpus_inputs(sources: list[Path]) -> tuple[list[str], list[str]]:
     return files, [name for name in ("title", "text") if name in first] or ["text"]
 
 
+def with_sparse_half(tuned: str, dupmae: RepresentationConfig, pretrained: str, out: Path) -> str:
+    """`out`: the fine-tuned encoder (tuned as `mean`; its folder keeps the pre-trained MLM head) with the pre-trained
+    export's projection, saved as one `dupmae` folder (sparse/ and 2_Dense for sentence-transformers). This is what
+    a fine-tuned dupmae row scores; the fine-tuning's own export records `mean` and has neither. Written again only
+    when `tuned` changed (its stage fingerprint is recorded)."""
+    from safetensors.torch import load_file
+
+    from common.representation import PROJECTION_NAME, Encoder
+    from common.tokenizer import load_tokenizer
+
+    source = {"tuned": fingerprint(Path(tuned)), "pretrained": fingerprint(Path(resolve_model(pretrained))),
+              "dupmae": asdict(dupmae)}
+    record = out / "with_sparse_half.json"
+    if record.is_file() and json.loads(record.read_text()) == source:
+        return str(out)
+    shutil.rmtree(out, ignore_errors=True)  # sparse/ links every file of the folder: none of an older export
+    encoder = Encoder.from_pretrained(tuned, dupmae)
+    projection = Path(resolve_model(pretrained)) / PROJECTION_NAME
+    if projection.is_file():
+        encoder.projection.load_state_dict(load_file(str(projection)))
+    encoder.save_pretrained(out, load_tokenizer(tuned))
+    record.write_text(json.dumps(source) + "\n")
+    return str(out)
+
+
 class Experiment:
     """Runs every stage of one dataset and seed, reusing finished ones; returns the scores."""
 
@@ -119,6 +146,7 @@ class Experiment:
         self.cfg, self.dataset, self.seed, self.shards, self.negatives = cfg, dataset, seed, shards, negatives
         self.out = Path(cfg.output_dir) / dataset.name / f"seed-{seed}"
         self.seconds: dict[str, float] = {}
+        self.models: dict[tuple[str, str], str] = {}  # (variant, stage) -> the model folder its rows score
 
     def run(self, variant: str) -> dict[str, dict[str, dict[str, float]]]:
         """{stage: {representation: metrics}} of one variant."""
@@ -130,10 +158,13 @@ class Experiment:
             model, upstream = str(pretrained / "export"), (pretrained,)
         dupmae = dupmae_representation(model) if spec.dupmae else None  # one config for both stages
         scores = {"zero-shot": self._evaluate(f"{variant} zero-shot", model, dupmae, out / "zero-shot.json")}
+        self.models[variant, "zero-shot"] = model
         if self.negatives is not None:
-            tuned = self._finetune(variant, model, out / "finetune", upstream)
-            scores["fine-tuned"] = self._evaluate(f"{variant} fine-tuned", str(tuned / "model"), dupmae,
-                                                  out / "fine-tuned.json")
+            tuned = str(self._finetune(variant, model, out / "finetune", upstream) / "model")
+            if dupmae is not None:
+                tuned = with_sparse_half(tuned, dupmae, model, out / "finetune" / "dupmae")
+            scores["fine-tuned"] = self._evaluate(f"{variant} fine-tuned", tuned, dupmae, out / "fine-tuned.json")
+            self.models[variant, "fine-tuned"] = tuned
         return scores
 
     def _pretrain(self, variant: str, spec: Variant, out: Path) -> Path:

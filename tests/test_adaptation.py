@@ -96,7 +96,56 @@ def test_every_variant_end_to_end(tiny_model, tmp_path):
 
     with safe_open(str(runs / "dupmae" / "finetune" / "model" / "model.safetensors"), "pt") as weights:
         assert any(key.startswith("cls.predictions") for key in weights.keys())
+    # the fine-tuned dupmae rows score a folder that holds both halves (sentence-transformers reads both)
+    artifact = runs / "dupmae" / "finetune" / "dupmae"
+    assert json.loads((runs / "dupmae" / "fine-tuned.json").read_text())["key"]["model"] == str(artifact)
+    assert (artifact / "sparse" / "modules.json").is_file() and (artifact / "2_Dense" / "model.safetensors").is_file()
     # a second run with the same options reuses every stage
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and [json.loads(x) for x in again.stdout.splitlines()] == lines
     assert "running:" not in again.stderr
+
+
+def test_fine_tuned_dupmae_row_is_reproduced_by_its_artifact(tiny_model, tmp_path):
+    """A fine-tuned dupmae row (the tuned encoder's dense half + the pre-trained sparse half) names a folder that
+    reproduces it: here, and in sentence-transformers (SentenceTransformer + SparseEncoder of the same folder).
+    The fine-tuning's own export records `mean` and has no sparse/ or projection: it reproduces the control."""
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+
+    from common.representation import Encoder, RepresentationConfig, folder_config
+    from common.tokenizer import load_tokenizer
+    from evaluation.metrics import evaluate
+    from experiments.adaptation import with_sparse_half
+    from experiments.scoring import _test_split, evaluate_model
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    export, tuned = tmp_path / "export", tmp_path / "tuned"
+    dupmae = RepresentationConfig(kind="dupmae", pooling="mean", normalize=True, dense_dim=32, top_k=8,
+                                  sparse_bias=False, sparse_values="probs", sparse_weight=0.5)
+    Encoder.from_pretrained(str(tiny_model), dupmae).save_pretrained(export, tokenizer)  # as pre-training exports
+    fine = Encoder.from_pretrained(str(export), RepresentationConfig(kind="mean", normalize=True))
+    with torch.no_grad():  # "fine-tuning": the encoder moves, the MLM head stays
+        fine.model.base_model.encoder.layer[0].output.dense.weight.mul_(1.5)
+    fine.save_pretrained(tuned, tokenizer)
+    data = beir(tmp_path / "data")
+    row = evaluate_model(str(tuned), data, 64, 0, dupmae)["dupmae"]  # how the table scored the row
+    assert folder_config(str(tuned)).kind == "mean" and not (tuned / "sparse").exists()
+
+    artifact = with_sparse_half(str(tuned), dupmae, str(export), tmp_path / "artifact")
+    assert folder_config(artifact) == dupmae
+    assert evaluate_model(artifact, data, 64, 0, folder_config(artifact))["dupmae"] == row
+
+    split = _test_split(data, 0)
+    dense = SentenceTransformer(artifact, device="cpu")
+    dense.max_seq_length = 64
+    sparse = SparseEncoder(str(Path(artifact) / "sparse"), device="cpu", trust_remote_code=True)
+    sparse.max_seq_length = 64
+    queries = [split.query_texts[i] for i in range(len(split.query_ids))]
+    scores = (dense.similarity(dense.encode(queries, convert_to_tensor=True),
+                               dense.encode(split.doc_texts, convert_to_tensor=True))
+              + dupmae.sparse_weight * sparse.similarity(sparse.encode_query(queries),
+                                                         sparse.encode_document(split.doc_texts)).to_dense())
+    ranking = {qid: {split.doc_ids[j]: float(scores[i, j]) for j in range(len(split.doc_ids))
+                     if split.doc_ids[j] != qid} for i, qid in enumerate(split.query_ids)}
+    assert evaluate(split.qrels, ranking)["nDCG@10"] == pytest.approx(row["nDCG@10"], abs=1e-6)
+    assert with_sparse_half(str(tuned), dupmae, str(export), tmp_path / "artifact") == artifact  # reused
