@@ -40,7 +40,7 @@ from preprocessing.runner import (
 )
 from preprocessing.ordered_file import ArrowRows, WriteInOrder
 from preprocessing.shards import list_array, prepare_output_dir, read_manifest, write_manifest
-from preprocessing.tokenize import BatchEncoder, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, read_staged_tokenizer, stage_tokenizer
 from preprocessing.writes import OutputDir
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ class FinetuneDataConfig:
 class TokenizeTexts(beam.DoFn):
     """Document -> (sort key, id, input_ids), many texts per tokenizer call, cut at max_length tokens."""
 
-    def __init__(self, serialized_tokenizer: str, max_length: int, batch_size: int, threads: int):
-        self.serialized_tokenizer = serialized_tokenizer
+    def __init__(self, tokenizer_path: str, max_length: int, batch_size: int, threads: int):
+        self.tokenizer_path = tokenizer_path  # preprocessing.tokenize.stage_tokenizer's file
         self.max_length = max_length
         self.batch_size = batch_size
         self.threads, self.launcher_pid = threads, os.getpid()
@@ -87,7 +87,7 @@ class TokenizeTexts(beam.DoFn):
 
     def setup(self):
         setup_worker_process(self.threads, self.launcher_pid)
-        self.encoder = BatchEncoder(self.serialized_tokenizer, self.max_length)
+        self.encoder = BatchEncoder(read_staged_tokenizer(self.tokenizer_path), self.max_length)
         self.progress = Progress("finetune_data")
 
     def start_bundle(self):
@@ -278,7 +278,7 @@ def group_stats(rows: list) -> dict[str, int]:
 
 
 def _tokenized_table(
-    pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, serialized: str, schema, out_file: str,
+    pipeline, name: str, file, spec: RecordSpec, max_length: int, cfg, tokenizer_path: str, schema, out_file: str,
     output: OutputDir,
 ):
     """Read, parse, tokenize and write one of corpus / queries; returns (file info, [dead letters], ids)."""
@@ -289,7 +289,7 @@ def _tokenized_table(
         | f"Reshuffle{name}" >> beam.Reshuffle()
         | f"Parse{name}" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
     )
-    tokenize = TokenizeTexts(serialized, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads)
+    tokenize = TokenizeTexts(tokenizer_path, max_length, cfg.tokenize_batch_size, cfg.tokenizer_threads)
     rows = parsed.documents | f"Tokenize{name}" >> beam.ParDo(tokenize)
     unique = (
         rows
@@ -314,14 +314,14 @@ def _lines(pipeline, name: str, file, parser: beam.DoFn):
 def build_pipeline(
     pipeline: beam.Pipeline, cfg: FinetuneDataConfig, files: dict, tokenizer, pipeline_args, output: OutputDir
 ) -> None:
-    serialized = tokenizer_json(tokenizer)
+    tokenizer_path = stage_tokenizer(tokenizer, output)
     corpus_info, corpus_dead, corpus_ids = _tokenized_table(
         pipeline, "Corpus", files["corpus"], RecordSpec(("title", "text"), ("title",), "_id", True),
-        cfg.passage_max_length, cfg, serialized, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE, output,
+        cfg.passage_max_length, cfg, tokenizer_path, FINETUNE_CORPUS_SCHEMA, FINETUNE_CORPUS_FILE, output,
     )
     query_info, query_dead, query_ids = _tokenized_table(
         pipeline, "Queries", files["queries"], RecordSpec(("text",), (), "_id", True), cfg.query_max_length,
-        cfg, serialized, FINETUNE_QUERIES_SCHEMA, FINETUNE_QUERIES_FILE, output,
+        cfg, tokenizer_path, FINETUNE_QUERIES_SCHEMA, FINETUNE_QUERIES_FILE, output,
     )
     qrels = _lines(pipeline, "Qrels", files["qrels"], ParseQrels())
     dead = [*corpus_dead, *query_dead, qrels[DEAD_LETTER_TAG]]

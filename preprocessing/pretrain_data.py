@@ -42,7 +42,7 @@ from preprocessing.shards import (
     WriteShard, estimate_num_shards, prepare_output_dir, read_manifest, shard_of, write_manifest, write_shard,
 )
 from preprocessing.text import split_sentences
-from preprocessing.tokenize import BatchEncoder, tokenizer_json
+from preprocessing.tokenize import BatchEncoder, read_staged_tokenizer, stage_tokenizer
 from preprocessing.writes import OutputDir
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ class PretrainDataConfig:
 class TokenizeAndPack(beam.DoFn):
     """Documents -> (shard, PackedDocument); tokenizes the sentences of many documents per tokenizer call."""
 
-    def __init__(self, serialized_tokenizer: str, config: PretrainDataConfig, num_shards: int):
-        self.serialized_tokenizer = serialized_tokenizer
+    def __init__(self, tokenizer_path: str, config: PretrainDataConfig, num_shards: int):
+        self.tokenizer_path = tokenizer_path  # preprocessing.tokenize.stage_tokenizer's file
         self.config = config
         self.num_shards = num_shards
         self.launcher_pid = os.getpid()
@@ -114,7 +114,7 @@ class TokenizeAndPack(beam.DoFn):
 
     def setup(self):
         setup_worker_process(self.config.tokenizer_threads, self.launcher_pid)
-        self.encoder = BatchEncoder(self.serialized_tokenizer)
+        self.encoder = BatchEncoder(read_staged_tokenizer(self.tokenizer_path))
         self.progress = Progress("pretrain_data")
 
     def start_bundle(self):
@@ -199,7 +199,7 @@ def build_pipeline(
         | "Parse" >> beam.ParDo(ParseRecords(spec)).with_outputs(DEAD_LETTER_TAG, main="documents")
     )
     packed = parsed.documents | "TokenizeAndPack" >> beam.ParDo(
-        TokenizeAndPack(tokenizer_json(tokenizer), cfg, num_shards)
+        TokenizeAndPack(stage_tokenizer(tokenizer, output), cfg, num_shards)
     ).with_outputs(DEAD_LETTER_TAG, main="documents")
     shard_stats = (
         packed.documents

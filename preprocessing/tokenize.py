@@ -1,8 +1,10 @@
 """Batch tokenization inside Beam workers with the exact tokenizer the launcher checked.
 
-The launcher loads the HF tokenizer once (a clear error before any work) and ships its `tokenizer.json`
-text to the workers, so remote workers need neither the hub nor the local path and every worker encodes
-with the very vocabulary whose hash the manifest records.
+The launcher loads the HF tokenizer once (a clear error before any work) and writes its `tokenizer.json`
+into the run's temporary folder, which every worker reads in its DoFn's setup: remote workers need neither
+the hub nor the local path, every worker encodes with the very vocabulary whose hash the manifest records,
+and the job request carries a path, not the vocabulary (Dataflow refuses requests over 10 MB; a 250k-entry
+vocabulary alone is about 17 MB).
 """
 from __future__ import annotations
 
@@ -12,13 +14,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.packing import word_starts_of
+from preprocessing.writes import OutputDir, atomic_create
 
 
 def tokenizer_json(tokenizer) -> str:
     """The serialized Rust tokenizer behind a HF fast tokenizer."""
     return tokenizer.backend_tokenizer.to_str()
+
+
+def stage_tokenizer(tokenizer, output: OutputDir) -> str:
+    """The tokenizer's JSON written to the run's temporary folder; returns the path the workers read."""
+    path = output.temporary("tokenizer.json")
+    with atomic_create(output, path) as writer:
+        writer.write(tokenizer_json(tokenizer).encode("utf-8"))
+    return path
+
+
+def read_staged_tokenizer(path: str) -> str:
+    with FileSystems.open(path) as handle:
+        return handle.read().decode("utf-8")
 
 
 @dataclass

@@ -281,3 +281,27 @@ def test_shards_are_sized_by_the_records_not_the_compressed_file(tmp_path, monke
     assert abs(records.content_bytes(gz, "auto", ["text"]) / len(plain) - 1) < 0.1
     texts = sum(len(json.loads(line)["text"]) for line in lines)
     assert 1 <= records.content_bytes(parquet, "auto", ["text"]) / texts < 1.1  # the text column only
+
+
+def test_job_request_carries_a_tokenizer_path_not_the_vocabulary(tmp_path, minilm_path):
+    """Dataflow refuses job requests over 10 MB: the pipeline's size must not grow with the vocabulary."""
+    import apache_beam as beam
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from common.tokenizer import load_tokenizer
+    from preprocessing.writes import OutputDir
+
+    (tmp_path / "qrels").mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv"):
+        (tmp_path / name).write_text("{}\n")
+    tiny = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tiny.pre_tokenizer = pre_tokenizers.Whitespace()
+    sizes = []
+    for tokenizer in (load_tokenizer(minilm_path), PreTrainedTokenizerFast(tokenizer_object=tiny)):
+        cfg = finetune_data.FinetuneDataConfig(data_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
+        pipeline = beam.Pipeline()
+        finetune_data.build_pipeline(pipeline, cfg, finetune_data.input_files(cfg), tokenizer, [],
+                                     OutputDir(cfg.output_dir, "run"))
+        sizes.append(len(pipeline.to_runner_api().SerializeToString()))
+    assert abs(sizes[0] - sizes[1]) < 2000, sizes  # 30k-entry vocabulary or 2 entries: the same request
