@@ -6,8 +6,11 @@ flipped byte inside a record batch passes both, and memory-mapped reads never no
 step rank r hashes shards r, r + W, r + 2W, ... (the reads run in parallel across ranks and nodes), the
 ranks exchange their findings in one all-gather, and every rank stops with the same one-line error naming
 the first bad shard. Rank 0 then records the verification in OUT/shards_verified.json (the data folder, the
-manifest's hash, each shard's size and mtime); a resumed run whose rank 0 finds the same record skips the
-hashing, and any change to those (a shard copied again, another data folder) hashes everything again. Rank 0
+manifest's hash, each shard's expected sha256, size, mtime, inode and ctime); a resumed run whose rank 0 finds the
+same record skips the hashing, and any change to those (a shard copied again, another data folder) hashes
+everything again. Size and mtime alone are not enough: `cp -p` and `rsync -a` restore the mtime of a copy whose
+bytes differ, but a write or a copy always gives the file a new ctime (which no user call can set back), and a
+copy a new inode. Rank 0
 alone decides and broadcasts it: other ranks may see other paths and mtimes (node-local copies) or no OUT at
 all, and a rank deciding on its own would skip while the others wait in the all-gather.
 """
@@ -40,11 +43,13 @@ def file_sha256(path: Path) -> str:
 
 
 def _fingerprint(folder: Path, manifest: Manifest) -> dict:
-    """What a verification vouches for: the folder, the manifest's bytes, each shard's size and mtime."""
-    stats = {info.file: os.stat(folder / info.file) for info in manifest.shards}
+    """What a verification vouches for: the folder, the manifest's bytes, each shard's expected sha256 and its
+    file's size, mtime, inode and ctime (see the module docstring)."""
+    stats = {info.file: (info.sha256, os.stat(folder / info.file)) for info in manifest.shards}
     return {"data_dir": str(folder.resolve()),
             "manifest_sha256": hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest(),
-            "shards": {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}}
+            "shards": {name: [sha256, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+                       for name, (sha256, stat) in stats.items()}}
 
 
 def _first_mismatch(folder: Path, manifest: Manifest, rank: int, world_size: int) -> tuple[int, str] | None:
@@ -72,7 +77,7 @@ def verify_shards(data_dir: str | Path, manifest: Manifest, output_dir: str | Pa
         logger.info("shards verified earlier (%s on rank 0): not hashing them again", record)
         return
     started = time.perf_counter()
-    total = sum(size for size, _ in fingerprint["shards"].values())
+    total = sum(size for _, size, *_ in fingerprint["shards"].values())
     logger.info("verifying the sha256 of %d shards (%.1f GB) across %d rank(s); --no_verify_shards skips this",
                 len(manifest.shards), total / 1e9, world_size)
     mine = _first_mismatch(folder, manifest, rank, world_size)

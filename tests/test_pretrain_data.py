@@ -217,6 +217,13 @@ def test_verification_is_recorded_and_redone_only_when_the_files_change(tmp_path
     os.utime(folder / shard_name(0, 3), ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # a copy made again
     verify_shards(folder, manifest, tmp_path / "out", rank=0, world_size=1)
     assert len(hashed) == 6
+    # a byte changed and the mtime put back (as cp -p or rsync -a leave a bad copy): hashed again, and caught
+    stat = (folder / shard_name(2, 3)).stat()
+    change_one_byte(folder / shard_name(2, 3))
+    os.utime(folder / shard_name(2, 3), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(DataError, match=r"shard-00002-of-00003.arrow: sha256"):
+        verify_shards(folder, manifest, tmp_path / "out", rank=0, world_size=1)
+    assert len(hashed) == 9
     # rank 1 of 2 hashes shards 1 only (rank 0 takes 0 and 2); without a process group nothing is gathered
     hashed.clear()
     verify_shards(folder, manifest, tmp_path / "out2", rank=1, world_size=2)
