@@ -280,3 +280,16 @@ def test_log_unigram_prior_counts_the_shards_tokens(shard_dir, tokenizer):
     assert np.exp(prior).sum() == pytest.approx(1.0)
     with pytest.raises(DataError, match="outside the model's vocabulary"):
         PretrainShards(shard_dir).log_unigram_prior(100)
+
+
+@pytest.mark.parametrize("micro_batches,accumulation,epochs", [(10, 4, 1.0), (10, 4, 3.0), (7, 2, 2.0), (12, 4, 1.0),
+                                                               (9, 1, 1.0)])
+def test_whole_epochs_never_read_into_the_next_epoch(micro_batches, accumulation, epochs):
+    """`--num_train_epochs N` (how pretrain/main.py sizes the schedule): at most N epochs' micro-batches, and all of
+    them when accumulation divides an epoch."""
+    from pretrain.arguments import TrainingArguments
+
+    args = TrainingArguments(output_dir="/o", num_train_epochs=epochs, gradient_accumulation_steps=accumulation)
+    read = args.total_steps(micro_batches / accumulation) * accumulation
+    assert read <= epochs * micro_batches
+    assert read == epochs * micro_batches - epochs * (micro_batches % accumulation)
