@@ -4,12 +4,14 @@ A checkpoint is DeepSpeed's folder `OUT/checkpoints/step-NNNNNNNN/` (every modul
 optimizer, the scheduler) plus the stage's train state in its client state (pre-training: the step and the
 data loader's position, its masks and dropout being seeded from (seed, rank, step); fine-tuning: the data
 position) and, where a stage needs it, one file of per-rank state (fine-tuning's RNG states).
-Once every rank finished writing, rank 0 records each file's size in the folder's `checkpoint_files.json`,
-then replaces `latest` atomically (DeepSpeed's own `latest` is written before the other ranks are done):
-`latest` names the newest *complete* checkpoint in DeepSpeed's own format (one line, the tag), so a crash or
-SIGKILL mid-save leaves the previous one in charge. A step folder newer than `latest` is such an unfinished
-save: `--resume auto` never picks it, the next save removes it (so it never counts as one of the last K),
-and a resume checks its checkpoint's files against the record (every rank's file present, sizes as written).
+Every rank fsyncs the files it wrote and the folder (a node lost right after a save on Lustre or NFS must not
+take a part of it from the cache); once every rank has, rank 0 records each file's size in the folder's
+`checkpoint_files.json`, then replaces `latest` atomically (DeepSpeed's own `latest` is written before the other
+ranks are done): `latest` names the newest *complete* checkpoint in DeepSpeed's own format (one line, the tag),
+so a crash or SIGKILL mid-save leaves the previous one in charge. A step folder newer than `latest` is such an
+unfinished save: `--resume auto` never picks it, the next save removes it (so it never counts as one of the last
+K), and a resume checks its checkpoint's files against the record (every rank's file present, sizes as written)
+and the number of ranks that wrote it against this run's.
 
 A save that cannot fit says so before writing anything: every rank compares the free space of the
 checkpoint folder with the size of the last checkpoint (an estimate from the parameter count before the
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 FILES = "checkpoint_files.json"
 _TAG = re.compile(r"^step-(\d+)$")
+#: The files one rank alone writes: DeepSpeed's ZeRO partition ((bf16_)zero_pp_rank_R_mp_rank_00_optim_states.pt,
+#: ZeRO-3's model states too), fine-tuning's RNG states (rank-R-state.pt). Rank 0 writes the other files.
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_(\d+)_mp_rank_\d+_(?:optim|model)_states|^rank-(\d+)-state)\.pt$")
 _MB = 1 << 20
 #: Bytes per trainable parameter that AdamW adds to a checkpoint: fp32 master weight and two moments.
 _OPTIMIZER_BYTES = 12
@@ -43,6 +48,11 @@ _OPTIMIZER_BYTES = 12
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint that did not fit or failed to write; raised on every rank with the same line."""
+
+
+class ResumeWorldSizeError(ValueError):
+    """A checkpoint written by another number of ranks: ZeRO splits the optimizer state by rank and each rank
+    owns its share of the data and its random streams, so it resumes only on the world size that saved it."""
 
 
 def _rank_file(rank: int) -> str:
@@ -58,6 +68,16 @@ def read_latest(checkpoint_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def _fsync(path: Path) -> None:
+    """Flush `path` (a file, or a folder's entries) to storage: a filesystem that caches writes on the client
+    (Lustre, NFS) may otherwise lose them with the node, after `latest` already names them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as handle:
@@ -65,21 +85,27 @@ def _write_atomically(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself
 
 
 def _step_of(tag: str | None) -> int:
     return int(_TAG.match(tag).group(1)) if tag and _TAG.match(tag) else -1
 
 
+def _recorded(folder: Path) -> dict[str, int]:
+    """The record of a complete checkpoint: each file's path in the folder and its size."""
+    return json.loads((folder / FILES).read_text())
+
+
 def _recorded_bytes(folder: Path) -> int:
-    return sum(json.loads((folder / FILES).read_text()).values())
+    return sum(_recorded(folder).values())
 
 
 def verify_checkpoint(folder: Path, flag: str) -> None:
     """Raise FileNotFoundError unless every file recorded when `folder` was saved is there with its size."""
     if not (folder / FILES).is_file():
         raise FileNotFoundError(f"{flag} {folder}: an incomplete checkpoint (no {FILES}: its save never finished)")
-    for name, size in json.loads((folder / FILES).read_text()).items():
+    for name, size in _recorded(folder).items():
         path = folder / name
         actual = path.stat().st_size if path.is_file() else None
         if actual != size:
@@ -87,9 +113,18 @@ def verify_checkpoint(folder: Path, flag: str) -> None:
             raise FileNotFoundError(f"{flag} {folder}: an incomplete checkpoint ({name}: {found}, {size} written)")
 
 
-def resolve_resume(resume: str | None, checkpoint_dir: Path, flag: str = "--resume") -> tuple[Path, str] | None:
+def saved_world_size(folder: Path) -> int | None:
+    """How many ranks wrote the complete checkpoint `folder`, from its record: one file each of their own (None
+    when no file is a rank's own, as under ZeRO stage 0 in pre-training)."""
+    ranks = [int(a or b) for a, b in (m.groups() for m in map(_RANK_FILE.search, _recorded(folder)) if m)]
+    return max(ranks) + 1 if ranks else None
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path, flag: str = "--resume", *,
+                   world_size: int) -> tuple[Path, str] | None:
     """(load_dir, tag) to resume from, or None to start fresh. `auto` tolerates no checkpoint; a path must exist.
-    The checkpoint found must be complete (see verify_checkpoint)."""
+    The checkpoint found must be complete (see verify_checkpoint) and written by `world_size` ranks, checked
+    before DeepSpeed reads it (its own check raises a traceback on every rank)."""
     if resume is None:
         return None
     path = Path(resume)
@@ -105,7 +140,13 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path, flag: str = "--resu
     else:
         raise FileNotFoundError(f"{flag} {resume}: neither a checkpoint folder (step-N) nor a folder with "
                                 f"a '{LATEST}' file")
-    verify_checkpoint(found[0] / found[1], flag)
+    folder = found[0] / found[1]
+    verify_checkpoint(folder, flag)
+    saved = saved_world_size(folder)
+    if saved is not None and saved != world_size:
+        raise ResumeWorldSizeError(f"{flag} {folder}: written by {saved} ranks, this run has {world_size}; a "
+                                   f"checkpoint resumes only on the number of ranks that wrote it (ZeRO splits the "
+                                   f"optimizer state and the data by rank)")
     return found
 
 
@@ -195,11 +236,22 @@ class Checkpointer:
                 raise
             if rank_state is not None:
                 torch.save(rank_state, folder / _rank_file(self.rank))
+            self._sync_own_files(folder)
         except (OSError, RuntimeError) as exc:
             if isinstance(exc, dist.DistError):  # a failed collective is not a failed write
                 raise
             return _write_cause(exc, folder)
         return None
+
+    def _sync_own_files(self, folder: Path) -> None:
+        """fsync the files this rank wrote (its own by name; rank 0 the shared ones) and the folder, before the
+        all-gather after which `latest` may name them: no rank's part of a checkpoint lives only in a cache."""
+        for path in sorted(folder.rglob("*")):
+            match = _RANK_FILE.search(path.name)
+            owner = int(match.group(1) or match.group(2)) if match else 0
+            if path.is_file() and owner == self.rank:
+                _fsync(path)
+        _fsync(folder)
 
     def load(self, engine, load_dir: Path, tag: str) -> dict:
         path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)

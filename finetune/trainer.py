@@ -93,7 +93,8 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
         self.position = (0, 0)  # (epoch, next micro-batch in it)
         self.checkpointer = Checkpointer(self.out / CHECKPOINTS, save_total_limit=None, rank=self.rank)
-        found = resolve_resume(cfg.resume_from_checkpoint, self.checkpointer.dir, "--resume_from_checkpoint")
+        found = resolve_resume(cfg.resume_from_checkpoint, self.checkpointer.dir, "--resume_from_checkpoint",
+                               world_size=self.world_size)
         if found is not None:
             self._load(*found)
         self.writer = None

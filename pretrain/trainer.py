@@ -134,7 +134,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Load --resume's checkpoint (if any): weights, optimizer, scheduler, step and loader position."""
-        found = resolve_resume(self.args.resume, self.checkpointer.dir)
+        found = resolve_resume(self.args.resume, self.checkpointer.dir, world_size=self.world_size)
         if found is None:
             if self.args.resume:
                 logger.info("no checkpoint in %s: starting fresh", self.checkpointer.dir)

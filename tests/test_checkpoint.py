@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from common import checkpoint as checkpoint_module
-from common.checkpoint import FILES, Checkpointer, CheckpointSaveError, read_latest, resolve_resume
+from common.checkpoint import (FILES, Checkpointer, CheckpointSaveError, ResumeWorldSizeError, read_latest,
+                               resolve_resume, saved_world_size)
 from common.metrics_log import keep_steps_up_to
 from common.nonfinite import NonFiniteError
 
@@ -107,35 +108,71 @@ def test_pruning_counts_only_complete_checkpoints(tmp_path):
         checkpointer.save(FakeEngine(), step, {"step": step})
     (checkpointer.dir / "step-00001234").mkdir()
     (checkpointer.dir / "step-00001234" / "mp_rank_00_model_states.pt").write_bytes(b"half")
-    assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00001000")
+    assert resolve_resume("auto", checkpointer.dir, world_size=1) == (checkpointer.dir, "step-00001000")
     checkpointer.save(FakeEngine(), 1500, {"step": 1500})
     assert sorted(p.name for p in checkpointer.dir.glob("step-*")) == ["step-00001000", "step-00001500"]
+
+
+class ZeroEngine(FakeEngine):
+    """Writes what `ranks` ranks of ZeRO leave in a shared folder: one optimizer partition file each."""
+
+    def __init__(self, ranks: int):
+        super().__init__()
+        self.ranks = ranks
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(exist_ok=True)
+        torch.save(client_state, folder / "mp_rank_00_model_states.pt")
+        for rank in range(self.ranks):
+            torch.save(torch.zeros(8), folder / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+
+
+def test_a_resume_on_another_world_size_is_refused_before_loading(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "checkpoints", save_total_limit=None, rank=0)
+    checkpointer.save(ZeroEngine(ranks=2), 2, {"step": 2}, rank_state={"rng": 0})  # rank-0-state.pt: no rank 1's
+    folder = checkpointer.dir / "step-00000002"
+    assert saved_world_size(folder) == 2
+    assert resolve_resume("auto", checkpointer.dir, world_size=2) == (checkpointer.dir, "step-00000002")
+    for world_size in (1, 3):
+        with pytest.raises(ResumeWorldSizeError) as info:
+            resolve_resume(str(folder), tmp_path, "--resume_from_checkpoint", world_size=world_size)
+        assert str(info.value) == (f"--resume_from_checkpoint {folder}: written by 2 ranks, this run has "
+                                   f"{world_size}; a checkpoint resumes only on the number of ranks that wrote it "
+                                   "(ZeRO splits the optimizer state and the data by rank)")
+    checkpointer.save(FakeEngine(), 4, {"step": 4}, rank_state={"rng": 0})  # ZeRO stage 0: rank files alone
+    assert saved_world_size(checkpointer.dir / "step-00000004") == 1
+    checkpointer.save(FakeEngine(), 6, {"step": 6})  # no file of one rank's own: not known, not checked here
+    assert saved_world_size(checkpointer.dir / "step-00000006") is None
+    assert resolve_resume("auto", checkpointer.dir, world_size=3) == (checkpointer.dir, "step-00000006")
 
 
 def test_a_resume_checks_the_checkpoints_files(tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", save_total_limit=None, rank=0)
     for step in (2, 4):
         checkpointer.save(FakeEngine(), step, {"step": step})
-    assert resolve_resume("auto", checkpointer.dir) == (checkpointer.dir, "step-00000004")
-    assert resolve_resume(str(checkpointer.dir), tmp_path) == (checkpointer.dir, "step-00000004")
-    assert resolve_resume(str(checkpointer.dir / "step-00000002"), tmp_path) == (checkpointer.dir, "step-00000002")
-    assert resolve_resume("auto", tmp_path / "fresh") is None and resolve_resume(None, checkpointer.dir) is None
+    assert resolve_resume("auto", checkpointer.dir, world_size=1) == (checkpointer.dir, "step-00000004")
+    assert resolve_resume(str(checkpointer.dir), tmp_path, world_size=1) == (checkpointer.dir, "step-00000004")
+    assert resolve_resume(str(checkpointer.dir / "step-00000002"), tmp_path, world_size=1) == (checkpointer.dir,
+                                                                                              "step-00000002")
+    assert resolve_resume("auto", tmp_path / "fresh", world_size=1) is None
+    assert resolve_resume(None, checkpointer.dir, world_size=1) is None
     with pytest.raises(FileNotFoundError, match="--resume /nowhere: neither a checkpoint folder"):
-        resolve_resume("/nowhere", checkpointer.dir)
+        resolve_resume("/nowhere", checkpointer.dir, world_size=1)
     unfinished = checkpointer.dir / "step-00000003"  # older than `latest`, never finished
     unfinished.mkdir()
     (unfinished / "mp_rank_00_model_states.pt").write_bytes(b"half")
     with pytest.raises(FileNotFoundError, match=f"--resume {unfinished}: an incomplete checkpoint .no {FILES}"):
-        resolve_resume(str(unfinished), checkpointer.dir)
+        resolve_resume(str(unfinished), checkpointer.dir, world_size=1)
     optim = checkpointer.dir / "step-00000002" / "optim_states.pt"
     size = optim.stat().st_size
     optim.write_bytes(optim.read_bytes()[:100])
     with pytest.raises(FileNotFoundError, match=f"step-00000002: an incomplete checkpoint .optim_states.pt: "
                                                 f"100 bytes, {size} written"):
-        resolve_resume(str(optim.parent), checkpointer.dir, "--resume_from_checkpoint")
+        resolve_resume(str(optim.parent), checkpointer.dir, "--resume_from_checkpoint", world_size=1)
     (checkpointer.dir / "step-00000004" / "optim_states.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"step-00000004: an incomplete checkpoint .optim_states.pt: missing"):
-        resolve_resume("auto", checkpointer.dir)
+        resolve_resume("auto", checkpointer.dir, world_size=1)
 
 
 def test_a_metrics_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, caplog):
@@ -149,3 +186,68 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path,
     path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
     with pytest.raises(ValueError, match=f"{path}:2: not a JSON line"):
         keep_steps_up_to(path, 2)
+
+
+def _logged_save_worker(rank: int, port: int, out: str) -> None:
+    """Rank `rank` of a real 2-rank DeepSpeed save (ZeRO-2, CPU, gloo) that logs, in order, each file it writes
+    (torch.save, which DeepSpeed's checkpoint engine calls), each fsync (the path of its descriptor) and the
+    all-gather after which `latest` may move."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from common.distributed import init_distributed
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_distributed(120)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
+    events = []
+    save, fsync, gather = torch.save, os.fsync, dist.all_gather_object
+
+    def logged_save(obj, path, *args, **kwargs):
+        events.append(("write", str(path)))
+        return save(obj, path, *args, **kwargs)
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def logged_gather(*args, **kwargs):
+        events.append(("gather", ""))
+        return gather(*args, **kwargs)
+
+    torch.save, os.fsync, dist.all_gather_object = logged_save, logged_fsync, logged_gather
+    Checkpointer(Path(out) / "checkpoints", save_total_limit=None, rank=rank).save(engine, 1, {"step": 1},
+                                                                                  rank_state={"rank": rank})
+    torch.save, os.fsync, dist.all_gather_object = save, fsync, gather
+    (Path(out) / f"events-{rank}.json").write_text(json.dumps(events))
+    dist.destroy_process_group()
+
+
+def test_every_rank_fsyncs_its_files_and_the_folder_before_latest_moves(tmp_path, monkeypatch):
+    """Each rank's checkpoint files and the step folder reach storage before the all-gather that lets rank 0 move
+    `latest` (on Lustre or NFS a node lost after `latest` moved could otherwise take its part of the checkpoint)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_logged_save_worker, args=(port, str(tmp_path)), nprocs=2)
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    written = set()
+    for rank in (0, 1):
+        events = json.loads((tmp_path / f"events-{rank}.json").read_text())
+        before = events[:[kind for kind, _ in events].index("gather")]
+        mine = {path for kind, path in before if kind == "write" and Path(path).parent == folder}
+        last_write = {path: i for i, (kind, path) in enumerate(before) if kind == "write"}
+        synced = {path for i, (kind, path) in enumerate(before) if kind == "fsync" and i > last_write.get(path, -1)}
+        assert mine and mine | {str(folder)} <= synced, (rank, events)  # each file after its last write
+        written |= mine
+    assert written == {str(p) for p in folder.iterdir() if p.name != FILES}  # both ranks' files, all of them
+    assert {p.name for p in folder.iterdir()} >= {"rank-0-state.pt", "rank-1-state.pt"}
