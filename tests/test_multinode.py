@@ -15,8 +15,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +33,9 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 NODES = 3
-MAX_STEPS = 12
+MAX_STEPS = 24
+SAVE_STEPS = 8
+DDP_TIMEOUT = 90  # longer than SLURM takes to call a silent node DOWN (3 x SlurmdTimeout=10)
 ONE_NODE = ("--nodes=1", "--ntasks-per-node=2")
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1")
 
@@ -127,7 +131,7 @@ def rendezvous(log: str) -> tuple[str, str]:
 def one_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrain:
     """The reference: the same job as 2 tasks on one node."""
     job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp("one-node") / "out", ONE_NODE,
-                   "--save_steps", "4")
+                   "--save_steps", str(SAVE_STEPS))
     job.final = job.wait()
     assert job.final["JobState"] == "COMPLETED", job.logs()
     return job
@@ -136,7 +140,7 @@ def one_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrai
 @pytest.fixture(scope="module")
 def two_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrain:
     job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp("two-nodes") / "out", TWO_NODES,
-                   "--save_steps", "4")
+                   "--save_steps", str(SAVE_STEPS))
     job.final = job.wait()
     return job
 
@@ -163,7 +167,7 @@ def test_an_output_folder_the_nodes_do_not_share_is_refused_before_any_step(slur
     cluster(slurm_env, "exec", "node2", "mount", "-t", "tmpfs", "-o", "size=16m", "scratch", str(out))
     try:
         job = Pretrain(slurm_env, shard_dir, minilm_path, out, ("--nodelist=node1,node2", *TWO_NODES),
-                       "--save_steps", "4")
+                       "--save_steps", str(SAVE_STEPS))
         final = job.wait()
     finally:
         cluster(slurm_env, "exec", "node2", "umount", str(out))
@@ -229,3 +233,92 @@ def test_evaluate_shards_on_two_nodes_merge_to_one_nodes_metrics(slurm_env, mini
     assert job_info(slurm_env, job_id)["NumNodes"] == "2"
     one, two = (json.loads((tmp_path / name / "results.json").read_text())["tiny"] for name in ("one-node", "two-nodes"))
     assert two == one and 0 < two["nDCG@10"] <= 1
+
+
+def test_usr1_reaches_both_nodes_which_checkpoint_requeue_and_resume_to_the_same_losses(
+        slurm_env, shard_dir, minilm_path, tmp_path, two_node_run):
+    job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path / "out", TWO_NODES, "--save_steps", str(SAVE_STEPS))
+    job.wait_until(job.metrics, "step logged")  # training has started: signal handlers are in place
+    # what SLURM does before the time limit (--signal=B:USR1@120): USR1 to the batch shell on the first node only
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env=slurm_env, check=True)
+    final = job.wait()
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", job.logs()
+    stopped = re.findall(r"preempted at step (\d+)", job.rank_log(0))
+    assert len(stopped) == 1 and 1 <= int(stopped[0]) < MAX_STEPS, job.logs()
+    # both nodes saved their own part of that step's checkpoint, and both ran again
+    checkpoint = job.output_dir / "checkpoints" / f"step-{int(stopped[0]):08d}"
+    assert [len(list(checkpoint.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))) for rank in (0, 1)] == [1, 1]
+    for rank, node in ((0, "node1"), (1, "node2")):
+        assert re.findall(r"rank \d on (\S+): rendezvous", job.rank_log(rank)) == [node, node], job.logs()
+    assert steps(job.metrics()) == steps(two_node_run.metrics())
+
+
+class Stalled:
+    """Rank 0 of a job logs each step by opening metrics.jsonl, writing a line and closing it; as a FIFO that the
+    test reads up to a chosen step, rank 0 blocks at the next one and the run stands still there (the other rank
+    waits in its next collective). `release` puts the lines read into a plain metrics.jsonl, as rank 0 wrote them,
+    for the resumed run."""
+
+    def __init__(self, job: Pretrain, step: int, timeout: float = 240):
+        self.path, self.lines = job.output_dir / "metrics.jsonl", []
+
+        def read() -> None:
+            while not self.lines or json.loads(self.lines[-1])["step"] < step:
+                with open(self.path) as handle:  # blocks until rank 0 opens it to log a step
+                    self.lines.extend(handle.read().splitlines())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        assert not reader.is_alive(), f"no step {step} logged:\n{job.logs()}"
+
+    def release(self) -> None:
+        self.path.unlink()
+        self.path.write_text("".join(line + "\n" for line in self.lines))
+
+
+def stalled_job(slurm_env, shard_dir, minilm_path, out: Path) -> tuple[Pretrain, Stalled]:
+    """A 2-node job standing still after step SAVE_STEPS + 2, so after its first checkpoint."""
+    out.mkdir(parents=True)
+    os.mkfifo(out / "metrics.jsonl")
+    job = Pretrain(slurm_env, shard_dir, minilm_path, out, TWO_NODES, "--save_steps", str(SAVE_STEPS),
+                   "--ddp_timeout", str(DDP_TIMEOUT))
+    stall = Stalled(job, SAVE_STEPS + 2)
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{SAVE_STEPS:08d}"
+    return job, stall
+
+
+def rank_pid(slurm_env, node: str) -> int:
+    """The pid of the pre-training task on `node` (one task per node), found among its namespace's processes."""
+    pids = subprocess.run(["ip", "netns", "pids", f"dupmae-{slurm_env['DUPMAE_SLURM_CTLD_PORT']}-{node}"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    for pid in pids:
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(part.endswith(b"pretrain/main.py") for part in command) and b"-c" not in command:
+            return int(pid)
+    raise AssertionError(f"no pretrain/main.py task on {node}")
+
+
+def test_a_killed_rank_ends_the_job_at_once_and_a_resubmission_resumes_to_the_same_losses(
+        slurm_env, shard_dir, minilm_path, tmp_path, two_node_run):
+    job, stall = stalled_job(slurm_env, shard_dir, minilm_path, tmp_path / "out")
+    info = job.info()
+    node = next(n for n in subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], env=slurm_env,
+                                          capture_output=True, text=True, check=True).stdout.split()
+                if n != info["BatchHost"])
+    killed = time.monotonic()
+    os.kill(rank_pid(slurm_env, node), signal.SIGKILL)  # as the OOM killer or a crash would
+    final = job.wait()
+    ended = time.monotonic() - killed
+    assert final["JobState"] == "FAILED" and ended < DDP_TIMEOUT / 3, (ended, job.logs())  # --kill-on-bad-exit
+    lost = [line for line in (job.log_dir / "batch.log").read_text().splitlines() if "Killed" in line]
+    assert lost == [f"srun: error: {node}: task 1: Killed"], job.logs()
+    stall.release()
+    again = Pretrain(slurm_env, shard_dir, minilm_path, job.output_dir, TWO_NODES, "--save_steps", str(SAVE_STEPS),
+                     "--ddp_timeout", str(DDP_TIMEOUT))  # the same command submitted again
+    assert again.wait()["JobState"] == "COMPLETED", again.logs()
+    assert re.search(rf"resumed from \S*/step-{SAVE_STEPS:08d}\b", again.rank_log(0)), again.logs()
+    assert steps(again.metrics()) == steps(two_node_run.metrics())
