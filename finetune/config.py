@@ -6,6 +6,7 @@ from typing import Literal
 
 from common.flags import optional_bool
 from common.precision import bf16_field, parse_bf16
+from common.tracking import report_to_field, resolve_report_to
 
 
 def arg(default, help: str):
@@ -62,7 +63,8 @@ class FinetuneConfig:
     deepspeed: str = arg("", "DeepSpeed JSON config; its 'auto' values are filled from these flags")
     bf16: str = bf16_field("bf16 mixed precision: auto (bf16 where the device has native bf16, else fp32; "
                            "common.precision), true, false; fills bf16.enabled unless the JSON sets it")
-    output_dir: str = arg("", "checkpoints/, model/ (export), metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl")
+    output_dir: str = arg("", "checkpoints/, model/ (export), metrics.jsonl, runs/ (TensorBoard), provenance/, "
+                              "dead_letter.jsonl")
     per_device_train_batch_size: int = arg(16, "queries per rank per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     learning_rate: float = arg(2e-5, "peak learning rate (linear warm-up, then linear decay to 0)")
@@ -80,6 +82,8 @@ class FinetuneConfig:
                                              "NaN/inf loss or gradient norm")
     ddp_timeout: int = arg(1800, "seconds every rank waits in a collective for the others; past it (a hung rank) "
                                  "every rank exits non-zero with one line naming the collective")
+    report_to: list[str] = report_to_field("OUT/runs/")
+    run_name: str | None = arg(None, "the tracker runs' name (--report_to wandb/mlflow); None: the output folder's")
     local_rank: int = arg(-1, "set by the deepspeed launcher")
 
     def __post_init__(self) -> None:
@@ -90,6 +94,7 @@ class FinetuneConfig:
         if not self.deepspeed:
             raise ValueError("--deepspeed is required (e.g. ds_configs/finetune_cpu.json)")
         self.bf16 = parse_bf16(self.bf16)
+        self.report_to = resolve_report_to(self.report_to)  # TrackerError (a ValueError): unknown or not installed
         for name in ("train_group_size", "query_max_length", "passage_max_length", "per_device_train_batch_size",
                      "gradient_accumulation_steps", "logging_steps", "save_steps", "max_consecutive_nonfinite",
                      "ddp_timeout"):

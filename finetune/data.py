@@ -170,6 +170,19 @@ def load_arrow(data_dir: str | Path, tokenizer) -> FinetuneData:
     return FinetuneData(queries, corpus, groups)
 
 
+def input_files(data_dir: str, split: str, negatives: str | None, teacher_scores: str | None) -> dict[str, Path]:
+    """The files a run reads, by name, for its provenance's hashes: the manifest of preprocessing output, or a BEIR
+    folder's corpus, queries and qrels split; then the negatives and teacher score files."""
+    folder = Path(data_dir)
+    if (folder / MANIFEST_NAME).is_file():
+        files = {MANIFEST_NAME: folder / MANIFEST_NAME}
+    else:
+        files = {name: folder / name for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")}
+    extra = [negatives] if negatives else []
+    extra += teacher_scores.split(",") if teacher_scores else []
+    return {**files, **{path: Path(path) for path in extra}}
+
+
 def load_finetune_data(data_dir: str, split: str, negatives: str | None, tokenizer,
                        dead_letter: DeadLetter) -> FinetuneData:
     """A folder with manifest.json is preprocessing output (Arrow); anything else is read as a BEIR folder."""

@@ -5,7 +5,8 @@ Launch (GPUs):  deepspeed finetune/main.py --deepspeed ds_configs/finetune_zero2
                     --model_name_or_path pretrain_out/model --representation dupmae --data_dir data/msmarco \
                     --negatives negs.jsonl --train_group_size 8 --cross_device_negatives --output_dir ft_out
 CPU, one process:  python finetune/main.py --deepspeed ds_configs/finetune_cpu.json ...  (gloo backend)
-Writes output_dir/{model/ (export), checkpoints/step-N/, metrics.jsonl, runs/ (TensorBoard), dead_letter.jsonl}.
+Writes output_dir/{model/ (export), checkpoints/step-N/, metrics.jsonl, runs/ (TensorBoard; --report_to: also W&B,
+MLflow), provenance/step-N.json (options, DeepSpeed JSON, git, versions, hardware, data hashes), dead_letter.jsonl}.
 Exit 3 with one error line after --max_consecutive_nonfinite optimizer steps in a row were skipped for a NaN/inf
 loss or gradient norm, or before a checkpoint would hold a NaN/inf weight; exit 4 when a checkpoint does not fit or
 fails to write (a full disk); exit 5 when a collective fails, e.g. a rank hung for --ddp_timeout seconds; exit 2
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.distributed import init_distributed
     from common.logging_setup import setup_logging
     from common.failures import exit_code
+    from common.tracking import TrackerError
     from common.tokenizer import load_tokenizer
     from finetune.config import FinetuneConfig
     from finetune.data import DeadLetter, load_finetune_data
@@ -36,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.teacher import check_coverage, read_teacher_scores
     from finetune.trainer import Trainer
 
-    (cfg,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(argv)
+    try:
+        (cfg,) = HfArgumentParser(FinetuneConfig).parse_args_into_dataclasses(argv)
+    except TrackerError as exc:  # a --report_to tracker that is not installed: one line, before any work
+        setup_logging()
+        logging.getLogger("finetune.main").error("%s", exc)
+        return 2
     rank, _, world_size = init_distributed(cfg.ddp_timeout)
     setup_logging(rank)
     logger = logging.getLogger("finetune.main")
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     model = BiEncoder.from_config(cfg)
     try:
         trainer = Trainer(cfg, model, tokenizer, data, teacher)
-    except ResumeWorldSizeError as exc:  # before DeepSpeed reads the checkpoint: one line, no traceback
+    except (ResumeWorldSizeError, TrackerError) as exc:  # one line, no traceback, before any step
         logger.error("%s", exc)
         return 2
     try:

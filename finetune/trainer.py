@@ -1,4 +1,5 @@
-"""The DeepSpeed training loop: batches from `GroupSampler`, metrics (metrics.jsonl + TensorBoard), checkpoints
+"""The DeepSpeed training loop: batches from `GroupSampler`, metrics (metrics.jsonl + the --report_to trackers,
+TensorBoard by default: common/tracking.py; the run's provenance: common/provenance.py), checkpoints
 that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every rank's RNG, behind the crash-safe
 `latest` of `common.checkpoint`), and the export."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,10 @@ from common.checkpoint import Checkpointer, resolve_resume, tag_for
 from common.metrics_log import keep_steps_up_to
 from common.precision import decide_deepspeed_bf16
 from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, require_skipping_engine
+from common.provenance import record
+from common.tracking import Tracking
 from finetune.config import FinetuneConfig
-from finetune.data import Collator, FinetuneData, GroupSampler
+from finetune.data import Collator, FinetuneData, GroupSampler, input_files
 from finetune.model import BiEncoder
 from finetune.teacher import TeacherScores, group_scores
 
@@ -95,14 +99,18 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out / CHECKPOINTS, save_total_limit=None, rank=self.rank)
         found = resolve_resume(cfg.resume_from_checkpoint, self.checkpointer.dir, "--resume_from_checkpoint",
                                world_size=self.world_size)
+        self.tracker_ids: dict = {}  # the tracker runs a resume of this run's own checkpoint continues
         if found is not None:
             self._load(*found)
-        self.writer = None
         if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
             keep_steps_up_to(self.out / METRICS, self.engine.global_steps)  # steps logged past the checkpoint
-            self.writer = SummaryWriter(str(self.out / "runs"), purge_step=self.engine.global_steps + 1)
+        provenance = record(self.rank, self.out, self.engine.global_steps, config=asdict(cfg),
+                            deepspeed=self.engine.config, world_size=self.world_size,
+                            data_files=input_files(cfg.data_dir, cfg.qrels_split, cfg.negatives, cfg.teacher_scores))
+        self.tracking = Tracking.start(cfg.report_to, rank=self.rank, output_dir=self.out,
+                                       tensorboard_dir=self.out / "runs", run_name=cfg.run_name,
+                                       resume_step=self.engine.global_steps, ids=self.tracker_ids,
+                                       provenance=provenance)
 
     def train(self) -> Path | None:
         """Train to total_steps; returns the export folder on rank 0 (None elsewhere)."""
@@ -143,8 +151,7 @@ class Trainer:
             if global_step % cfg.save_steps == 0 or global_step == self.total_steps:
                 self._save(global_step)
         bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.tracking.close()
         if self.rank != 0:
             return None
         export = self.out / EXPORT
@@ -171,8 +178,7 @@ class Trainer:
                   "lr": self.engine.get_lr()[0], "skipped_steps": self.guard.skipped, "seconds": round(seconds, 2)}
         with open(self.out / METRICS, "a") as out:
             out.write(json.dumps(record) + "\n")
-        for name in ("loss", "contrastive", "distill", "accuracy", "learning_queries", "lr"):
-            self.writer.add_scalar(f"train/{name}", record[name], step)
+        self.tracking.log(record)
         logger.info("step %d/%d epoch %d loss %.4f accuracy %.3f learning queries %.2f lr %.2e", step,
                     self.total_steps, epoch, loss, accuracy, learning, record["lr"])
 
@@ -182,7 +188,8 @@ class Trainer:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         self.checkpointer.save(self.engine, step, {"epoch": epoch, "micro_step": micro, "world_size": self.world_size,
-                                                   "nonfinite": self.guard.state_dict()}, rank_state=rng)
+                                                   "nonfinite": self.guard.state_dict(),
+                                                   "trackers": self.tracking.ids()}, rank_state=rng)
 
     def _load(self, load_dir: Path, tag: str) -> None:
         rng = self.checkpointer.load_rank_state(load_dir, tag)
@@ -192,6 +199,8 @@ class Trainer:
                              f"number (now {self.world_size}) for the same batches")
         self.position = (state["epoch"], state["micro_step"])
         self.guard.load_state_dict(state["nonfinite"])
+        if load_dir.resolve() == self.checkpointer.dir.resolve():  # this run's own: continue its tracker runs
+            self.tracker_ids = state.get("trackers", {})
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from common.precision import bf16_field, decide_deepspeed_bf16, parse_bf16
+from common.tracking import report_to_field, resolve_report_to
 from pretrain.collator import CollatorConfig
 from pretrain.modeling import DupMAEConfig
 from pretrain.retrieval_probe import ProbeConfig
@@ -60,7 +61,7 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments:
-    output_dir: str | None = _arg(None, "run folder: checkpoints/, metrics.jsonl, tensorboard/, export/")
+    output_dir: str | None = _arg(None, "run folder: checkpoints/, metrics.jsonl, tensorboard/, provenance/, export/")
     deepspeed: str | None = _arg(
         None, "DeepSpeed JSON (ds_configs/zero2.json); its \"auto\" fields come from these flags")
     per_device_train_batch_size: int = _arg(8, "blocks per micro-batch on each rank")
@@ -99,6 +100,8 @@ class TrainingArguments:
         1800, "seconds every rank waits in a collective for the others; past it (a hung rank) every rank exits "
               "non-zero with one line naming the collective")
     disable_tqdm: bool = _arg(False, "no progress bar")
+    report_to: list[str] = report_to_field("OUT/tensorboard/")
+    run_name: str | None = _arg(None, "the tracker runs' name (--report_to wandb/mlflow); None: the output folder's")
     local_rank: int = _arg(-1, "set by the deepspeed launcher; ranks are read from the environment")
 
     def __post_init__(self):
@@ -117,6 +120,7 @@ class TrainingArguments:
             self.bf16 = parse_bf16(self.bf16)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self.report_to = resolve_report_to(self.report_to)  # TrackerError (a ValueError): unknown or not installed
         if self.bf16 == "true" and self.fp16:
             raise ConfigError("--bf16 and --fp16 are exclusive")
         if self.save_total_limit is not None and self.save_total_limit < 1:

@@ -1,4 +1,5 @@
-"""Training metrics: one all-reduce per step, then OUT/metrics.jsonl, TensorBoard and a progress bar on rank 0.
+"""Training metrics: one all-reduce per step, then OUT/metrics.jsonl, the --report_to trackers (TensorBoard by
+default; common/tracking.py) and a progress bar on rank 0.
 
 Each logged line is the state of one optimizer step (not a window average), so a resumed run logs exactly
 the numbers an uninterrupted run logs; resuming drops lines past the checkpoint's step first, so the file
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from common.metrics_log import keep_steps_up_to
+from common.tracking import Tracking
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +59,16 @@ class MetricsWriter:
     """Rank 0 writes; other ranks hold a disabled writer so callers need no rank checks."""
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int, total_steps: int,
-                 disable_tqdm: bool):
+                 disable_tqdm: bool, tracking: Tracking):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.tensorboard = None
+        self.tracking = tracking
         self.bar = None
         if not enabled:
             return
         keep_steps_up_to(self.path, resume_step)  # a crash may have logged steps past the checkpoint
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm.auto import tqdm
 
-        self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step + 1)
         self.bar = tqdm(total=total_steps, initial=resume_step, desc="pre-training", unit="step",
                         dynamic_ncols=True, disable=disable_tqdm)
 
@@ -77,10 +77,7 @@ class MetricsWriter:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        self.tracking.log(record)
         if "loss" in record:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
 
@@ -91,4 +88,4 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.tensorboard.close()
+            self.tracking.close()

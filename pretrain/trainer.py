@@ -27,6 +27,7 @@ from common.checkpoint import Checkpointer, resolve_resume
 from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
 from pretrain.retrieval_probe import RetrievalProbe
+from common.tracking import Tracking
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(args.output_dir, "checkpoints"),
                                          save_total_limit=args.save_total_limit, rank=rank)
         self.checkpoint: tuple[Path, str] | None = None  # (folder, tag) holding the weights of self.step
+        self.tracking = Tracking({})  # --report_to's runs: main.py starts them after resume()
+        self.tracker_ids: dict = {}  # the resumed checkpoint's tracker runs, continued by main.py
 
     def resume(self) -> None:
         """Load --resume's checkpoint (if any): weights, optimizer, scheduler, step and loader position."""
@@ -150,10 +153,13 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
         self.guard.load_state_dict(state.get("nonfinite", self.guard.state_dict()))
+        if found[0].resolve() == self.checkpointer.dir.resolve():  # this run's own: continue its tracker runs
+            self.tracker_ids = state.get("trackers", {})
 
     def _train_state(self) -> dict:
         return {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world_size,
-                "total_steps": self.total_steps, "nonfinite": self.guard.state_dict()}
+                "total_steps": self.total_steps, "nonfinite": self.guard.state_dict(),
+                "trackers": self.tracking.ids()}
 
     def _make_batch(self, micro: int) -> dict[str, torch.Tensor]:
         """Micro-batch `micro` of this rank, masks drawn from (seed, rank, micro): runs in the prefetch thread."""
@@ -179,7 +185,8 @@ class Trainer:
         stop_at = min(self.total_steps, self.args.stop_at_step or self.total_steps)
         flag = PreemptionFlag()
         writer = MetricsWriter(self.args.output_dir, enabled=self.rank == 0, resume_step=self.step,
-                               total_steps=self.total_steps, disable_tqdm=self.args.disable_tqdm)
+                               total_steps=self.total_steps, disable_tqdm=self.args.disable_tqdm,
+                               tracking=self.tracking)
         saved_at, outcome = (self.step or None), "finished"  # a resumed step is already on disk
         train_start = time.perf_counter()
         if self.probe is not None and self.step == 0:
