@@ -25,11 +25,34 @@ job_setup() {
         "${SLURM_NTASKS:-1} tasks, python $PYTHON, repo $REPO"
 }
 
-# torch.distributed's env:// rendezvous: rank 0 listens on the first node of the allocation.
+# job_port JOB_ID FIRST LAST: a rendezvous port derived from the job id (two jobs sharing a node rarely collide),
+# outside the kernel's ephemeral range FIRST-LAST (net.ipv4.ip_local_port_range, both ends included): the kernel
+# hands those ports to outgoing connections, so one may hold the port when rank 0 binds it. Ports 10000 up to
+# FIRST (10000-32767 with the default 32768-60999); if fewer than 1000 are left there, those above LAST.
+job_port() {
+    local id=$1 first=$2 last=$3 floor=10000
+    if ((first - floor >= 1000)); then
+        echo $((floor + id % (first - floor)))
+    elif ((65535 - last >= 1000)); then
+        echo $((last + 1 + id % (65535 - last)))
+    else
+        return 1
+    fi
+}
+
+# torch.distributed's env:// rendezvous: rank 0 listens on the first node of the allocation, where this batch
+# script runs, so its ephemeral range is the one read here. MASTER_ADDR and MASTER_PORT are kept when set.
 rendezvous() {
     MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-    # A port derived from the job id, so two jobs sharing a node do not collide.
-    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    if [[ -z ${MASTER_PORT:-} ]]; then
+        local first=32768 last=60999
+        read -r first last </proc/sys/net/ipv4/ip_local_port_range
+        if ! MASTER_PORT=$(job_port "$SLURM_JOB_ID" "$first" "$last"); then
+            echo "error: the ephemeral port range $first-$last leaves under 1000 ports outside it; set MASTER_PORT" \
+                "to a port reserved in net.ipv4.ip_local_reserved_ports" >&2
+            exit 2
+        fi
+    fi
     export MASTER_ADDR MASTER_PORT
     echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, world size $SLURM_NTASKS"
 }
