@@ -6,9 +6,14 @@ A bad line is an error naming file and line: an evaluation on a silently shorten
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import secrets
+import shutil
+import socket
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -51,8 +56,11 @@ def resolve_dataset(spec: str, data_dir: str | Path, allow_download: bool) -> Pa
     hint = f"download {url}, unzip it and put the folder at {target} (or pass the folder's path)"
     if not allow_download:
         raise DatasetError(f"dataset {spec!r} is not at {target} and downloads are off (offline): {hint}")
+    if target.exists() and not (target / "corpus.jsonl").is_file():  # (a download appears whole: see _download)
+        raise DatasetError(f"dataset {spec!r}: {target} exists without corpus.jsonl (a partial copy?): remove it "
+                           f"or {hint}")
     try:
-        _download(url, Path(data_dir))
+        _download(url, Path(data_dir), spec)
     except OSError as exc:  # URLError, timeouts, bad zip all derive from OSError or are wrapped below
         raise DatasetError(f"dataset {spec!r}: download of {url} failed ({exc}): {hint}") from None
     if not (target / "corpus.jsonl").is_file():
@@ -60,20 +68,52 @@ def resolve_dataset(spec: str, data_dir: str | Path, allow_download: bool) -> Pa
     return target
 
 
-def _download(url: str, data_dir: Path) -> None:
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an flock on `path` (made if missing), waiting for the task that holds it. A filesystem without flock
+    across nodes (Lustre mounted without -o flock) holds nothing: _download stays correct, only not alone."""
+    with open(path, "a") as handle:
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another task's download (%s is locked)", path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: no lock to be had here
+            logger.warning("%s: no lock (%s); downloading without one", path, exc)
+        yield
+
+
+def _download(url: str, data_dir: Path, name: str) -> None:
+    """Fetch and unzip `name` into data_dir/name, as one task of many that may ask at once (evaluation shards on
+    several nodes): one downloads under a lock while the others wait, and the folder appears whole, renamed
+    from a staging folder of this task's own (host, pid, random suffix), so no task reads a half-extracted one."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    archive = data_dir / (url.rsplit("/", 1)[-1] + ".part")
-    logger.info("downloading %s to %s", url, data_dir)
-    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, archive.open("wb") as out:
-        while chunk := response.read(1 << 20):
-            out.write(chunk)
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            zf.extractall(data_dir)
-    except zipfile.BadZipFile as exc:
-        raise OSError(f"bad zip archive: {exc}") from None
-    finally:
-        archive.unlink()
+    target = data_dir / name
+    with _exclusive(data_dir / f".{name}.download.lock"):
+        if (target / "corpus.jsonl").is_file():  # another task downloaded it while this one waited
+            return
+        unique = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        archive, staging = data_dir / f".{name}.zip.{unique}.part", data_dir / f".{name}.{unique}"
+        try:
+            logger.info("downloading %s to %s", url, data_dir)
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, archive.open("wb") as out:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+            try:
+                with zipfile.ZipFile(archive) as zf:
+                    zf.extractall(staging)
+            except zipfile.BadZipFile as exc:
+                raise OSError(f"bad zip archive: {exc}") from None
+            if (staging / name).is_dir():
+                try:
+                    os.rename(staging / name, target)
+                except OSError:
+                    if not (target / "corpus.jsonl").is_file():  # not a task that got there first (no lock)
+                        raise
+        finally:
+            archive.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _read_jsonl(path: Path, required: tuple[str, ...]):

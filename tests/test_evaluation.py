@@ -123,6 +123,69 @@ def test_bare_name_offline_says_where_to_put_it(tmp_path):
         resolve_dataset(str(tmp_path / "missing" / "x"), tmp_path, allow_download=False)
 
 
+@pytest.mark.parametrize("flock", [True, False])
+def test_shard_tasks_asking_for_one_dataset_at_once_download_it_once(tmp_path, flock):
+    """Two processes resolve one bare BEIR name at the same time, from a server on 127.0.0.1 that holds the zip's
+    second half back until both are in: one downloads, the other waits for it (before, both wrote one .part and
+    extracted over each other: one crashed); the folder appears only whole, and nothing else is left behind.
+    Where flock fails (a filesystem without it across nodes) both download, each into its own names, and the
+    first rename wins."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+    import time
+    import zipfile
+
+    source = write_beir(tmp_path / "src" / "tiny", [{"_id": f"d{i}", "text": f"t {i}"} for i in range(50)],
+                        [{"_id": "q", "text": "q"}], {"q": {"d1": 1}})
+    with zipfile.ZipFile(tmp_path / "tiny.zip", "w") as zf:
+        for path in sorted(source.rglob("*")):
+            zf.write(path, path.relative_to(source.parent))
+    payload, gets, release = (tmp_path / "tiny.zip").read_bytes(), [], threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            gets.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload[: len(payload) // 2])
+            self.wfile.flush()
+            release.wait(60)
+            self.wfile.write(payload[len(payload) // 2:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    data_dir = tmp_path / "data"
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO); from evaluation import data; "
+            + ("" if flock else "data.fcntl.flock = lambda *a: (_ for _ in ()).throw(OSError(37, 'No locks')); ")
+            + f"data.BEIR_URL = 'http://127.0.0.1:{server.server_address[1]}/{{name}}.zip'; "
+            f"print(data.resolve_dataset('tiny', {str(data_dir)!r}, allow_download=True))")
+    logs = [tmp_path / f"task{i}.log" for i in range(2)]
+    tasks = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+             for log in logs]
+    try:
+        deadline = time.monotonic() + 60
+        while not (len(gets) == 2 or gets and any("waiting for another task" in log.read_text() for log in logs)):
+            assert time.monotonic() < deadline, [log.read_text() for log in logs]
+            time.sleep(0.05)
+        assert not (data_dir / "tiny").exists()  # half a zip in: nothing to read yet
+        release.set()
+        outputs = [task.communicate(timeout=60)[0].strip() for task in tasks]
+    finally:
+        release.set()
+        server.shutdown()
+    assert [task.returncode for task in tasks] == [0, 0], [log.read_text() for log in logs]
+    assert outputs == [str(data_dir / "tiny")] * 2 and gets == ["/tiny.zip"] * (1 if flock else 2)
+    assert {p.name: p.read_bytes() for p in (data_dir / "tiny").rglob("*") if p.is_file()} == {
+        p.name: p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    assert sorted(p.name for p in data_dir.iterdir()) == [".tiny.download.lock", "tiny"]
+
+
 # ------------------------------------------------------------------------------------------------- search
 def random_encoded(n, prefix, g, vocab=50, k=None):
     dense = torch.randn(n, 8, generator=g)
