@@ -1,8 +1,10 @@
 """On-disk embedding cache: one folder of .npy arrays per (model, data, representation, max length, shard, ...).
 
-The key hashes everything that changes the vectors: the model folder's files (name, size, mtime), the data files
-(path, size, mtime), the representation config, max length, precision and shard. A changed checkpoint or
-dataset therefore misses the cache instead of returning stale vectors. Entries are written to a temporary
+The key hashes everything that changes the vectors: the model folder's files (name, size, mtime) or a hub name's
+cached revision and blobs, the data files (path, size, mtime), the representation config, max length, precision and
+shard. A changed checkpoint or dataset therefore misses the cache instead of returning stale vectors. Data edited
+within its size and mtime (reordered lines) is caught by the ids: the entry is encoded again and replaced. Each entry
+records its content digest (`content_digest`), on which search hits are keyed. Entries are written to a temporary
 folder and renamed, so a killed run never leaves a half entry that a later run would trust. A temporary folder is
 named by host, PID and a random suffix (`temporary`): tasks on several nodes, or in containers where each is PID 1,
 share one cache folder without sharing a temporary name; a later run on the same host removes those nobody has
@@ -63,16 +65,35 @@ def sweep_stale(cache_dir: str | Path, now: float | None = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 def fingerprint(path: str | Path) -> dict:
-    """Identity of a file or folder by its files' names, sizes and modification times; a hub name is kept as is."""
+    """Identity of a file or folder by its files' names, sizes and modification times; a hub name by its cached
+    revision and files (`hub_fingerprint`)."""
     p = Path(path)
     if not p.exists():
-        return {"name": str(path)}
+        return hub_fingerprint(str(path))
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     return {"path": str(p.resolve()),
             "files": [[str(f.relative_to(p)) if f != p else f.name, f.stat().st_size, f.stat().st_mtime_ns]
                       for f in files]}
+
+
+def hub_fingerprint(name: str) -> dict:
+    """A hub name as transformers loads it from the local hub cache: the commit `main` resolves to and each file's
+    blob (named by its hash: sha256 for the weights), so a new revision under the same name is another key. A name
+    with no cached snapshot keeps revision None (a warning says so)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a hub repo id (HFValidationError)
+        config = None
+    if not isinstance(config, str):
+        logger.warning("%s: no cached hub snapshot; its cache entries are keyed by the name alone", name)
+        return {"name": name, "revision": None}
+    snapshot = Path(config).parent
+    return {"name": name, "revision": snapshot.name,
+            "files": [[str(f.relative_to(snapshot)), f.resolve().name] for f in sorted(snapshot.rglob("*"))
+                      if f.is_file()]}
 
 
 def cache_key(**parts) -> str:
@@ -86,18 +107,33 @@ def load_arrays(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray | 
             for name in names}
 
 
+def content_digest(ids: list[str], arrays: dict[str, np.ndarray | None]) -> str:
+    """sha256 of an entry's ids and arrays (name, dtype, shape, bytes). The entry's key hashes only what the
+    vectors were made from, by file sizes and times; two corpora of equal size and time share a key, not this."""
+    digest = hashlib.sha256(json.dumps(ids).encode("utf-8"))
+    for name, array in sorted(arrays.items()):
+        if array is not None:
+            digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
+            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
 def load(cache_dir: str | Path, key: str) -> Encoded | None:
     folder = Path(cache_dir) / key
     if not (folder / "ids.json").is_file():
         return None
     logger.info("embedding cache hit: %s", folder)
-    return Encoded(json.loads((folder / "ids.json").read_text()), **load_arrays(folder, Encoded.ARRAYS),
-                   source=str(folder))
+    ids, arrays = json.loads((folder / "ids.json").read_text()), load_arrays(folder, Encoded.ARRAYS)
+    digest_file = folder / "digest.json"  # absent in entries written before it was recorded: hashed here
+    digest = json.loads(digest_file.read_text()) if digest_file.is_file() else content_digest(ids, arrays)
+    return Encoded(ids, **arrays, source=str(folder), digest=digest)
 
 
 def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | None], description: dict,
-                extra: dict[str, object] | None = None) -> None:
-    """Write a cache entry atomically: arrays as NAME.npy, `description` as key.json, `extra` as NAME.json."""
+                extra: dict[str, object] | None = None, replace: bool = False) -> bool:
+    """Write a cache entry atomically: arrays as NAME.npy, `description` as key.json, `extra` as NAME.json.
+    `replace`: an entry already there is stale (other ids) and is replaced; else it is another rank's equal one,
+    kept (returns False)."""
     folder = Path(cache_dir) / key
     tmp = temporary(folder)
     tmp.mkdir(parents=True)
@@ -107,15 +143,33 @@ def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | 
     (tmp / "key.json").write_text(json.dumps(description, indent=2, default=str) + "\n")
     for name, value in (extra or {}).items():
         (tmp / f"{name}.json").write_text(json.dumps(value))
+    if replace and folder.exists():
+        old = temporary(folder)
+        try:
+            folder.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("replaced the stale cache entry %s", folder)
+        except FileNotFoundError:  # another writer replaced it meanwhile
+            pass
     try:
         tmp.rename(folder)
     except OSError:  # another rank wrote the same entry first; theirs is equal
         shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
-def save(cache_dir: str | Path, key: str, encoded: Encoded, description: dict) -> None:
-    save_arrays(cache_dir, key, {name: getattr(encoded, name) for name in Encoded.ARRAYS}, description,
-                {"ids": encoded.ids})
+def save(cache_dir: str | Path, key: str, encoded: Encoded, description: dict, replace: bool = False) -> None:
+    """Write `encoded` as entry `key` (`replace`: over a stale one); it then names the entry and its digest. When
+    another rank's equal entry was there first, `encoded` takes that entry's digest, so hits this rank caches are
+    found by a run that reads the entry (a digest of the same vectors encoded elsewhere may differ in the last bit)."""
+    arrays = {name: getattr(encoded, name) for name in Encoded.ARRAYS}
+    encoded.digest = content_digest(encoded.ids, arrays)
+    folder = Path(cache_dir) / key
+    if not save_arrays(cache_dir, key, arrays, description, {"ids": encoded.ids, "digest": encoded.digest}, replace):
+        if (folder / "digest.json").is_file() and json.loads((folder / "ids.json").read_text()) == encoded.ids:
+            encoded.digest = json.loads((folder / "digest.json").read_text())
+    encoded.source = str(folder)
 
 
 def drop_pages(*arrays) -> None:

@@ -33,6 +33,7 @@ class Encoded:
     sparse_values: np.ndarray | None = None  # [N, k] float32
     vocab: np.ndarray | None = None  # [N, V] float32: queries' full vocabulary vectors (dupmae)
     source: str | None = None  # the cache folder the arrays are memory-mapped from (named in errors)
+    digest: str | None = None  # sha256 of the cache entry's ids and arrays: what search hits are keyed on
 
     ARRAYS = ("dense", "sparse_indices", "sparse_values", "vocab")
 

@@ -7,6 +7,7 @@ top hits. The merging run reads each shard memory-mapped, takes a shard's cached
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -55,16 +56,17 @@ class Evaluator:
         key = {**self.settings, **key, "documents": documents}
         name = cache.cache_key(**key)
         cache_dir = self.cfg.cache_path
+        stale = False
         if cache_dir is not None and (hit := cache.load(cache_dir, name)) is not None:
             if hit.ids == ids:
                 return hit
-            logger.warning("cache entry %s has other ids; encoding again", name)
+            stale = True  # same files by size and time, other content (e.g. reordered lines)
+            logger.warning("cache entry %s has other ids; encoding again and replacing it", name)
         encoded = encode_texts(self.encoder, self.tokenizer, ids, texts, documents=documents,
                                max_length=self.max_length, max_tokens=self.cfg.max_tokens,
                                batch_size=self.cfg.batch_size, bf16=self.precision.enabled, desc=desc)
         if cache_dir is not None:
-            cache.save(cache_dir, name, encoded, key)
-            encoded.source = str(Path(cache_dir) / name)
+            cache.save(cache_dir, name, encoded, key, replace=stale)
         return encoded
 
     def encode_corpus_shards(self, data: BeirData) -> list[Encoded]:
@@ -89,33 +91,36 @@ class Evaluator:
         if shard.source is None:
             return SeismicIndex.build(shard.sparse_indices, shard.sparse_values, options.seismic)
         folder = Path(shard.source)
-        record = index_record(folder.name, self.settings["model"], shard.sparse_indices.shape[1], len(shard.ids),
+        record = index_record(shard.digest, self.settings["model"], shard.sparse_indices.shape[1], len(shard.ids),
                               options.seismic)
         return load_or_build(folder.with_name(folder.name + ".seismic"), record, shard.sparse_indices,
                              shard.sparse_values, options.seismic)
 
     def search(self, queries: Encoded, shards: list[Encoded], total: int) -> tuple[np.ndarray, np.ndarray, list]:
-        """(scores, rows, ids) of the top depth + 1 over all shards; each shard's hits cached per query set."""
+        """(scores, rows, ids) of the top depth + 1 over all shards; each shard's hits cached per query set.
+
+        Hits are keyed on the two cache entries' content digests, not their folders (an entry replaced in place
+        keeps its folder), and reused only when the ids they were searched for are the ones searched now."""
         cfg, options = self.cfg, self.cfg.search_options()
         dupmae = queries.vocab is not None
         method = options.method(total) if dupmae else "dense"
         weight = self.encoder.config.sparse_weight
         parts, offsets, ids = [], [], []
         for shard in shards:
-            key = cache.cache_key(hits=HITS_FORMAT, shard=shard.source, queries=queries.source, method=method,
+            key = cache.cache_key(hits=HITS_FORMAT, shard=shard.digest, queries=queries.digest, method=method,
                                   depth=cfg.depth, options=options, index_factory=cfg.index_factory, weight=weight)
-            hit = None
-            if cfg.cache_path is not None and shard.source and queries.source:
-                hit = cache.load_arrays(cfg.cache_path / f"{key}.hits", ("scores", "rows"))
-            if hit is not None and hit["rows"] is not None:
-                logger.info("search hits cache hit: %s", cfg.cache_path / f"{key}.hits")
-            else:
+            cached = cfg.cache_path is not None and shard.digest is not None and queries.digest is not None
+            searched_for = {"shard_ids": cache.content_digest(shard.ids, {}),
+                            "query_ids": cache.content_digest(queries.ids, {})}
+            hit = _cached_hits(cfg.cache_path / f"{key}.hits", searched_for) if cached else None
+            if hit is None:
                 logger.info("searching shard %s (%d documents, %s)", shard.source, len(shard.ids), method)
                 scores, rows = search_shard(queries, shard, cfg.depth + 1, cfg.index_factory, weight, method,
                                             lambda: self.sparse_index(shard, options), options)
-                if cfg.cache_path is not None and shard.source and queries.source:
+                if cached:
                     cache.save_arrays(cfg.cache_path, f"{key}.hits", {"scores": scores, "rows": rows},
-                                      {"shard": shard.source, "queries": queries.source, "method": method})
+                                      {"shard": shard.source, "queries": queries.source, "method": method},
+                                      {"searched_for": searched_for}, replace=True)
                 hit = {"scores": scores, "rows": rows}
             parts.append((np.asarray(hit["scores"]), np.asarray(hit["rows"])))
             offsets.append(len(ids))
@@ -127,6 +132,19 @@ class Evaluator:
         key = {"data": cache.fingerprint(data.folder / "queries.jsonl"), "split": self.cfg.split,
                "qrels": cache.fingerprint(data.folder / "qrels" / f"{self.cfg.split}.tsv")}
         return self.encode(data.query_ids, data.query_texts, False, key, f"{data.name} queries")
+
+
+def _cached_hits(folder: Path, searched_for: dict) -> dict | None:
+    """A shard's cached hits when they were searched for these ids (`searched_for`), else None (searched again)."""
+    hit = cache.load_arrays(folder, ("scores", "rows"))
+    if hit["rows"] is None:
+        return None
+    record = folder / "searched_for.json"
+    if not record.is_file() or json.loads(record.read_text()) != searched_for:
+        logger.warning("%s: refused, searched for other ids; searching again", folder)
+        return None
+    logger.info("search hits cache hit: %s", folder)
+    return hit
 
 
 def check_sparse(shard: Encoded, queries: Encoded, top_k: int) -> None:

@@ -372,3 +372,65 @@ def test_index_factory_plumbing():
     sparse, _ = random_encoded(50, "d", g, k=5)
     with pytest.raises(ValueError, match="dense search only"):
         search_mod.search(random_encoded(3, "q", g)[0], sparse, depth=4, index_factory="Flat")
+
+
+@pytest.mark.parametrize("options", [dict(representation="mean", normalize=True),
+                                     dict(sparse_index="seismic", candidates=7, depth=5)])
+def test_a_stale_cache_entry_is_replaced_and_its_hits_are_not_reused(tiny_model, tmp_path, caplog, monkeypatch,
+                                                                    options):
+    """Two corpus lines swapped, size and mtime kept: the embedding entry's key is the same but its ids are not.
+    The cached run must equal a fresh one (no hits or Seismic index of the old row order), and the stale entry
+    is replaced, so a third run reads it from the cache. Hits recorded for other ids are refused."""
+    import os
+
+    docs = [{"_id": f"d{i}", "text": " ".join(WORDS[i:i + 3 + i % 3])} for i in range(7)]
+    queries = [{"_id": f"q{j}", "text": " ".join(WORDS[2 * j:2 * j + 2])} for j in range(3)]
+    qrels = {f"q{j}": {f"d{2 * j}": 1, f"d{j + 1}": 1} for j in range(3)}
+    folder = write_beir(tmp_path / "seven", docs, queries, qrels)
+    cache_dir = str(tmp_path / "cache")
+    first = run(config(tiny_model, folder, tmp_path / "first", cache_dir=cache_dir, **options))
+    corpus = folder / "corpus.jsonl"
+    stat = corpus.stat()
+    lines = corpus.read_text().splitlines(keepends=True)
+    lines[1], lines[5] = lines[5], lines[1]
+    corpus.write_text("".join(lines))
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    fresh = run(config(tiny_model, folder, tmp_path / "fresh", no_cache=True, **options))
+    cached = run(config(tiny_model, folder, tmp_path / "cached", cache_dir=cache_dir, **options))
+    assert cached == fresh and first["seven"] == pytest.approx(fresh["seven"])  # the same documents and metrics
+    assert (tmp_path / "cached" / "seven.run").read_text() == (tmp_path / "fresh" / "seven.run").read_text()
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the replaced entry must be read from the cache")
+
+    monkeypatch.setattr("evaluation.pipeline.encode_texts", no_encoding)
+    for hits in (tmp_path / "cache").glob("*.hits"):
+        (hits / "searched_for.json").write_text(json.dumps({"shard_ids": "other", "query_ids": "other"}))
+    with caplog.at_level("WARNING", logger="evaluation.pipeline"):
+        again = run(config(tiny_model, folder, tmp_path / "again", cache_dir=cache_dir, **options))
+    assert "refused, searched for other ids" in caplog.text
+    assert again == fresh and (tmp_path / "again" / "seven.run").read_text() == (tmp_path / "fresh" / "seven.run").read_text()
+
+
+def test_a_hub_name_is_fingerprinted_by_its_cached_revision_and_blobs(tmp_path, monkeypatch):
+    """A new revision under the same hub name (or new weights) is another cache key; only the name was before."""
+    import huggingface_hub.constants
+
+    from evaluation.cache import fingerprint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--tiny"
+
+    def snapshot(commit, blob):
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        (repo / "blobs" / blob).write_text("{}")
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").symlink_to(repo / "blobs" / blob)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    snapshot("c1" * 20, "b1" * 32)
+    first = fingerprint("org/tiny")
+    assert first == {"name": "org/tiny", "revision": "c1" * 20, "files": [["config.json", "b1" * 32]]}
+    snapshot("c2" * 20, "b2" * 32)
+    assert fingerprint("org/tiny")["revision"] == "c2" * 20 and fingerprint("org/tiny") != first
+    assert fingerprint("org/not-cached") == {"name": "org/not-cached", "revision": None}
