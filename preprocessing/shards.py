@@ -63,11 +63,24 @@ def shard_of(doc_name: str, num_shards: int) -> int:
     return int.from_bytes(digest, "little") % num_shards
 
 
+#: Values one list<...> array can hold: Arrow's list type has int32 offsets.
+MAX_LIST_VALUES = np.iinfo(np.int32).max
+
+
 def ragged_list_array(row_lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
-    """A list<value_type> Arrow array from flat values and each row's length, without per-row Python work."""
-    offsets = np.zeros(len(row_lengths) + 1, dtype=np.int32)
+    """A list<value_type> Arrow array from flat values and each row's length, without per-row Python work.
+
+    Offsets are summed in int64 and refused past MAX_LIST_VALUES (an int32 sum would wrap, and Arrow accepts
+    offsets that go backwards: the file would be written and read back with wrong rows); the array is validated
+    in full before it is written."""
+    offsets = np.zeros(len(row_lengths) + 1, dtype=np.int64)
     np.cumsum(row_lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+    if offsets[-1] > MAX_LIST_VALUES:
+        raise ValueError(f"{int(offsets[-1])} {value_type} values in one Arrow table: over list<{value_type}>'s limit "
+                         f"of {MAX_LIST_VALUES} (int32 offsets); write fewer rows per table (more shards)")
+    array = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
+    array.validate(full=True)
+    return array
 
 
 def list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType) -> pa.ListArray:

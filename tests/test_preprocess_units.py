@@ -254,3 +254,21 @@ def test_expand_inputs_sorts_names_and_refuses_bad_globs(tmp_path):
     assert [(f.index, f.name) for f in files] == [(0, "a/1.jsonl"), (1, "b/2.jsonl")]
     with pytest.raises(InputError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.parquet")])
+
+
+def test_list_offsets_past_int32_are_refused_not_wrapped():
+    """2^31 values or more in one list column: an int32 running sum wraps and Arrow takes offsets that go
+    backwards, so the shard would be written and read back with wrong rows. Refused with one line instead (the
+    values are never touched: the lengths alone decide)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from preprocessing.shards import MAX_LIST_VALUES, ragged_list_array
+
+    lengths = np.array([MAX_LIST_VALUES, MAX_LIST_VALUES, 2, 3], dtype=np.int64)  # int32 offsets: 0 M -2 0 3, taken
+    with pytest.raises(ValueError, match=rf"^{2 * MAX_LIST_VALUES + 5} int32 values in one Arrow table: over "):
+        ragged_list_array(lengths, np.arange(10, dtype=np.int32), pa.int32())
+    small = ragged_list_array(np.array([2, 0, 1]), np.array([7, 8, 9], np.int32), pa.int32())
+    assert small.to_pylist() == [[7, 8], [], [9]]
+    with pytest.raises(pa.ArrowInvalid):  # lengths that do not add up to the values: caught before writing
+        ragged_list_array(np.array([2, 2]), np.array([7, 8, 9], np.int32), pa.int32())
