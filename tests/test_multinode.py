@@ -33,8 +33,8 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 NODES = 3
-MAX_STEPS = 24
-SAVE_STEPS = 8
+MAX_STEPS = 12
+SAVE_STEPS = 4
 DDP_TIMEOUT = 90  # longer than SLURM takes to call a silent node DOWN (3 x SlurmdTimeout=10)
 ONE_NODE = ("--nodes=1", "--ntasks-per-node=2")
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1")
@@ -256,14 +256,14 @@ def test_usr1_reaches_both_nodes_which_checkpoint_requeue_and_resume_to_the_same
 class Stalled:
     """Rank 0 of a job logs each step by opening metrics.jsonl, writing a line and closing it; as a FIFO that the
     test reads up to a chosen step, rank 0 blocks at the next one and the run stands still there (the other rank
-    waits in its next collective). `release` puts the lines read into a plain metrics.jsonl, as rank 0 wrote them,
-    for the resumed run."""
+    waits in its next collective). `release` puts the lines into a plain metrics.jsonl, as rank 0 would have
+    written them (`kept`: those of earlier runs up to the checkpoint this one resumed from), for the next run."""
 
-    def __init__(self, job: Pretrain, step: int, timeout: float = 240):
-        self.path, self.lines = job.output_dir / "metrics.jsonl", []
+    def __init__(self, job: Pretrain, step: int, kept: list[str], timeout: float = 240):
+        self.path, self.lines = job.output_dir / "metrics.jsonl", list(kept)
 
         def read() -> None:
-            while not self.lines or json.loads(self.lines[-1])["step"] < step:
+            while len(self.lines) == len(kept) or json.loads(self.lines[-1])["step"] < step:
                 with open(self.path) as handle:  # blocks until rank 0 opens it to log a step
                     self.lines.extend(handle.read().splitlines())
 
@@ -277,15 +277,32 @@ class Stalled:
         self.path.write_text("".join(line + "\n" for line in self.lines))
 
 
-def stalled_job(slurm_env, shard_dir, minilm_path, out: Path) -> tuple[Pretrain, Stalled]:
-    """A 2-node job standing still after step SAVE_STEPS + 2, so after its first checkpoint."""
-    out.mkdir(parents=True)
+def stalled_job(slurm_env, shard_dir, minilm_path, out: Path, step: int) -> tuple[Pretrain, Stalled]:
+    """A 2-node job into `out` (resumed when it holds a checkpoint) standing still after `step`."""
+    out.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if (out / "metrics.jsonl").is_file():  # what the resumed run keeps (common/metrics_log.py)
+        resume_step = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+        kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["step"] <= resume_step]
+        (out / "metrics.jsonl").unlink()
     os.mkfifo(out / "metrics.jsonl")
     job = Pretrain(slurm_env, shard_dir, minilm_path, out, TWO_NODES, "--save_steps", str(SAVE_STEPS),
                    "--ddp_timeout", str(DDP_TIMEOUT))
-    stall = Stalled(job, SAVE_STEPS + 2)
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{SAVE_STEPS:08d}"
-    return job, stall
+    return job, Stalled(job, step, kept)
+
+
+def other_node(slurm_env, job: Pretrain) -> str:
+    """The job's node that does not run its batch script."""
+    info = job.info()
+    nodes = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], env=slurm_env, capture_output=True,
+                           text=True, check=True).stdout.split()
+    return next(node for node in nodes if node != info["BatchHost"])
+
+
+def node_state(slurm_env, node: str) -> str:
+    return subprocess.run(["sinfo", "--noheader", "--Node", "--nodes", node, "--format=%T"], env=slurm_env,
+                          capture_output=True, text=True, check=True).stdout.strip()
 
 
 def rank_pid(slurm_env, node: str) -> int:
@@ -302,13 +319,15 @@ def rank_pid(slurm_env, node: str) -> int:
     raise AssertionError(f"no pretrain/main.py task on {node}")
 
 
-def test_a_killed_rank_ends_the_job_at_once_and_a_resubmission_resumes_to_the_same_losses(
+def test_a_killed_rank_then_a_lost_node_each_resume_from_the_last_checkpoint_to_the_same_losses(
         slurm_env, shard_dir, minilm_path, tmp_path, two_node_run):
-    job, stall = stalled_job(slurm_env, shard_dir, minilm_path, tmp_path / "out")
-    info = job.info()
-    node = next(n for n in subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], env=slurm_env,
-                                          capture_output=True, text=True, check=True).stdout.split()
-                if n != info["BatchHost"])
+    """One output folder through three jobs: (i) a rank SIGKILLed after checkpoint 4 ends the job at once; the same
+    command submitted again resumes from 4 and (ii) loses a node after checkpoint 8 (its link down, as a node that
+    dies): SLURM marks it DOWN and requeues the job onto the nodes left, which resume from 8 to the end."""
+    out = tmp_path / "out"
+    job, stall = stalled_job(slurm_env, shard_dir, minilm_path, out, SAVE_STEPS + 2)
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{SAVE_STEPS:08d}"
+    node = other_node(slurm_env, job)
     killed = time.monotonic()
     os.kill(rank_pid(slurm_env, node), signal.SIGKILL)  # as the OOM killer or a crash would
     final = job.wait()
@@ -317,8 +336,34 @@ def test_a_killed_rank_ends_the_job_at_once_and_a_resubmission_resumes_to_the_sa
     lost = [line for line in (job.log_dir / "batch.log").read_text().splitlines() if "Killed" in line]
     assert lost == [f"srun: error: {node}: task 1: Killed"], job.logs()
     stall.release()
-    again = Pretrain(slurm_env, shard_dir, minilm_path, job.output_dir, TWO_NODES, "--save_steps", str(SAVE_STEPS),
-                     "--ddp_timeout", str(DDP_TIMEOUT))  # the same command submitted again
-    assert again.wait()["JobState"] == "COMPLETED", again.logs()
-    assert re.search(rf"resumed from \S*/step-{SAVE_STEPS:08d}\b", again.rank_log(0)), again.logs()
-    assert steps(again.metrics()) == steps(two_node_run.metrics())
+
+    job, stall = stalled_job(slurm_env, shard_dir, minilm_path, out, 2 * SAVE_STEPS + 2)  # submitted again
+    assert re.search(rf"resumed from \S*/step-{SAVE_STEPS:08d}\b", job.rank_log(0)), job.logs()
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step-{2 * SAVE_STEPS:08d}"
+    node = other_node(slurm_env, job)
+    link = f"dm{slurm_env['DUPMAE_SLURM_CTLD_PORT']}br-{node.removeprefix('node')}"
+    cut = time.monotonic()
+    subprocess.run(["ip", "link", "set", link, "down"], check=True)
+    try:
+        stall.release()
+        while not node_state(slurm_env, node).startswith("down"):
+            assert time.monotonic() - cut < DDP_TIMEOUT, f"{node} not DOWN after {DDP_TIMEOUT} s\n{job.logs()}"
+            time.sleep(0.5)
+        down = time.monotonic() - cut
+        while not (job.info()["Restarts"] == "1" and job.info()["JobState"] == "RUNNING"):
+            assert time.monotonic() - cut < DDP_TIMEOUT, f"not requeued {DDP_TIMEOUT} s after the cut\n{job.logs()}"
+            time.sleep(0.5)
+        requeued = time.monotonic() - cut
+        final = job.wait()
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], check=True)
+    print(f"{node} DOWN {down:.0f} s after its link went down, job running again after {requeued:.0f} s")
+    assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", job.logs()
+    assert node not in subprocess.run(["scontrol", "show", "hostnames", final["NodeList"]], env=slurm_env,
+                                      capture_output=True, text=True, check=True).stdout.split()
+    assert re.search(rf"resumed from \S*/step-{2 * SAVE_STEPS:08d}\b", job.rank_log(0)), job.logs()
+    assert steps(job.metrics()) == steps(two_node_run.metrics())
+    deadline = time.monotonic() + 120  # the node comes back by itself (ReturnToService=2)
+    while node_state(slurm_env, node) != "idle":
+        assert time.monotonic() < deadline, node_state(slurm_env, node)
+        time.sleep(0.5)
