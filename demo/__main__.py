@@ -1,5 +1,5 @@
-"""`make demo`: does DupMAE pre-training give a better retriever? The whole pipeline on offline defaults, in about
-15 minutes on 2 CPU cores.
+"""`make demo`: the whole pipeline on offline defaults (about 15 minutes on 2 CPU cores): does a DupMAE
+bag-of-words head, trained on a frozen encoder, give a better retriever than the same encoder without it?
 
     python -m demo                      # the offline docstring retrieval set (demo/docstring_corpus.py)
     python -m demo --dataset scifact    # a BEIR folder, or a BEIR name when the network allows
