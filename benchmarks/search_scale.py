@@ -1,5 +1,5 @@
 """Search at scale (issue 29): the dupmae representation searched exactly against the indexed search (Seismic's
-sparse candidates + faiss's dense ones, their union rescored exactly), per query, in memory and in quality.
+sparse candidates + faiss's dense ones, their union rescored), per query, in memory and in quality (issue 36).
 
     python benchmarks/search_scale.py --output_dir runs/search_scale [--sizes 100000 300000 1000000] [--smoke]
 
@@ -9,10 +9,12 @@ drawn from those real encodings: each synthetic document mixes two real ones (th
 entries, values jittered by a log-normal factor, its top k kept; dense = a random convex mix plus noise, L2
 normalized), so vocabulary ids, values and their co-occurrence follow real documents, not a uniform draw. Queries:
 SciFact's real test queries (whole vocabulary vectors). Corpora are written as memory-mapped cache entries.
-Each method runs in a subprocess of its own (peak RSS = that process's own VmHWM, `common.memory`): exact (`dupmae_search`) and
-indexed (`--sparse_index seismic`: dense candidates from faiss IVF√N,SQ8; at DEFAULT and along CURVE, the
-candidates M, the query cut and faiss's nprobe). The index build runs and is timed apart (built once per corpus,
-cached beside it). `--from_jsonl RUN.jsonl` prints a run's lines again under DEFAULT and extrapolates them. Prints one JSON line per figure: sec_per_query,
+Each method runs in a subprocess of its own (peak RSS = that process's own VmHWM, `common.memory`): exact
+(`dupmae_search`) and indexed (`--sparse_index seismic`: dense candidates from faiss, `--dense_index hnsw` (HNSW32,SQ8) and/or ivf
+(IVF√N,SQ8); at DEFAULT and along CURVE, the candidates M, the query cut and faiss's efSearch or nprobe; the
+union rescored from an in-memory float16 copy of the rows, `RowStore`). The index builds run and are timed apart,
+each in a process of its own (Seismic's cached beside the corpus). `--from_jsonl RUN.jsonl` prints an IVF run's
+lines again under DEFAULT and extrapolates them. Prints one JSON line per figure: sec_per_query,
 peak_rss_mb, recall@10_of_exact, recall@100_of_exact (ours: indexed, baseline: exact), ndcg@10 on the real sets;
 "curve" lines for the other settings; and lines extrapolated to MS MARCO and the large BEIR corpora from the
 measured growth, written as a table to OUTPUT_DIR/extrapolation.md too.
@@ -41,15 +43,20 @@ import numpy as np  # noqa: E402
 from benchmarks import smoke  # noqa: E402
 from common.memory import peak_rss_bytes  # noqa: E402
 from evaluation import cache  # noqa: E402
-from evaluation.search import SearchOptions, dupmae_search, faiss_index, indexed_dupmae_search  # noqa: E402
+from evaluation.search import (RowStore, SearchOptions, dupmae_search, faiss_index,  # noqa: E402
+                               indexed_dupmae_search)
 from evaluation.sparse_index import SeismicConfig, index_record, load_or_build  # noqa: E402
 
 BENCH = "search_scale"
 SHARED = REPO.parent / "shared" / "data"
 DEPTH = 100
-#: (candidates M, query_cut, faiss nprobe) along the trade-off curve; DEFAULT is where it sits by default.
-CURVE = [(100, 32, 64), (300, 16, 64), (300, 32, 16), (300, 32, 64), (300, 32, 256), (1000, 32, 64)]
-DEFAULT = (SearchOptions().candidates, SearchOptions().query_cut, 256)
+#: The dense candidates' faiss index (--dense_index) and the search parameter its curve varies.
+DENSE_PARAM = {"hnsw": "efSearch", "ivf": "nprobe"}
+#: (candidates M, query_cut, nprobe or efSearch) along the trade-off curve; DEFAULT is where it sits by default.
+CURVE = {"ivf": [(100, 32, 64), (300, 16, 64), (300, 32, 16), (300, 32, 64), (300, 32, 256), (1000, 32, 64)],
+         "hnsw": [(100, 32, 128), (300, 16, 384), (300, 32, 300), (300, 32, 384), (300, 32, 768), (1000, 32, 1000)]}
+DEFAULT = {"ivf": (SearchOptions().candidates, SearchOptions().query_cut, 256),
+           "hnsw": (SearchOptions().candidates, SearchOptions().query_cut, 384)}
 #: Large corpora the extrapolation names (documents; MS MARCO passages, BEIR's largest).
 LARGE = {"msmarco": 8_841_823, "climate-fever/fever": 5_416_568, "hotpotqa": 5_233_329, "dbpedia-entity": 4_635_922,
          "nq": 2_681_468}
@@ -165,36 +172,44 @@ def worker(args) -> None:
         start = time.perf_counter()
         load_or_build(index_folder, record, corpus.sparse_indices, corpus.sparse_values, config)
         result["seconds"] = time.perf_counter() - start
+    elif args.worker == "dense_build":  # the faiss index, written to ROWS (its build time and memory apart)
+        start = time.perf_counter()
+        faiss.write_index(faiss_index(corpus.dense, dense_factory(len(corpus.ids), args.dense_index)), str(args.rows))
+        result["seconds"] = time.perf_counter() - start
     else:
         index = load_or_build(index_folder, record, corpus.sparse_indices, corpus.sparse_values, config)
+        dense = faiss.read_index(f"{args.rows}.faiss")
         start = time.perf_counter()
-        dense = faiss_index(corpus.dense, dense_factory(len(corpus.ids)))
-        result["dense_index_seconds"] = time.perf_counter() - start
+        store = RowStore(corpus, queries.vocab.shape[1])
+        result["store_seconds"] = time.perf_counter() - start
         result["settings"] = {}
-        for m, cut, nprobe in CURVE if args.curve else [DEFAULT]:
-            used = min(nprobe, dense.nlist)  # all lists: the dense candidates are exact (SQ8 aside)
-            options = SearchOptions("seismic", candidates=m, query_cut=cut, faiss_params=f"nprobe={used}")
+        for m, cut, value in CURVE[args.dense_index] if args.curve else [DEFAULT[args.dense_index]]:
+            used = min(value, dense.nlist) if args.dense_index == "ivf" else value  # nprobe: at most all lists
+            options = SearchOptions("seismic", candidates=m, query_cut=cut,
+                                    faiss_params=f"{DENSE_PARAM[args.dense_index]}={used}")
             faiss.ParameterSpace().set_index_parameters(dense, options.faiss_params)
             timings: dict[str, float] = {}
             start = time.perf_counter()
             _, rows = indexed_dupmae_search(queries, corpus, DEPTH, args.sparse_weight, index, options,
-                                            timings=timings, dense_index=dense)
-            result["settings"][f"{m},{cut},{nprobe}"] = {"seconds": time.perf_counter() - start, "nprobe": used,
-                                                          **timings}
-            np.save(f"{args.rows}.{m}-{cut}-{nprobe}.npy", rows)
+                                            timings=timings, dense_index=dense, store=store)
+            result["settings"][f"{m},{cut},{value}"] = {"seconds": time.perf_counter() - start, "used": used,
+                                                         **timings}
+            np.save(f"{args.rows}.{m}-{cut}-{value}.npy", rows)
     result["peak_rss_mb"] = rss_mb()
     print(json.dumps(result), flush=True)
 
 
-def dense_factory(n: int) -> str:
-    """The dense candidates' faiss index: IVF with about sqrt(N) lists, 8-bit scalar codes (the candidates are
-    rescored from the exact vectors, so the index may be approximate and small)."""
-    return f"IVF{max(1, int(np.sqrt(n)))},SQ8"
+def dense_factory(n: int, kind: str) -> str:
+    """The dense candidates' faiss index over 8-bit scalar codes (the candidates are rescored, so the index may be
+    approximate and small): hnsw, a graph of 32 links a node; ivf, about sqrt(N) inverted lists."""
+    return "HNSW32,SQ8" if kind == "hnsw" else f"IVF{max(1, int(np.sqrt(n)))},SQ8"
 
 
-def run_worker(method: str, corpus: Path, queries: Path, rows: Path, sparse_weight: float, curve: bool) -> dict:
+def run_worker(method: str, corpus: Path, queries: Path, rows: Path, sparse_weight: float, curve: bool,
+               dense_index: str = "hnsw") -> dict:
     command = [sys.executable, __file__, "--worker", method, "--corpus", str(corpus), "--queries", str(queries),
-               "--rows", str(rows), "--sparse_weight", str(sparse_weight)] + (["--curve"] if curve else [])
+               "--rows", str(rows), "--sparse_weight", str(sparse_weight), "--dense_index", dense_index] + (
+        ["--curve"] if curve else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
         sys.exit(f"{method} worker on {corpus} failed:\n{done.stderr[-3000:]}")
@@ -217,18 +232,28 @@ def ndcg10(data, corpus: Path, queries: Path, rows: np.ndarray) -> float:
 
 
 def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, smoke_run: bool, data=None,
-            curve: bool = True) -> None:
-    """Both methods on one corpus; prints its lines."""
+            curve: bool = True, dense_kinds: tuple[str, ...] = ("hnsw",)) -> None:
+    """Both methods on one corpus (the indexed one with each dense index kind; the first gives the default
+    lines, the others curve_ lines); prints its lines."""
     out.mkdir(parents=True, exist_ok=True)
     exact = run_worker("exact", corpus, queries, out / f"{name}.exact.npy", weight, curve)
-    # the build in a process of its own, so the search's peak RSS is the search's (--smoke: built by the search)
+    # the builds in processes of their own, so the search's peak RSS is the search's (--smoke: built by the search)
     build = run_worker("build", corpus, queries, out / f"{name}.build", weight, curve) if curve else None
-    indexed = run_worker("indexed", corpus, queries, out / f"{name}.indexed", weight, curve)
+    for kind in dense_kinds:
+        dense_build = run_worker("dense_build", corpus, queries, out / f"{name}.{kind}.faiss", weight, curve, kind)
+        indexed = run_worker("indexed", corpus, queries, out / f"{name}.{kind}", weight, curve, kind)
+        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build, dense_build, indexed, kind,
+                        primary=kind == dense_kinds[0])
+
+
+def measure_indexed(name: str, corpus: Path, queries: Path, out: Path, data, smoke_run: bool, exact: dict,
+                    build: dict | None, dense_build: dict, indexed: dict, kind: str, primary: bool) -> None:
+    """The lines of one indexed worker against the exact one."""
     exact_rows = np.load(out / f"{name}.exact.npy")
     n, q = exact["docs"], exact["queries"]
-    default = ",".join(map(str, DEFAULT))
+    default = ",".join(map(str, DEFAULT[kind])) if primary else None
     for setting, timing in indexed["settings"].items():
-        rows = np.load(out / f"{name}.indexed.{setting.replace(',', '-')}.npy")
+        rows = np.load(out / f"{name}.{kind}.{setting.replace(',', '-')}.npy")
         figs = {"sec_per_query": (timing["seconds"] / q, exact["seconds"] / q, "lower", "s"),
                 "recall@10_of_exact": (recall_of_exact(rows, exact_rows, 10), 1.0, "higher", "fraction"),
                 "recall@100_of_exact": (recall_of_exact(rows, exact_rows, 100), 1.0, "higher", "fraction")}
@@ -236,22 +261,25 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
             figs["ndcg@10"] = (ndcg10(data, corpus, queries, rows), ndcg10(data, corpus, queries, exact_rows),
                                "higher", "nDCG@10")
         m, cut, _ = map(int, setting.split(","))
-        nprobe = timing["nprobe"]
         parts = {f"{part}_sec_per_query": round(timing[part] / q, 6) for part in ("dense", "sparse", "rescore")}
         for metric, (ours, baseline, better, unit) in figs.items():
             line(name, n, metric if setting == default else f"curve_{metric}", ours, baseline, better, unit,
-                 smoke_run, candidates=m, query_cut=cut, nprobe=nprobe, dense_index=dense_factory(n),
-                 **(parts if metric == "sec_per_query" else {}))
-    line(name, n, "peak_rss_mb", indexed["peak_rss_mb"], exact["peak_rss_mb"], "lower", "MB", smoke_run,
+                 smoke_run, candidates=m, query_cut=cut, **{DENSE_PARAM[kind].lower(): timing["used"]},
+                 dense_index=dense_factory(n, kind), **(parts if metric == "sec_per_query" else {}))
+    line(name, n, "peak_rss_mb" if primary else "curve_peak_rss_mb", indexed["peak_rss_mb"], exact["peak_rss_mb"],
+         "lower", "MB", smoke_run, dense_index=dense_factory(n, kind),
          **({"index_build_seconds": round(build["seconds"], 2),
              "index_build_peak_rss_mb": round(build["peak_rss_mb"], 1)} if build else {}),
-         dense_index_seconds=round(indexed["dense_index_seconds"], 2))
+         dense_index_seconds=round(dense_build["seconds"], 2),
+         dense_index_build_peak_rss_mb=round(dense_build["peak_rss_mb"], 1),
+         store_seconds=round(indexed["store_seconds"], 2))
 
 
 def extrapolate(printed: list[dict], out: Path, smoke_run: bool) -> None:
     """Extrapolate the synthetic corpora's default lines to the large corpora, part by part, by how each part grows:
-    exact search scores every document (N·k per query): a·N through the origin; the dense candidates scan
+    exact search scores every document (N·k per query): a·N through the origin; IVF dense candidates scan
     nprobe/nlist of the corpus, so holding the largest run's fraction (and so its recall) costs time linear in N;
+    HNSW's walk grows about as log N at a fixed efSearch (held at the largest run's time x log N / log N_run);
     Seismic keeps at most n_postings x 1.5 postings per vocabulary id whatever N, so its search is held at the
     largest run's time (its fitted growth, clamped to [0, 1], where that is above 0); the rescoring reads 2M
     candidates: constant. Peak RSS: a straight line through the measured sizes."""
@@ -263,15 +291,21 @@ def extrapolate(printed: list[dict], out: Path, smoke_run: bool) -> None:
     n = np.array([p["docs"] for p in speed], dtype=float)
     exact_rate = float(np.dot(n, [p["baseline"] for p in speed]) / np.dot(n, n))
     top = speed[-1]
-    fraction = top["nprobe"] / int(top["dense_index"][3:].split(",")[0])  # scanned share of the largest run
-    scanned = n * np.array([p["nprobe"] / int(p["dense_index"][3:].split(",")[0]) for p in speed])
-    dense_rate = float(np.dot(scanned, [p["dense_sec_per_query"] for p in speed]) / np.dot(scanned, scanned))
+    if top["dense_index"].startswith("IVF"):
+        fraction = top["nprobe"] / int(top["dense_index"][3:].split(",")[0])  # scanned share of the largest run
+        scanned = n * np.array([p["nprobe"] / int(p["dense_index"][3:].split(",")[0]) for p in speed])
+        dense_rate = float(np.dot(scanned, [p["dense_sec_per_query"] for p in speed]) / np.dot(scanned, scanned))
+        dense_time, dense_growth = (lambda size: dense_rate * size * fraction), (
+            f"IVF candidates linear at {fraction:.1%} of the corpus scanned")
+    else:
+        dense_time = lambda size: top["dense_sec_per_query"] * np.log(size) / np.log(top["docs"])  # noqa: E731
+        dense_growth = f"HNSW candidates log N at efSearch {top['efsearch']}"
     growth = float(np.clip(np.polyfit(np.log(n), np.log([p["sparse_sec_per_query"] for p in speed]), 1)[0], 0, 1))
     rss_fit = {k: np.polyfit(n, [p[k] for p in rss], 1) for k in ("baseline", "ours")}
     rows = ["| corpus | documents | exact s/query | indexed s/query (dense + sparse + rescore) | ratio | exact peak RSS "
             "GB | indexed peak RSS GB |", "|---|---|---|---|---|---|---|"]
     for name, size in LARGE.items():
-        parts = [dense_rate * size * fraction, top["sparse_sec_per_query"] * (size / top["docs"]) ** growth,
+        parts = [dense_time(size), top["sparse_sec_per_query"] * (size / top["docs"]) ** growth,
                  top["rescore_sec_per_query"]]
         ours, exact = sum(parts), exact_rate * size
         rss_e, rss_i = (float(np.polyval(rss_fit[k], size)) for k in ("baseline", "ours"))
@@ -282,8 +316,8 @@ def extrapolate(printed: list[dict], out: Path, smoke_run: bool) -> None:
         rows.append(f"| {name} | {size:,} | {exact:.3f} | {ours:.4f} ({split}) | {ours / exact:.3f} | "
                     f"{rss_e / 1024:.1f} | {rss_i / 1024:.1f} |")
     rows.append(f"\nFrom {', '.join(f'{int(x):,}' for x in n)} documents at candidates {top['candidates']}, query cut "
-                f"{top['query_cut']}: exact {exact_rate * 1e6:.3f} s per query per million documents (linear); dense "
-                f"candidates linear at {fraction:.1%} of the corpus scanned; Seismic N^{growth:.2f}; rescoring "
+                f"{top['query_cut']}: exact {exact_rate * 1e6:.3f} s per query per million documents (linear); "
+                f"{dense_growth}; Seismic N^{growth:.2f}; rescoring "
                 "constant; peak RSS linear.")
     (out / "extrapolation.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows), file=sys.stderr)
@@ -301,7 +335,8 @@ def relabel(path: Path, smoke_run: bool) -> list[dict]:
             continue
         nlist = int(old["dense_index"][3:].split(",")[0])
         metric = old["metric"].removeprefix("curve_")
-        default = (old["candidates"], old["query_cut"], old["nprobe"]) == (*DEFAULT[:2], min(DEFAULT[2], nlist))
+        default = (old["candidates"], old["query_cut"], old["nprobe"]) == (*DEFAULT["ivf"][:2],
+                                                                           min(DEFAULT["ivf"][2], nlist))
         default = default and (old["corpus"], old["docs"], metric) not in labeled  # nprobe capped: 64 may equal 256
         labeled |= {(old["corpus"], old["docs"], metric)} if default else set()
         printed.append({**old, "metric": metric if default else f"curve_{metric}"})
@@ -317,14 +352,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--from_jsonl", type=Path, default=None,
                         help="print a previous run's lines again under this DEFAULT and extrapolate them (no search)")
-    parser.add_argument("--worker", choices=["exact", "build", "indexed"], help=argparse.SUPPRESS)
+    parser.add_argument("--dense_index", nargs="+", choices=list(DENSE_PARAM), default=["hnsw", "ivf"],
+                        help="faiss index kinds for the dense candidates; the first gives the default lines")
+    parser.add_argument("--worker", choices=["exact", "build", "dense_build", "indexed"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sparse_weight", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--curve", action="store_true", help=argparse.SUPPRESS)
-    args = smoke.parse_args(parser, argv, sizes=[1000])
+    args = smoke.parse_args(parser, argv, sizes=[1000], dense_index=["hnsw"])
     if args.worker:
+        args.dense_index = args.dense_index[0]
         return worker(args)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.output_dir)
@@ -333,12 +371,13 @@ def main(argv: list[str] | None = None) -> None:
         return extrapolate(relabel(args.from_jsonl, args.smoke), out, args.smoke)
     sets, weight = real_sets(args)
     for name, corpus, queries, data in sets:
-        measure(name, corpus, queries, out / "rows", weight, args.smoke, data, curve=not args.smoke)
+        measure(name, corpus, queries, out / "rows", weight, args.smoke, data, curve=not args.smoke,
+                dense_kinds=tuple(args.dense_index))
     scifact_queries = sets[0][2]
     for size in args.sizes:
         corpus = synthesize([c for _, c, _, _ in sets], size, out / "synthetic" / f"n{size}")
         measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke,
-                curve=not args.smoke)
+                curve=not args.smoke, dense_kinds=tuple(args.dense_index))
     extrapolate(PRINTED, out, args.smoke)
 
 

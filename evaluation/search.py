@@ -5,9 +5,9 @@ The dupmae score is <q,d> = q_dense·d_dense + w_s Σ_{i ∈ kept(d)} q_vocab[i]
   matmul plus D @ q_vocabᵀ (N·k per query), linear in the corpus.
 - indexed (`indexed_dupmae_search`, `--sparse_index seismic`): the top M candidates of each half, the sparse ones
   from a Seismic index (`evaluation.sparse_index`) read with the query's `query_cut` largest entries, the dense
-  ones from faiss (`--index_factory`, default flat); their union is rescored exactly by the formula above (the
-  query's whole vocabulary vector at the document's kept entries). Cost per query: the two index lookups plus
-  2M·k for the rescoring, instead of N·k.
+  ones from faiss (`--index_factory`, default flat); their union is rescored by the formula above (the query's
+  whole vocabulary vector at the document's kept entries) from a compact in-memory copy of the rows (`RowStore`,
+  float16). Cost per query: the two index lookups plus 2M·k for the rescoring, instead of N·k.
 A corpus may come as shards (the embedding cache's memory-mapped entries): each is searched on its own and the
 top-k are merged, so the corpus is never concatenated in memory. Searches fetch one extra hit so a document with
 the query's own id can be dropped (BEIR's convention).
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 QUERY_BATCH = 256  # queries scored at once
 DOC_CHUNK = 1 << 20  # corpus rows scored at once in the exact sparse search (bounds the [Q, N] score block)
-RESCORE_BATCH = 8  # queries whose candidates are gathered at once in the rescoring ([b, 2M, k] arrays)
 SPARSE_INDEXES = ("auto", "exact", "seismic")
 #: Part of the search-hits cache's key: raised when a search's hits change for the same inputs, so that hits cached
 #: before are not reused (2: Seismic's hits filed by their query id, not by position; issue 36).
@@ -140,23 +139,35 @@ def dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: 
     return np.concatenate(all_scores), np.concatenate(all_rows)
 
 
-def rescore(q_dense: np.ndarray, q_vocab: np.ndarray, corpus: Encoded, rows: np.ndarray, sparse_weight: float
-            ) -> np.ndarray:
-    """Exact dupmae scores [b, C] of corpus rows [b, C] (-1: no candidate, scored -inf) for b queries."""
-    scores = np.full(rows.shape, -np.inf, dtype=np.float32)
-    for s in range(0, len(rows), RESCORE_BATCH):
-        r = rows[s:s + RESCORE_BATCH]  # [b, C]
-        valid = r >= 0
-        flat = np.where(valid, r, 0).reshape(-1)  # candidates come sorted, so the memory map is read in order
-        b, c = r.shape
-        dense = np.asarray(corpus.dense[flat]).reshape(b, c, -1)  # [b, C, D]
-        idx = np.asarray(corpus.sparse_indices[flat]).reshape(b, c, -1)  # [b, C, k]
-        val = np.asarray(corpus.sparse_values[flat]).reshape(b, c, -1)  # [b, C, k]
-        qv = q_vocab[s:s + b][np.arange(b)[:, None, None], idx]  # [b, C, k]: the query at the kept entries
-        block = np.einsum("bcd,bd->bc", dense, q_dense[s:s + b]) + sparse_weight * np.einsum("bck,bck->bc", qv, val)
-        scores[s:s + b] = np.where(valid, block, -np.inf)
-        drop_pages(corpus.dense, corpus.sparse_indices, corpus.sparse_values)
-    return scores
+class RowStore:
+    """The corpus rows the rescoring reads, held in memory compactly: the dense vectors and the kept entries' values
+    as float16, their vocabulary ids as uint16 (int32 above 65,536 ids). Copied once from the (memory-mapped)
+    corpus, chunk by chunk with its pages dropped, so the rescoring neither maps the corpus file nor counts its
+    page-cache pages as its own: 2 (D + 2k) bytes a document (2.3 KB at D = k = 384). float16 moves a score by
+    about 1e-3 of its size at most (unit-norm dense halves; float32 sums)."""
+
+    def __init__(self, corpus: Encoded, vocab_size: int):
+        n, k = corpus.sparse_indices.shape
+        self.dense = np.empty((n, corpus.dense.shape[1]), np.float16)
+        self.ids = np.empty((n, k), np.uint16 if vocab_size <= 1 << 16 else np.int32)
+        self.values = np.empty((n, k), np.float16)
+        for start in range(0, n, ADD_ROWS):
+            stop = min(start + ADD_ROWS, n)
+            self.dense[start:stop] = corpus.dense[start:stop]
+            self.ids[start:stop] = corpus.sparse_indices[start:stop]
+            self.values[start:stop] = corpus.sparse_values[start:stop]
+            drop_pages(corpus.dense, corpus.sparse_indices, corpus.sparse_values)
+
+    def scores(self, q_dense: np.ndarray, q_vocab: np.ndarray, rows: np.ndarray, sparse_weight: float) -> np.ndarray:
+        """dupmae scores [b, C] of rows [b, C] (-1: no candidate, scored -inf) for b queries, one query at a time
+        (its C x k ids index the query's vocabulary vector, held in cache)."""
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for q, r in enumerate(rows):
+            valid = r >= 0
+            r = r[valid]  # sorted: the rows are read in order
+            sparse = np.einsum("ck,ck->c", q_vocab[q].take(self.ids[r]), self.values[r], dtype=np.float32)
+            scores[q, valid] = self.dense[r].astype(np.float32) @ q_dense[q] + sparse_weight * sparse
+        return scores
 
 
 def candidate_union(*parts: np.ndarray) -> np.ndarray:
@@ -168,17 +179,20 @@ def candidate_union(*parts: np.ndarray) -> np.ndarray:
 
 def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_weight: float,
                           sparse_index: SeismicIndex, options: SearchOptions, index_factory: str | None = None,
-                          timings: dict[str, float] | None = None, dense_index=None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-depth of the union of each half's top `options.candidates`, rescored exactly; (scores, corpus rows)
-    [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than depth' documents). `timings`,
-    when given, accumulates the seconds of each part: dense_index (faiss add), dense, sparse, rescore;
-    `dense_index`: a faiss index of corpus.dense built before (else one is built from index_factory)."""
+                          timings: dict[str, float] | None = None, dense_index=None, store: RowStore | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-depth of the union of each half's top `options.candidates`, rescored by the dupmae formula from a
+    RowStore; (scores, corpus rows) [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than
+    depth' documents). `timings`, when given, accumulates the seconds of each part: dense_index (faiss add),
+    store (the RowStore copy), dense, sparse, rescore; `dense_index`, `store`: built before (else built here)."""
     _check_dupmae(queries, corpus)
     n = len(corpus.ids)
     depth, m = min(depth, n), min(max(options.candidates, depth), n)
     clock = _Clock(timings)
     with clock("dense_index"):
         dense = dense_index or faiss_index(corpus.dense, index_factory, options.faiss_params)
+    with clock("store"):
+        store = store or RowStore(corpus, queries.vocab.shape[1])
     all_scores, all_rows = [], []
     for qs in tqdm(range(0, len(queries.ids), QUERY_BATCH), desc="indexed dupmae search", unit="batch", mininterval=5):
         q_dense = np.ascontiguousarray(queries.dense[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, D]
@@ -189,7 +203,7 @@ def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_
             sparse_rows = sparse_index.search(q_vocab, m, options.query_cut, options.heap_factor)  # [b, M]
         with clock("rescore"):
             rows = candidate_union(dense_rows, sparse_rows)  # [b, 2M]
-            scores = rescore(q_dense, q_vocab, corpus, rows, sparse_weight)
+            scores = store.scores(q_dense, q_vocab, rows, sparse_weight)
         top_scores, pick = torch.topk(torch.from_numpy(scores), min(depth, rows.shape[1]), dim=1)
         top_rows = np.take_along_axis(rows, pick.numpy(), 1)
         top_rows[~np.isfinite(top_scores.numpy())] = -1

@@ -53,9 +53,12 @@ def test_indexed_search_with_all_candidates_equals_exact():
     options = SearchOptions("seismic", candidates=1500, query_cut=VOCAB, heap_factor=1.0,
                             seismic=SeismicConfig(doc_top=8))
     indexed = search_mod.search(queries, corpus, depth=20, sparse_weight=0.5, options=options)
-    assert top_sets(indexed, 20) == top_sets(exact, 20)
-    for q in exact:  # the rescoring is the exact formula
-        np.testing.assert_allclose([indexed[q][d] for d in exact[q]], list(exact[q].values()), rtol=1e-5)
+    every = search_mod.search(queries, corpus, depth=1500, sparse_weight=0.5)  # exact scores of all documents
+    for q in exact:  # the rescoring is the dupmae formula on float16 rows: within 1e-3 of a score's size
+        tol = 1e-3 * max(abs(v) for v in every[q].values())
+        np.testing.assert_allclose(list(indexed[q].values()), [every[q][d] for d in indexed[q]], atol=tol)
+        assert min(every[q][d] for d in indexed[q]) >= list(exact[q].values())[-1] - 2 * tol  # a top-20, near-ties
+        assert len(set(indexed[q]) & set(exact[q])) >= 19
 
 
 def test_indexed_search_few_candidates_keeps_the_exact_top10():
@@ -85,7 +88,7 @@ def test_sparse_only_candidates_reach_the_exact_sparse_ranking():
     scores, rows = search_mod.indexed_dupmae_search(queries, corpus, 20, 1.0, index, options, dense_index=NoDense())
     recall = np.mean([len(set(r) & set(e)) / 20 for r, e in zip(rows, exact)])
     assert recall >= 0.99, recall
-    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-5)  # every query's best document found
+    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-3)  # every query's best document found
 
 
 def test_shards_merge_to_the_unsharded_ranking(tmp_path):
@@ -100,7 +103,7 @@ def test_shards_merge_to_the_unsharded_ranking(tmp_path):
     assert top_sets(search_mod.search(queries, shards, depth=15), 15) == top_sets(whole, 15)
     indexed = search_mod.search(queries, shards, depth=15, options=SearchOptions("seismic", candidates=900,
                                                                                  query_cut=VOCAB, heap_factor=1.0))
-    assert top_sets(indexed, 15) == top_sets(whole, 15)
+    assert all(len(set(indexed[q]) & set(whole[q])) >= 14 for q in whole)  # float16 rescoring: a near-tie may swap
 
 
 def test_auto_is_exact_below_the_threshold(monkeypatch):
