@@ -249,8 +249,10 @@ class Encoder(nn.Module):
 
                     projection.load_state_dict(load_file(str(projection_file)))
                 else:
-                    logger.warning("%s has no %s: projection initialized (%s)", path, PROJECTION_NAME,
-                                   "identity" if config.dense_dim == model.config.hidden_size else f"seed {INIT_SEED}")
+                    identity = config.dense_dim == model.config.hidden_size  # the documented start: dense = base
+                    (logger.info if identity else logger.warning)(
+                        "%s has no %s: projection initialized (%s)", path, PROJECTION_NAME,
+                        "identity" if identity else f"seed {INIT_SEED}")
         encoder = cls(model, config, projection)
         encoder.max_seq_length = saved_max_seq_length(folder)
         return encoder

@@ -213,6 +213,8 @@ def _local_runner(options: PipelineOptions):
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
 
+    from preprocessing.beam_worker import QuietWorkersRunner
+
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    return fn_runner.FnApiRunner(provision_info=provision)
+    return QuietWorkersRunner(provision_info=provision)  # Beam's FnApiRunner, its workers' notices filtered

@@ -199,7 +199,7 @@ class DupMAEModel(nn.Module):
                 mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
                 head_missing = [k for k in info["missing_keys"] if not k.startswith(mlm.base_model_prefix + ".")]
                 if head_missing:
-                    logger.warning("%s has no MLM head: initialized %d head tensors (%s)", path, len(head_missing),
+                    logger.info("%s has no MLM head: initialized %d head tensors (%s)", path, len(head_missing),
                                    ", ".join(sorted(head_missing)))
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot build model from {model_name_or_path!r} (resolved to {path!r}): "

@@ -1,0 +1,36 @@
+"""The local runner's worker processes: Beam's own SDK worker (`sdk_worker_main`), started through this module so
+that the start-up notices a user cannot act on (common/quiet_log.py) are filtered there too.
+
+The DirectRunner's multi-processing mode starts `python -m apache_beam.runners.worker.sdk_worker_main` for each
+worker; `QuietWorkersRunner` is that runner with the command pointed here. Nothing else changes: the same
+function runs with the same environment and arguments.
+"""
+from __future__ import annotations
+
+import sys
+
+from common.quiet_log import silence_known_notices
+
+silence_known_notices()  # before Beam's imports: the GCP notice is logged while apache_beam is imported
+
+from apache_beam.portability import python_urns  # noqa: E402
+from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: E402
+
+BEAM_WORKER = "apache_beam.runners.worker.sdk_worker_main"
+WORKER = "preprocessing.beam_worker"
+
+
+class QuietWorkersRunner(fn_runner.FnApiRunner):
+    """FnApiRunner whose subprocess workers run `python -m preprocessing.beam_worker` instead of Beam's module."""
+
+    def run_via_runner_api(self, pipeline_proto, options):
+        for environment in pipeline_proto.components.environments.values():
+            if environment.urn == python_urns.SUBPROCESS_SDK:
+                environment.payload = environment.payload.replace(BEAM_WORKER.encode(), WORKER.encode())
+        return super().run_via_runner_api(pipeline_proto, options)
+
+
+if __name__ == "__main__":
+    from apache_beam.runners.worker import sdk_worker_main
+
+    sdk_worker_main.main(sys.argv)
