@@ -21,7 +21,9 @@ from common.shard_format import MANIFEST_NAME, PRETRAIN_SCHEMA, Manifest, ShardI
 from preprocessing.packing import PackedDocument
 from preprocessing.records import DEAD_LETTER_FILE
 from preprocessing.runner import PreflightError
-from preprocessing.writes import ROWS_PER_BATCH, TEMPORARY, OutputDir, atomic_create, write_bytes
+from preprocessing.writes import (
+    ROWS_PER_BATCH, TEMPORARY, OutputDir, atomic_create, remove_local_folders, write_bytes,
+)
 
 # Output bytes per input byte, measured on ../shared/data/gutenberg (English prose, BERT vocabulary,
 # max_seq_length 512): 26.2 MB of JSONL gave 48.5 MB of shards. Only used to pick the shard count up front.
@@ -50,6 +52,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
             if p.endswith((".arrow", MANIFEST_NAME)) or DEAD_LETTER_FILE in p or f"/{TEMPORARY}/" in p]
     if ours:
         FileSystems.delete(ours)
+        remove_local_folders(output_dir)
 
 
 def estimate_num_shards(input_bytes: int, shard_size_mb: float) -> int:

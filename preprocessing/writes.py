@@ -9,6 +9,8 @@ removes the temporary folder once the pipeline has finished; `--overwrite` remov
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,20 @@ class OutputDir:
         leftovers = [m.path for m in FileSystems.match([self.temporary("**")])[0].metadata_list]
         if leftovers:
             FileSystems.delete(leftovers)
+        remove_local_folders(self.path, self.run_id)
+
+
+def remove_local_folders(output_dir: str, run_id: str = "") -> None:
+    """On a local disk, the emptied folders under DIR/_temporary/ (RUN_ID's, or all with no run_id); DIR/_temporary
+    itself once empty. Object stores have no folders."""
+    if FileSystems.get_scheme(output_dir) is not None:
+        return
+    root = os.path.join(output_dir, TEMPORARY)
+    shutil.rmtree(os.path.join(root, run_id) if run_id else root, ignore_errors=True)
+    try:
+        os.rmdir(root)
+    except OSError:  # absent, or another run's files are still there
+        pass
 
 
 class HashingWriter:

@@ -219,6 +219,7 @@ def test_finetune_outputs_are_byte_identical_across_runner_modes(tmp_path):
                            str(out), "--direct_running_mode", mode, "--direct_num_workers", workers])
         outputs[mode] = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
                          if p.is_file() and p.name != MANIFEST_NAME}
+        assert not (out / "_temporary").exists()
     letters = outputs["in_memory"]["dead_letter/dead_letter.jsonl"].decode().splitlines()
     assert len(letters) == 8 * 30 + 2  # 30 unknown negatives per query, one unknown positive, one repeated id
     assert sorted(outputs["in_memory"]) == ["corpus.arrow", "dead_letter/dead_letter.jsonl", "groups.arrow",
@@ -305,3 +306,26 @@ def test_job_request_carries_a_tokenizer_path_not_the_vocabulary(tmp_path, minil
                                      OutputDir(cfg.output_dir, "run"))
         sizes.append(len(pipeline.to_runner_api().SerializeToString()))
     assert abs(sizes[0] - sizes[1]) < 2000, sizes  # 30k-entry vocabulary or 2 entries: the same request
+
+
+def test_a_large_input_file_is_named_in_a_warning(tmp_path, monkeypatch, caplog):
+    from preprocessing import records
+
+    (tmp_path / "small.jsonl").write_text("{}\n")
+    (tmp_path / "large.jsonl").write_text("{}\n" * 100)
+    monkeypatch.setattr(records, "LARGE_INPUT_BYTES", 100)
+    with caplog.at_level("WARNING", logger="preprocessing.records"):
+        records.expand_inputs([str(tmp_path / "*.jsonl")])
+    assert [r.getMessage().split(" is ")[0] for r in caplog.records] == [f"input {tmp_path / 'large.jsonl'}"]
+    assert "one worker reads it from start to end" in caplog.records[0].getMessage()
+
+
+def test_a_worker_process_freezes_its_heap_once():
+    import subprocess
+    import sys
+
+    worker = ("import gc; from preprocessing.runner import setup_worker_process; setup_worker_process(1, -1); "
+              "first = gc.get_freeze_count(); garbage = [[i] for i in range(10000)]; del garbage; "
+              "kept = [[i] for i in range(1000)]; setup_worker_process(1, -1); print(gc.get_freeze_count() == first)")
+    done = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True"]
