@@ -10,12 +10,14 @@ entries, values jittered by a log-normal factor, its top k kept; dense = a rando
 normalized), so vocabulary ids, values and their co-occurrence follow real documents, not a uniform draw. Queries:
 SciFact's real test queries (whole vocabulary vectors). Corpora are written as memory-mapped cache entries.
 Each method runs in a subprocess of its own (peak RSS = that process's own VmHWM, `common.memory`): exact
-(`dupmae_search`) and indexed (`--sparse_index seismic`: dense candidates from faiss, `--dense_index hnsw` (HNSW32,SQ8) and/or ivf
-(IVF√N,SQ8); at DEFAULT and along CURVE, the candidates M, the query cut and faiss's efSearch or nprobe; the
-union rescored from an in-memory float16 copy of the rows, `RowStore`). The index builds run and are timed apart,
-each in a process of its own (Seismic's cached beside the corpus). `--from_jsonl RUN.jsonl` prints an IVF run's
-lines again under DEFAULT and extrapolates them. Prints one JSON line per figure: sec_per_query,
-peak_rss_mb, recall@10_of_exact, recall@100_of_exact (ours: indexed, baseline: exact), ndcg@10 on the real sets;
+(`dupmae_search`) and indexed (`--sparse_index seismic`: dense candidates from faiss, `--dense_index hnsw`
+(HNSW32,SQ8) and/or ivf (IVF√N,SQ8); at DEFAULT and along CURVE, the candidates M, the query cut and faiss's
+efSearch or nprobe; the union rescored from an in-memory float16 copy of the rows, `RowStore`). The index builds
+run and are timed apart, each in a process of its own (Seismic's cached beside the corpus). Each synthetic size is
+measured twice: `synthetic` at the model's sparse weight and `synthetic-sparse` at SPARSE_HEAVY_WEIGHT; every
+line carries `sparse_share`, the share of the exact top-10's scores the sparse half carries. `--from_jsonl
+RUN.jsonl` prints an IVF run's lines again under DEFAULT and extrapolates them. Prints one JSON line per
+figure: sec_per_query, peak_rss_mb, recall@10_of_exact, recall@100_of_exact (ours: indexed, baseline: exact), ndcg@10 on the real sets;
 "curve" lines for the other settings; and lines extrapolated to MS MARCO and the large BEIR corpora from the
 measured growth, written as a table to OUTPUT_DIR/extrapolation.md too.
 --smoke: a tiny random-init model on the 16-document smoke folder and a 3,000-document synthetic corpus.
@@ -57,6 +59,9 @@ CURVE = {"ivf": [(100, 32, 64), (300, 16, 64), (300, 32, 16), (300, 32, 64), (30
          "hnsw": [(100, 32, 128), (300, 16, 384), (300, 32, 300), (300, 32, 384), (300, 32, 768), (1000, 32, 1000)]}
 DEFAULT = {"ivf": (SearchOptions().candidates, SearchOptions().query_cut, 256),
            "hnsw": (SearchOptions().candidates, SearchOptions().query_cut, 384)}
+#: synthetic-sparse: the synthetic corpus scored at this sparse weight, so the sparse half moves the ranking and
+#: Seismic's recall is tested (the model's own weight, 0.2 for the packaged MiniLM, leaves it to the dense half).
+SPARSE_HEAVY_WEIGHT = 1.0
 #: Large corpora the extrapolation names (documents; MS MARCO passages, BEIR's largest).
 LARGE = {"msmarco": 8_841_823, "climate-fever/fever": 5_416_568, "hotpotqa": 5_233_329, "dbpedia-entity": 4_635_922,
          "nq": 2_681_468}
@@ -239,16 +244,38 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
     exact = run_worker("exact", corpus, queries, out / f"{name}.exact.npy", weight, curve)
     # the builds in processes of their own, so the search's peak RSS is the search's (--smoke: built by the search)
     build = run_worker("build", corpus, queries, out / f"{name}.build", weight, curve) if curve else None
+    share = sparse_share(corpus, queries, np.load(out / f"{name}.exact.npy"), weight)
     for kind in dense_kinds:
-        dense_build = run_worker("dense_build", corpus, queries, out / f"{name}.{kind}.faiss", weight, curve, kind)
+        faiss_file = out / f"{corpus.name}.{kind}.faiss"  # one build per corpus and kind (synthetic-sparse reuses it)
+        if (str(faiss_file), kind) not in DENSE_BUILT:
+            DENSE_BUILT[str(faiss_file), kind] = run_worker("dense_build", corpus, queries, faiss_file, weight, curve,
+                                                           kind)
+        (out / f"{name}.{kind}.faiss").unlink(missing_ok=True)
+        (out / f"{name}.{kind}.faiss").symlink_to(faiss_file.name)
         indexed = run_worker("indexed", corpus, queries, out / f"{name}.{kind}", weight, curve, kind)
-        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build, dense_build, indexed, kind,
-                        primary=kind == dense_kinds[0])
+        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build, DENSE_BUILT[str(faiss_file), kind],
+                        indexed, kind, primary=kind == dense_kinds[0], sparse_weight=weight, sparse_share=share)
+
+
+DENSE_BUILT: dict[tuple[str, str], dict] = {}  # (faiss file, kind) -> its build worker's result
+
+
+def sparse_share(corpus: Path, queries: Path, exact_rows: np.ndarray, weight: float) -> float:
+    """The share of the score the sparse half carries in the exact top-10: sum of w·sparse over sum of the
+    scores (how far the ranking is the sparse half's)."""
+    docs, q = cache.load(corpus.parent, corpus.name), cache.load(queries.parent, queries.name)
+    rows = exact_rows[:, :10]
+    dense = np.einsum("qcd,qd->qc", np.asarray(docs.dense)[rows], np.asarray(q.dense))
+    vocab = np.asarray(q.vocab)
+    at = vocab[np.arange(len(rows))[:, None, None], np.asarray(docs.sparse_indices)[rows]]  # [Q, 10, k]
+    sparse = np.einsum("qck,qck->qc", at, np.asarray(docs.sparse_values)[rows])
+    return float((weight * sparse).sum() / (dense + weight * sparse).sum())
 
 
 def measure_indexed(name: str, corpus: Path, queries: Path, out: Path, data, smoke_run: bool, exact: dict,
-                    build: dict | None, dense_build: dict, indexed: dict, kind: str, primary: bool) -> None:
-    """The lines of one indexed worker against the exact one."""
+                    build: dict | None, dense_build: dict, indexed: dict, kind: str, primary: bool,
+                    **corpus_fields) -> None:
+    """The lines of one indexed worker against the exact one (corpus_fields: added to each line)."""
     exact_rows = np.load(out / f"{name}.exact.npy")
     n, q = exact["docs"], exact["queries"]
     default = ",".join(map(str, DEFAULT[kind])) if primary else None
@@ -265,14 +292,14 @@ def measure_indexed(name: str, corpus: Path, queries: Path, out: Path, data, smo
         for metric, (ours, baseline, better, unit) in figs.items():
             line(name, n, metric if setting == default else f"curve_{metric}", ours, baseline, better, unit,
                  smoke_run, candidates=m, query_cut=cut, **{DENSE_PARAM[kind].lower(): timing["used"]},
-                 dense_index=dense_factory(n, kind), **(parts if metric == "sec_per_query" else {}))
+                 dense_index=dense_factory(n, kind), **(parts if metric == "sec_per_query" else {}), **corpus_fields)
     line(name, n, "peak_rss_mb" if primary else "curve_peak_rss_mb", indexed["peak_rss_mb"], exact["peak_rss_mb"],
          "lower", "MB", smoke_run, dense_index=dense_factory(n, kind),
          **({"index_build_seconds": round(build["seconds"], 2),
              "index_build_peak_rss_mb": round(build["peak_rss_mb"], 1)} if build else {}),
          dense_index_seconds=round(dense_build["seconds"], 2),
          dense_index_build_peak_rss_mb=round(dense_build["peak_rss_mb"], 1),
-         store_seconds=round(indexed["store_seconds"], 2))
+         store_seconds=round(indexed["store_seconds"], 2), **corpus_fields)
 
 
 def extrapolate(printed: list[dict], out: Path, smoke_run: bool) -> None:
@@ -376,8 +403,9 @@ def main(argv: list[str] | None = None) -> None:
     scifact_queries = sets[0][2]
     for size in args.sizes:
         corpus = synthesize([c for _, c, _, _ in sets], size, out / "synthetic" / f"n{size}")
-        measure("synthetic", corpus, scifact_queries, out / "rows" / f"n{size}", weight, args.smoke,
-                curve=not args.smoke, dense_kinds=tuple(args.dense_index))
+        for name, corpus_weight in (("synthetic", weight), ("synthetic-sparse", SPARSE_HEAVY_WEIGHT)):
+            measure(name, corpus, scifact_queries, out / "rows" / f"n{size}", corpus_weight, args.smoke,
+                    curve=not args.smoke, dense_kinds=tuple(args.dense_index))
     extrapolate(PRINTED, out, args.smoke)
 
 
