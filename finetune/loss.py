@@ -97,9 +97,14 @@ def calibrated_temperature(scores: Tensor) -> Tensor:
     return torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """fp32 for bf16/fp16/fp32 scores; fp64 stays fp64 (the parity benchmark's rounding control)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def info_nce(scores: Tensor, labels: Tensor, temperature: float) -> Tensor:
     """Mean InfoNCE of scores [Bq, Bp] with positives at labels [Bq]; the softmax runs in fp32 (under bf16 too)."""
-    return F.cross_entropy(scores.float() / temperature, labels)
+    return F.cross_entropy(at_least_fp32(scores) / temperature, labels)
 
 
 #: A query whose positive has softmax probability above 1 - this (a loss below about 1e-3) gets almost no gradient.

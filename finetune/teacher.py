@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from finetune.loss import at_least_fp32
+
 TeacherScores = dict[str, dict[str, float]]  # query id -> {doc id: teacher score}
 
 
@@ -119,6 +121,6 @@ def distill_kl(student: Tensor, teacher: Tensor, temperature: float | Tensor, te
                reduction: str = "batchmean") -> Tensor:
     """Mean over queries of KL(softmax(teacher / τ_t) || softmax(student / τ)); student, teacher [Bq, G].
     reduction "mean" divides by Bq · G instead, as the official code does (--kl_reduction)."""
-    log_q = F.log_softmax(student.float() / temperature, dim=-1)  # [Bq, G]
-    log_p = F.log_softmax(teacher.float() / teacher_temperature, dim=-1)  # [Bq, G]
+    log_q = F.log_softmax(at_least_fp32(student) / temperature, dim=-1)  # [Bq, G]
+    log_p = F.log_softmax(at_least_fp32(teacher) / teacher_temperature, dim=-1)  # [Bq, G]
     return F.kl_div(log_q, log_p, log_target=True, reduction=reduction)

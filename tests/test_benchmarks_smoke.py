@@ -18,7 +18,7 @@ BENCHMARKS = REPO / "benchmarks"
 #: Scripts whose smoke mode another test runs (their owners' tests).
 SMOKE_TESTED_ELSEWHERE = {"adaptation.py", "ablation.py"}
 #: Scripts that need the official code itself (skipped without it): official_parity.py compares against nothing else.
-NEEDS_OFFICIAL = {"official_parity.py"}
+NEEDS_OFFICIAL = {"official_parity.py", "official_finetune_parity.py"}
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py")
                  if 'if __name__ == "__main__":' in p.read_text() and p.name not in SMOKE_TESTED_ELSEWHERE)
 #: Extra flags: scripts that write a run folder get the test's.
@@ -89,5 +89,6 @@ def test_benchmark_smoke_mode_prints_standard_json_lines(script, flags, tmp_path
         if line["better"] is None:  # two measurements of one quantity side by side, neither better
             assert line["bench"] in SIDE_BY_SIDE and line["unit"], line
             continue
-        assert _is_number(line["ratio"]) and line["ratio"] > 0, line
+        # a difference of exactly 0 (official_finetune_parity.py: the same operations in the same order) has ratio 0
+        assert _is_number(line["ratio"]) and (line["ratio"] > 0 or line["ours"] == 0 == line["ratio"]), line
         assert line["better"] in ("higher", "lower") and line["unit"], line
