@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import subprocess
@@ -49,16 +48,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.official_parity import NO_DROPOUT, RANDOM_BERT, TARGETS, grad_max_rel_l2, line, rel  # noqa: E402
+from benchmarks.official_parity import (LEARNING_RATE, MAX_GRAD_NORM, TARGETS, WARMUP_RATIO, WEIGHT_DECAY,  # noqa: E402
+                                        grad_max_rel_l2, hf_trainer_optimizer, init_bert, line, official_parser,
+                                        rel)
 
 #: case -> (train_group_size, ranks, teacher scores): the issue's four cases.
 CASES = {"in-batch": (1, 1, False), "hard-negatives": (4, 1, False), "cross-device": (4, 2, False),
          "teacher": (4, 1, True)}
 #: Our options that compute what BiEncoderModel computes, where our default departs on purpose.
 OFFICIAL_OPTIONS = {"cross-device": {"official_cross_device": True}, "teacher": {"kl_reduction": "mean"}}
-#: The official recipe (examples/retriever/msmarco: temperature 1, dot product of [CLS], not normalized) with
-#: the learning rate of official_parity.py (the recipe's 2e-5 moves the weights less: a weaker test).
-LEARNING_RATE, WARMUP_RATIO, WEIGHT_DECAY, MAX_GRAD_NORM, TEMPERATURE = 1e-4, 0.1, 0.01, 1.0, 1.0
+#: The official recipe's temperature (examples/retriever/msmarco: 1, dot product of [CLS], not normalized), with
+#: official_parity.py's optimizer settings (lr 1e-4: the recipe's 2e-5 moves the weights less, a weaker test).
+TEMPERATURE = 1.0
 CONTRASTIVE_LOSS_WEIGHT = 0.5  # teacher case: loss = KL + 0.5 x InfoNCE on both sides (both terms matter)
 SEED = 42
 
@@ -111,7 +112,6 @@ def official_worker(rank: int, port: int | None, job: dict, result: str) -> None
     from bi_encoder.arguments import ModelArguments
     from bi_encoder.data import read_teacher_score
     from bi_encoder.modeling import BiEncoderModel
-    from transformers import Trainer, get_linear_schedule_with_warmup
 
     table = read_teacher_score(job["teacher_file"]) if job["teacher_file"] else None
 
@@ -140,13 +140,7 @@ def official_worker(rank: int, port: int | None, job: dict, result: str) -> None
             name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}}
 
     model = build()
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # HF Trainer's groups (4.46.3)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
-                                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
-                                  lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8)
-    steps = len(batches)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_RATIO * steps), steps)
+    optimizer, scheduler, _ = hf_trainer_optimizer(model, len(batches), LEARNING_RATE)
     wrapped = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     losses = []
     for batch in batches:  # Trainer.training_step, then the clip / step / schedule / zero_grad of its loop
@@ -192,16 +186,7 @@ def run_official(args: argparse.Namespace, job: dict, work: Path) -> list[dict]:
 
 def make_init(kind: str, folder: Path, tokenizer) -> Path:
     """A BertModel with dropout 0 and the tokenizer, saved as a plain HF folder (both sides load it)."""
-    import torch
-    from transformers import AutoModel, BertConfig, BertModel
-
-    from common.defaults import default_model_path
-
-    torch.manual_seed(0)
-    if kind == "minilm":
-        model = AutoModel.from_pretrained(default_model_path(), **NO_DROPOUT)
-    else:
-        model = BertModel(BertConfig(vocab_size=len(tokenizer), **RANDOM_BERT, **NO_DROPOUT))
+    model = init_bert(kind, tokenizer, "AutoModel")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -385,12 +370,7 @@ def parity(args: argparse.Namespace, init: str, case: str, pooling: str, init_di
 def main() -> None:
     from benchmarks import smoke
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official_src", default=os.environ.get("RETROMAE_SRC"),
-                        help="the official RetroMAE `src` folder, with bi_encoder/ (default: $RETROMAE_SRC)")
-    parser.add_argument("--official_python", default=os.environ.get("RETROMAE_PYTHON", sys.executable),
-                        help="a Python with transformers 4.46.3 (default: $RETROMAE_PYTHON)")
-    parser.add_argument("--inits", default="minilm,random", help="comma-separated: minilm, random")
+    parser = official_parser(__doc__, "the official RetroMAE `src` folder, with bi_encoder/ (default: $RETROMAE_SRC)")
     parser.add_argument("--cases", default="in-batch,hard-negatives,hard-negatives:mean,cross-device,teacher",
                         help="comma-separated CASE or CASE:POOLING (cls unless said)")
     parser.add_argument("--batch_size", type=int, default=4, help="queries per rank")

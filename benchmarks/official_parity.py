@@ -138,15 +138,7 @@ def official_side(args: argparse.Namespace) -> None:
     with torch.no_grad():
         terms = official_terms(model, batches[0], float(loss))
     model = build()
-    from transformers import Trainer, get_linear_schedule_with_warmup
-
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # HF Trainer's groups (4.46.3)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
-                                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
-                                  lr=LEARNING_RATE, betas=(0.9, 0.999), eps=1e-8)
-    steps = len(batches)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_RATIO * steps), steps)
+    optimizer, scheduler, decay = hf_trainer_optimizer(model, len(batches), LEARNING_RATE)
     losses = []
     for batch in batches:  # Trainer.training_step, then the clip / step / schedule / zero_grad of its loop
         step_loss = model(**batch)[0]
@@ -158,6 +150,21 @@ def official_side(args: argparse.Namespace) -> None:
         losses.append(float(step_loss))
     torch.save({"loss": float(loss), "terms": terms, "grads": grads, "losses": losses,
                 "decay": sorted(decay)}, args.result)
+
+
+def hf_trainer_optimizer(model, steps: int, learning_rate: float):
+    """(optimizer, scheduler, decayed parameter names) as HF Trainer (4.46.3) builds them: `torch.optim.AdamW` over
+    `Trainer.get_decay_parameter_names` (no decay on biases and LayerNorm weights), linear warm-up and decay."""
+    import torch
+    from transformers import Trainer, get_linear_schedule_with_warmup
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
+                                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(WARMUP_RATIO * steps), steps)
+    return optimizer, scheduler, decay
 
 
 def official_terms(model, batch: dict, total: float) -> dict:
@@ -206,21 +213,29 @@ def official_collator_stats(src: str, job: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- our side (this process)
 
-def make_init(kind: str, folder: Path, tokenizer) -> Path:
-    """A BertForMaskedLM with dropout 0 saved whole (head included) beside our decoder's initial weights."""
+def init_bert(kind: str, tokenizer, auto_class: str):
+    """The packaged MiniLM (`minilm`) or a small random BERT (`random`, seeded) as a transformers `auto_class`
+    model (AutoModel, AutoModelForMaskedLM), every dropout probability 0."""
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+    import transformers
 
     from common.defaults import default_model_path
+
+    auto = getattr(transformers, auto_class)
+    torch.manual_seed(0)
+    if kind == "minilm":
+        return auto.from_pretrained(default_model_path(), **NO_DROPOUT)
+    return auto.from_config(transformers.BertConfig(vocab_size=len(tokenizer), **RANDOM_BERT, **NO_DROPOUT))
+
+
+def make_init(kind: str, folder: Path, tokenizer) -> Path:
+    """A BertForMaskedLM with dropout 0 saved whole (head included) beside our decoder's initial weights."""
+    from safetensors.torch import save_file
+
     from pretrain.enhanced_decoder import EnhancedDecoderLayer
     from pretrain.modeling import DECODER_FILE
 
-    torch.manual_seed(0)
-    if kind == "minilm":
-        mlm = AutoModelForMaskedLM.from_pretrained(default_model_path(), **NO_DROPOUT)
-    else:
-        mlm = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **RANDOM_BERT, **NO_DROPOUT))
+    mlm = init_bert(kind, tokenizer, "AutoModelForMaskedLM")
     folder.mkdir(parents=True, exist_ok=True)
     mlm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -436,15 +451,20 @@ def collator_comparison(args: argparse.Namespace, tokenizer, work: Path) -> None
              seq_len=args.collator_seq_len, smoke=args.smoke)
 
 
-def main() -> None:
-    from benchmarks import smoke
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official_src", default=os.environ.get("RETROMAE_SRC"),
-                        help="the official RetroMAE `src` folder (default: $RETROMAE_SRC)")
+def official_parser(doc: str, src_help: str) -> argparse.ArgumentParser:
+    """The parity benchmarks' common flags: where the official code and its Python are, and the inits."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--official_src", default=os.environ.get("RETROMAE_SRC"), help=src_help)
     parser.add_argument("--official_python", default=os.environ.get("RETROMAE_PYTHON", sys.executable),
                         help="a Python with transformers 4.46.3 (default: $RETROMAE_PYTHON)")
     parser.add_argument("--inits", default="minilm,random", help="comma-separated: minilm, random")
+    return parser
+
+
+def main() -> None:
+    from benchmarks import smoke
+
+    parser = official_parser(__doc__, "the official RetroMAE `src` folder (default: $RETROMAE_SRC)")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps compared (step 1 included)")
