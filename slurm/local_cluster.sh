@@ -121,7 +121,8 @@ SlurmdTimeout=10
 JobRequeue=1
 # Finished jobs stay visible to scontrol for 10 minutes (there is no accounting database).
 MinJobAge=600
-KillWait=30
+# Tasks get SIGKILL 10 s after SIGTERM (cancel, time limit, a job requeued from a lost node).
+KillWait=10
 EOF
         for node in $(node_names "$n"); do
             if ((n == 1)); then
@@ -261,17 +262,28 @@ cancel_jobs() {
     echo "local_cluster.sh: jobs still ending after 60 s: $(squeue --noheader --format=%i | xargs)" >&2
 }
 
-stop_daemon() {
-    local name=$1 comm=${2:-$1} pid
-    pid=$(running_pid "$name" "$comm") || { rm -f "$(pid_file "$name")"; return 0; }
-    kill -TERM "$pid"
-    for _ in $(seq 100); do
-        [[ -d /proc/$pid ]] || break
-        sleep 0.1
+# End daemons given as NAME:COMMAND pairs: TERM to all at once, then KILL whatever still runs after 10 s.
+stop_daemons() {
+    local entry name pid pids=() names=() i
+    for entry in "$@"; do
+        name=${entry%%:*}
+        if pid=$(running_pid "$name" "${entry#*:}"); then
+            kill -TERM "$pid"
+            pids+=("$pid")
+            names+=("$name")
+        else
+            rm -f "$(pid_file "$name")"
+        fi
     done
-    [[ -d /proc/$pid ]] && kill -KILL "$pid"
-    rm -f "$(pid_file "$name")"
-    echo "stopped $name ($pid)"
+    for i in "${!pids[@]}"; do
+        for _ in $(seq 100); do
+            [[ -d /proc/${pids[i]} ]] || break
+            sleep 0.1
+        done
+        [[ -d /proc/${pids[i]} ]] && kill -KILL "${pids[i]}"
+        rm -f "$(pid_file "${names[i]}")"
+        echo "stopped ${names[i]} (${pids[i]})"
+    done
 }
 
 # Remove a node's namespace; a step that outlived its slurmd (a node cut off mid-job) is ended first.
@@ -292,9 +304,10 @@ stop() {
     n=$(node_count)
     [[ $(id -u) == 0 ]] || die "stop needs root"
     cancel_jobs
-    for node in $(node_names "$n"); do stop_daemon "slurmd-$node" slurmd; done
-    stop_daemon slurmctld
-    stop_daemon munged
+    # shellcheck disable=SC2046
+    stop_daemons $(node_names "$n" | sed 's/.*/slurmd-&:slurmd/')
+    stop_daemons slurmctld:slurmctld
+    stop_daemons munged:munged
     if ((n > 1)); then
         for node in $(node_names "$n"); do
             remove_netns "$(netns_of "$node")"

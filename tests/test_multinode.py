@@ -128,25 +128,25 @@ def rendezvous(log: str) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def one_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrain:
-    """The reference: the same job as 2 tasks on one node."""
-    job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp("one-node") / "out", ONE_NODE,
-                   "--save_steps", str(SAVE_STEPS))
-    job.final = job.wait()
-    assert job.final["JobState"] == "COMPLETED", job.logs()
-    return job
+def straight_runs(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> dict[str, Pretrain]:
+    """The same job straight through as 2 tasks on one node and as 1 task on each of 2 nodes, queued together."""
+    jobs = {name: Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp(name) / "out", flags,
+                           "--save_steps", str(SAVE_STEPS))
+            for name, flags in (("one-node", ONE_NODE), ("two-nodes", TWO_NODES))}
+    for job in jobs.values():
+        job.final = job.wait()
+    return jobs
 
 
 @pytest.fixture(scope="module")
-def two_node_run(slurm_env, shard_dir, minilm_path, tmp_path_factory) -> Pretrain:
-    job = Pretrain(slurm_env, shard_dir, minilm_path, tmp_path_factory.mktemp("two-nodes") / "out", TWO_NODES,
-                   "--save_steps", str(SAVE_STEPS))
-    job.final = job.wait()
-    return job
+def two_node_run(straight_runs) -> Pretrain:
+    assert straight_runs["two-nodes"].final["JobState"] == "COMPLETED", straight_runs["two-nodes"].logs()
+    return straight_runs["two-nodes"]
 
 
-def test_pretrain_across_two_nodes_equals_one_node(two_node_run, one_node_run):
-    job = two_node_run
+def test_pretrain_across_two_nodes_equals_one_node(straight_runs):
+    job, one_node_run = straight_runs["two-nodes"], straight_runs["one-node"]
+    assert one_node_run.final["JobState"] == "COMPLETED", one_node_run.logs()
     assert job.final["JobState"] == "COMPLETED", job.logs()
     assert job.final["NumNodes"] == "2"
     hosts, addresses = zip(*(rendezvous(job.rank_log(rank)) for rank in (0, 1)))
@@ -171,14 +171,16 @@ def test_an_output_folder_the_nodes_do_not_share_is_refused_before_any_step(slur
         final = job.wait()
     finally:
         cluster(slurm_env, "exec", "node2", "umount", str(out))
-    assert final["JobState"] == "FAILED" and final["ExitCode"].startswith("2:"), job.logs()
+    assert final["JobState"] == "FAILED", job.logs()
+    assert re.search(r"srun: error: node\d: task \d: Exited with exit code 2", (job.log_dir / "batch.log").read_text())
     expected = (f"output folder {out} is not shared by all ranks: rank 0 (node1) cannot see the files of rank(s) "
                 f"1 (node2); rank 1 (node2) cannot see the files of rank(s) 0 (node1); put it on a filesystem "
                 f"that every node mounts")
-    for rank in (0, 1):
-        errors = [line for line in job.rank_log(rank).splitlines() if " ERROR " in line]
-        assert len(errors) == 1 and errors[0].endswith(expected), job.logs()
-    assert "step" not in "".join(job.rank_log(r) for r in (0, 1)).replace("steps", ""), job.logs()
+    # the same line on every rank that srun did not end first, once another had exited
+    errors = [[line for line in job.rank_log(rank).splitlines() if " ERROR " in line] for rank in (0, 1)]
+    assert sorted(map(len, errors)) in ([0, 1], [1, 1]), job.logs()
+    assert all(line.endswith(expected) for lines in errors for line in lines), job.logs()
+    assert "optimizer steps" not in job.rank_log(0)  # refused before the data loader and the model were built
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
