@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     from common.checkpoint import ResumeWorldSizeError
-    from common.distributed import init_distributed
+    from common.distributed import DistributedSetupError, init_distributed
     from common.logging_setup import setup_logging
     from common.failures import exit_code
+    from common.shared_folder import check_shared_folder
     from common.tracking import TrackerError
     from common.tokenizer import load_tokenizer
     from finetune.config import FinetuneConfig
@@ -44,11 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging()
         logging.getLogger("finetune.main").error("%s", exc)
         return 2
-    rank, _, world_size = init_distributed(cfg.ddp_timeout)
-    setup_logging(rank)
+    setup_logging()  # the launcher's RANK: each rank's rendezvous line comes before the group exists
     logger = logging.getLogger("finetune.main")
+    try:  # an unresolvable MASTER_ADDR, an output folder the ranks do not share: one line, before any step
+        rank, _, world_size = init_distributed(cfg.ddp_timeout)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        check_shared_folder(cfg.output_dir, rank, world_size)
+    except DistributedSetupError as exc:
+        logger.error("%s", exc)
+        return 2
+    setup_logging(rank)
     logger.info("fine-tuning on %d rank(s): %s", world_size, cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     dead_letter = DeadLetter(os.path.join(cfg.output_dir, "dead_letter.jsonl") if rank == 0 else None)
     data = load_finetune_data(cfg.data_dir, cfg.qrels_split, cfg.negatives, tokenizer, dead_letter)

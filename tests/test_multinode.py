@@ -202,7 +202,9 @@ def test_finetune_with_cross_device_negatives_across_two_nodes_equals_one_node(s
     for name, (job_id, log_dir) in jobs.items():
         final = wait_for(slurm_env, job_id, log_dir)
         assert final["JobState"] == "COMPLETED", read_logs(log_dir)
-    assert job_info(slurm_env, jobs["two-nodes"][0])["NumNodes"] == "2"
+    job_id, log_dir = jobs["two-nodes"]
+    assert job_info(slurm_env, job_id)["NumNodes"] == "2"
+    assert len({rendezvous((log_dir / f"rank-{rank}.log").read_text()) for rank in (0, 1)}) == 2  # 2 hosts, 2 addresses
     one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                 for name in ("one-node", "two-nodes"))
     assert [m["step"] for m in two] == [1, 2, 3, 4]
