@@ -144,9 +144,9 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path, flag: str = "--resu
     verify_checkpoint(folder, flag)
     saved = saved_world_size(folder)
     if saved is not None and saved != world_size:
-        raise ResumeWorldSizeError(f"{flag} {folder}: written by {saved} ranks, this run has {world_size}; a "
-                                   f"checkpoint resumes only on the number of ranks that wrote it (ZeRO splits the "
-                                   f"optimizer state and the data by rank)")
+        raise ResumeWorldSizeError(f"{flag} {folder}: written by {saved} rank{'s' * (saved != 1)}, this run has "
+                                   f"{world_size}; a checkpoint resumes only on the number of ranks that wrote it "
+                                   "(ZeRO splits the optimizer state and the data by rank)")
     return found
 
 

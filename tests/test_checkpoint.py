@@ -250,4 +250,5 @@ def test_every_rank_fsyncs_its_files_and_the_folder_before_latest_moves(tmp_path
         assert mine and mine | {str(folder)} <= synced, (rank, events)  # each file after its last write
         written |= mine
     assert written == {str(p) for p in folder.iterdir() if p.name != FILES}  # both ranks' files, all of them
+    assert saved_world_size(folder) == 2  # DeepSpeed's names, as a resume counts them
     assert {p.name for p in folder.iterdir()} >= {"rank-0-state.pt", "rank-1-state.pt"}
