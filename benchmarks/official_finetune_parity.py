@@ -57,9 +57,11 @@ CASES = {"in-batch": (1, 1, False), "hard-negatives": (4, 1, False), "cross-devi
          "teacher": (4, 1, True)}
 #: Our options that compute what BiEncoderModel computes, where our default departs on purpose.
 OFFICIAL_OPTIONS = {"cross-device": {"official_cross_device": True}, "teacher": {"kl_reduction": "mean"}}
-#: The official recipe's temperature (examples/retriever/msmarco: 1, dot product of [CLS], not normalized), with
-#: official_parity.py's optimizer settings (lr 1e-4: the recipe's 2e-5 moves the weights less, a weaker test).
-TEMPERATURE = 1.0
+#: InfoNCE temperature by init, on dot products of [CLS] (not normalized) as the official recipe scores
+#: (examples/retriever/msmarco); official_parity.py's optimizer settings (lr 1e-4: the recipe's 2e-5 moves the
+#: weights less, a weaker test). The random BERT takes the recipe's 1; the packaged MiniLM's [CLS] products run to
+#: hundreds, so at 1 its in-batch loss is 0 in fp32 from the first step (nothing to compare), and at 20 it is 0.8.
+TEMPERATURE = {"minilm": 20.0, "random": 1.0}
 CONTRASTIVE_LOSS_WEIGHT = 0.5  # teacher case: loss = KL + 0.5 x InfoNCE on both sides (both terms matter)
 SEED = 42
 
@@ -123,7 +125,7 @@ def official_worker(rank: int, port: int | None, job: dict, result: str) -> None
 
     def build():
         model_args = ModelArguments(model_name_or_path=job["init_dir"], sentence_pooling_method=job["pooling"])
-        train_args = SimpleNamespace(negatives_x_device=world > 1, temperature=TEMPERATURE,
+        train_args = SimpleNamespace(negatives_x_device=world > 1, temperature=job["temperature"],
                                      contrastive_loss_weight=job["contrastive_loss_weight"])
         return BiEncoderModel.build(model_args, train_args).train()
 
@@ -213,13 +215,13 @@ def make_data(folder: Path) -> tuple[Path, Path, Path]:
     return beir, negatives, teacher
 
 
-def finetune_flags(init_dir: Path, data: tuple[Path, Path, Path], case: str, pooling: str, options: dict,
-                   args: argparse.Namespace, output_dir: Path) -> dict:
+def finetune_flags(init_dir: Path, data: tuple[Path, Path, Path], case: str, pooling: str, temperature: float,
+                   options: dict, args: argparse.Namespace, output_dir: Path) -> dict:
     """The finetune/main.py flags of one run (FinetuneConfig fields)."""
     group, world, with_teacher = CASES[case]
     beir, negatives, teacher = data
     flags = {"model_name_or_path": str(init_dir), "representation": pooling, "normalize": False,
-             "temperature": TEMPERATURE, "data_dir": str(beir), "negatives": str(negatives),
+             "temperature": temperature, "data_dir": str(beir), "negatives": str(negatives),
              "train_group_size": group, "per_device_train_batch_size": args.batch_size,
              "query_max_length": args.query_max_length, "passage_max_length": args.passage_max_length,
              "cross_device_negatives": world > 1, "deepspeed": str(ROOT / "ds_configs" / "finetune_cpu.json"),
@@ -346,16 +348,19 @@ def parity(args: argparse.Namespace, init: str, case: str, pooling: str, init_di
     variants = {"official": OFFICIAL_OPTIONS.get(case, {})}
     if variants["official"] and "default" in args.variants.split(","):
         variants["default"] = {}
-    flags = {name: finetune_flags(init_dir, data, case, pooling, options, args, folder / f"run-{name}")
+    flags = {name: finetune_flags(init_dir, data, case, pooling, TEMPERATURE[init], options, args,
+                                  folder / f"run-{name}")
              for name, options in variants.items()}
     any_flags = flags["official"]
     job = {"official_src": str(Path(args.official_src).resolve()), "init_dir": str(init_dir), "pooling": pooling,
+           "temperature": TEMPERATURE[init],
            "world": world, "threads": threads, "teacher_file": any_flags.get("teacher_scores"),
            "contrastive_loss_weight": any_flags.get("contrastive_loss_weight", 1.0),
            "batches": [our_batches(any_flags, rank, world, args.steps) for rank in range(world)]}
     theirs = run_official(args, job, folder)
     common = {"bench": "official_finetune_parity", "official_model": "BiEncoderModel", "case": case,
-              "pooling": pooling, "init": init, "unit": "relative", "better": "lower", "ranks": world,
+              "pooling": pooling, "init": init, "temperature": TEMPERATURE[init], "unit": "relative", "better": "lower",
+              "ranks": world,
               "train_group_size": group, "queries_per_rank": args.batch_size, "precision": "fp32",
               "threads": args.threads, "smoke": args.smoke}
     for name, options in variants.items():
