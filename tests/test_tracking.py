@@ -27,6 +27,15 @@ from test_pretrain_data import make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 WARNING = re.compile(r"WARNING|Warning:")
+#: MLflow 3's file store needs an opt-in; its usage telemetry would reach out to the network.
+OFFLINE_MLFLOW = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
+@pytest.fixture(autouse=True)
+def offline_mlflow(monkeypatch):
+    """This process's own MLflow clients (reading the runs back) stay offline too."""
+    for key, value in OFFLINE_MLFLOW.items():
+        monkeypatch.setenv(key, value)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +68,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("WANDB_", "MLFLOW_"))}
     return {**env, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
             "WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
-            "MLFLOW_ALLOW_FILE_STORE": "true"}
+            **OFFLINE_MLFLOW}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -114,7 +123,6 @@ def read_wandb_run(folder: Path) -> dict:
 def check_mlflow(tmp_path: Path, out: Path, records: list[dict], starts: list[int]) -> None:
     """One MLflow run holding every metric of `records` at its step, the options as params and one provenance
     artifact per start."""
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient((tmp_path / "mlruns").as_uri())
@@ -205,7 +213,6 @@ def test_finetuning_reports_to_wandb_and_mlflow_and_a_resume_continues_them(tmp_
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     check_wandb(out, records, [0, 2])
-    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient((tmp_path / "mlruns").as_uri())
