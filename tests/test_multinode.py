@@ -371,3 +371,67 @@ def test_a_killed_rank_then_a_lost_node_each_resume_from_the_last_checkpoint_to_
     while node_state(slurm_env, node) != "idle":
         assert time.monotonic() < deadline, node_state(slurm_env, node)
         time.sleep(0.5)
+
+
+@pytest.fixture
+def ssh_nodes(slurm_env, tmp_path):
+    """sshd inside node1 and node2 (Debian's openssh-server), with a host key and a client key made here; the
+    client side is an ssh config file that pdsh is pointed at (PDSH_SSH_ARGS), so root's ~/.ssh is left alone."""
+    if not (shutil.which("sshd", path="/usr/sbin:/usr/bin") and shutil.which("pdsh")):
+        pytest.skip("needs Debian's openssh-server and pdsh: apt-get install openssh-server pdsh")
+    keys = tmp_path / "ssh"
+    keys.mkdir(mode=0o700)
+    for name in ("host_key", "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    (keys / "authorized_keys").write_text((keys / "id_ed25519.pub").read_text())
+    (keys / "config").write_text(f"Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+                                 f"  LogLevel ERROR\n  IdentityFile {keys / 'id_ed25519'}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
+    pids = []
+    try:
+        for node in ("node1", "node2"):
+            address = cluster(slurm_env, "exec", node, "hostname", "-I").stdout.split()[0]
+            config = keys / f"sshd_config_{node}"
+            config.write_text(f"ListenAddress {address}\nHostKey {keys / 'host_key'}\nAuthorizedKeysFile "
+                              f"{keys / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+                              f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+                              f"StrictModes no\nPidFile {keys / f'sshd-{node}.pid'}\n")
+            cluster(slurm_env, "exec", node, "/usr/sbin/sshd", "-f", str(config), "-E", str(keys / f"sshd-{node}.log"))
+            pid_file, deadline = keys / f"sshd-{node}.pid", time.monotonic() + 30
+            while not pid_file.is_file() or not pid_file.read_text().strip():  # the daemon writes it once detached
+                assert time.monotonic() < deadline, (keys / f"sshd-{node}.log").read_text()
+                time.sleep(0.05)
+            pids.append(int(pid_file.read_text()))
+        yield keys
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+
+
+def test_the_deepspeed_launcher_runs_across_two_nodes_over_pdsh_and_ssh(slurm_env, ssh_nodes, shard_dir, minilm_path,
+                                                                       tmp_path, two_node_run):
+    """`deepspeed --hostfile` from node1 starts one rank on each node through pdsh/ssh, with no SLURM in the
+    ranks' way; they train to the same numbers as the 2-node SLURM job."""
+    keys, out = ssh_nodes, tmp_path / "out"
+    (keys / "hostfile").write_text("node1 slots=1\nnode2 slots=1\n")
+    # what the remote ranks need in their environment (sshd gives a clean one): ~/.deepspeed_env, with HOME here
+    (keys / ".deepspeed_env").write_text("DS_ACCELERATOR=cpu\nHF_HUB_OFFLINE=1\nTOKENIZERS_PARALLELISM=false\n"
+                                         "OMP_NUM_THREADS=1\n")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    done = subprocess.run(
+        [str(CLUSTER), "exec", "node1", "env", "-C", str(REPO), f"HOME={keys}", "DS_ACCELERATOR=cpu",
+         f"PDSH_SSH_ARGS=-F {keys / 'config'} -l%u %h", str(launcher), "--hostfile", str(keys / "hostfile"),
+         "--master_addr", "node1", "--master_port", "29650", "--no_ssh_check", "pretrain/main.py", "--deepspeed",
+         "ds_configs/zero2.json", "--data_dir", str(shard_dir), "--model_name_or_path", minilm_path,
+         "--output_dir", str(out), "--resume", "auto", "--config_overrides", TINY, "--max_seq_length", "64",
+         "--per_device_train_batch_size", "4", "--max_steps", str(MAX_STEPS), "--logging_steps", "1", "--seed", "7",
+         "--disable_tqdm", "--save_steps", str(SAVE_STEPS)],
+        env=slurm_env, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-6000:]
+    assert "cmd = pdsh -S -f 1024 -w node1,node2 " in log
+    ranks = sorted(rendezvous(line) for line in log.splitlines() if "rendezvous node1:29650" in line)
+    assert [host for host, _ in ranks] == ["node1", "node2"], log[-6000:]
+    assert len({address for _, address in ranks}) == 2 and all(a.startswith("10.213.") for _, a in ranks), ranks
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps(metrics) == steps(two_node_run.metrics())
