@@ -1,6 +1,6 @@
 """Peak memory of the Beam jobs' workers: flat in the corpus size (fine-tuning data), at most 2x a shard (pre-training).
 
-    python benchmarks/preprocess_memory.py [--rows 10000 100000 1000000] [--shard_mb 128]
+    python benchmarks/preprocess_memory.py [--rows 10000 100000 1000000] [--shard_mb 128] [--parts finetune groups shard]
     python benchmarks/preprocess_memory.py --smoke     # 300 rows, a 4 MiB shard
 
 `finetune`: preprocessing.finetune_data on synthetic BEIR folders of --rows passages (about 30 words each; a
@@ -11,6 +11,13 @@ processes. One line per size, and the `baseline` of each is the smallest size: t
 peak grew with the corpus (flat: about 1; gathering the corpus under one key, as before issue 37, grew it in
 proportion). The launcher's own peak is printed beside it: the DirectRunner keeps its shuffle in the launcher's
 memory, where Dataflow, Flink and Spark keep it in their shuffle service or on disk.
+
+The DirectRunner hands each worker its whole share of a stage's input when the stage starts (half the corpus
+with 2 workers), so its workers' peaks grow with the corpus whatever the job does; Dataflow, Flink and Spark
+stream bundles of a few thousand elements. `groups` therefore also measures what the job itself gathers: the
+same job in one process (in_memory), with the runner's grouping table measured at every GroupByKey,
+CoGroupByKey and combiner: the most elements, and the most pickled bytes, under any one key. Gathering the
+corpus under one key made these grow with the corpus; the baseline is again the smallest size.
 
 `shard`: a worker writing one pre-training shard of about --shard_mb MiB, in a fresh process: the shard's
 documents arrive pickled (made beforehand by the parent), as a runner hands a group to a worker; the figure is
@@ -97,6 +104,42 @@ def finetune_peaks(rows: int, tmp: Path) -> dict:
             "workers_seen": len(workers), "seconds": round(time.monotonic() - start, 1)}
 
 
+def groups_child(rows: int, folder: str) -> None:
+    """In this process: the job in_memory on `rows` passages, every runner grouping measured; prints JSON."""
+    import pickle as pickle_module
+
+    from apache_beam.runners.portability.fn_api_runner import execution
+
+    from preprocessing import finetune_data
+
+    largest = {"elements": 0, "bytes": 0}
+    partition = execution.GroupingBuffer.partition
+
+    def measured(self, n):
+        if self._table:
+            values = max(self._table.values(), key=len)
+            largest["elements"] = max(largest["elements"], len(values))
+            largest["bytes"] = max(largest["bytes"], len(pickle_module.dumps(list(values))))
+        return partition(self, n)
+
+    execution.GroupingBuffer.partition = measured
+    write_beir(Path(folder) / "beir", rows)
+    finetune_data.run(["--data_dir", str(Path(folder) / "beir"), "--output_dir", str(Path(folder) / "out"),
+                       "--direct_running_mode", "in_memory", "--direct_num_workers", "1"])
+    print(json.dumps(largest))
+
+
+def largest_group(rows: int, tmp: Path) -> dict:
+    folder = tmp / f"groups-{rows}"
+    folder.mkdir()
+    command = [sys.executable, __file__, "--groups_child", str(rows), "--folder", str(folder)]
+    done = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        sys.exit(f"groups run on {rows} rows failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def shard_documents(target_bytes: int, seed: int = 0) -> list:
     """Packed documents of about `target_bytes` of shard file (13 bytes a token: id, word start, BoW)."""
     from preprocessing.packing import pack_document
@@ -160,13 +203,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="fine-tuning corpus sizes, smallest first (the smallest is the baseline)")
     parser.add_argument("--shard_mb", type=float, default=128.0, help="pre-training shard size to write")
-    parser.add_argument("--parts", nargs="+", default=["finetune", "shard"], choices=["finetune", "shard"])
+    parser.add_argument("--parts", nargs="+", default=["finetune", "groups", "shard"],
+                        choices=["finetune", "groups", "shard"])
+    parser.add_argument("--groups_child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shard_child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--group", help=argparse.SUPPRESS)
     args = smoke.parse_args(parser, rows=[300], shard_mb=4.0)
     if args.shard_child:
         shard_child(args.shard_child, args.group, args.folder)
+        return
+    if args.groups_child:
+        groups_child(args.groups_child, args.folder)
         return
     cpu = f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} before"
     with tempfile.TemporaryDirectory() as folder:
@@ -184,6 +232,18 @@ def main() -> None:
                     "baseline_rows": sizes[0], "launcher_peak_mib": peaks["launcher_mib"],
                     "baseline_launcher_peak_mib": first["launcher_mib"], "workers_seen": peaks["workers_seen"],
                     "seconds": peaks["seconds"], "runner": "DirectRunner multi_processing, 2 workers", "cpu": cpu,
+                    "smoke": args.smoke,
+                }), flush=True)
+        if "groups" in args.parts:
+            sizes, first = sorted(args.rows), None
+            for rows in sizes:
+                largest = largest_group(rows, tmp)
+                first = first or largest
+                print(json.dumps({
+                    "bench": "preprocess_memory", "metric": "finetune_largest_group", "unit": "pickled bytes under one key",
+                    "ours": largest["bytes"], "baseline": first["bytes"], "ratio": round(largest["bytes"] / first["bytes"], 3),
+                    "better": "lower", "rows": rows, "baseline_rows": sizes[0], "elements": largest["elements"],
+                    "baseline_elements": first["elements"], "runner": "DirectRunner in_memory", "cpu": cpu,
                     "smoke": args.smoke,
                 }), flush=True)
         if "shard" in args.parts:
