@@ -5,6 +5,7 @@ that resume exactly (DeepSpeed model/optimizer/scheduler + data position + every
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from common.checkpoint import Checkpointer, resolve_resume, tag_for
 from common.metrics_log import keep_steps_up_to
 from common.precision import decide_deepspeed_bf16
+from common.schedule import lr_factor, warmup_steps
 from common.nonfinite import NonFiniteGuard, all_ranks_finite, backward_loss, require_skipping_engine
 from common.provenance import record
 from common.tracking import Tracking
@@ -50,7 +52,7 @@ def deepspeed_config(cfg: FinetuneConfig, world_size: int, total_steps: int) -> 
         "train_batch_size": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size,
         "lr": cfg.learning_rate, "warmup_max_lr": cfg.learning_rate, "weight_decay": cfg.weight_decay,
         "total_num_steps": total_steps,
-        "warmup_num_steps": max(1, math.ceil(cfg.warmup_ratio * total_steps)),  # HF's count; DeepSpeed needs >= 1
+        "warmup_num_steps": max(1, warmup_steps(cfg.warmup_ratio, total_steps)),  # a JSON's own scheduler's
     }
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
         given = raw.setdefault(key, "auto")
@@ -91,8 +93,14 @@ class Trainer:
         decay = [p for n, p in model.named_parameters() if not n.endswith(NO_DECAY)]
         no_decay = [p for n, p in model.named_parameters() if n.endswith(NO_DECAY)]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                               config=deepspeed_config(cfg, self.world_size, self.total_steps))
+        config = deepspeed_config(cfg, self.world_size, self.total_steps)
+        scheduler = None  # a JSON without "scheduler" (ds_configs/finetune_*.json): HF Trainer's (common.schedule)
+        if "scheduler" not in config:
+            factor = functools.partial(lr_factor, warmup=warmup_steps(cfg.warmup_ratio, self.total_steps),
+                                       total=self.total_steps, kind="linear")
+            scheduler = functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=factor)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, lr_scheduler=scheduler,
+                                               config=config)
         require_skipping_engine(self.engine, cfg.deepspeed)
         self.guard = NonFiniteGuard(cfg.max_consecutive_nonfinite)
         self.position = (0, 0)  # (epoch, next micro-batch in it)

@@ -27,6 +27,7 @@ from common.checkpoint import Checkpointer, resolve_resume
 from pretrain.data import Prefetcher, RankBatchLoader
 from pretrain.metrics import MetricsWriter, StepReducer
 from pretrain.retrieval_probe import RetrievalProbe
+from common.schedule import lr_factor
 from common.tracking import Tracking
 
 logger = logging.getLogger(__name__)
@@ -35,16 +36,6 @@ logger = logging.getLogger(__name__)
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed mixing several integers (SeedSequence avoids the correlations of seed + rank + step)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def lr_factor(step: int, *, warmup: int, total: int, kind: str) -> float:
-    """Linear warm-up from 0, then linear or cosine decay to 0 at `total`: the factor of optimizer step `step`
-    (0-based), exactly as HF Trainer's get_linear/cosine_schedule_with_warmup give it (step 0 at lr 0 when
-    warming up), so a run here follows the official recipe's learning rates step for step."""
-    if step < warmup:
-        return step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def encoder_lr_factor(step: int, *, freeze: int, ratio: float, warmup: int, total: int, kind: str) -> float:

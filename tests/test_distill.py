@@ -141,6 +141,9 @@ def test_a_tiny_cross_encoder_teaches_end_to_end(tokenizer, beir_dir, tiny_model
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
+    # HF Trainer's schedule and logging: warm-up ceil(0.1 x 2) = 1 step at lr 0, then 1e-3 decaying to 0; each line
+    # logs the lr after its step's schedule update (DeepSpeed's WarmupDecayLR, a step behind, gave 0 and 5e-4)
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 0.0])
     for m in metrics:
         assert m["distill"] > 0 and m["loss"] == pytest.approx(m["distill"] + 0.5 * m["contrastive"], rel=1e-5)
     assert (tmp_path / "run" / "model" / "config.json").is_file()

@@ -251,8 +251,14 @@ def test_deepspeed_auto_values(tmp_path):
     filled = deepspeed_config(config(deepspeed=str(path), per_device_train_batch_size=4, learning_rate=3e-5,
                                      gradient_accumulation_steps=2), world_size=2, total_steps=50)
     assert filled["train_batch_size"] == 16 and filled["optimizer"]["params"]["lr"] == 3e-5
-    assert filled["scheduler"]["params"]["total_num_steps"] == 50
+    assert "scheduler" not in filled  # the trainer's own: HF's schedule (common.schedule)
     assert "auto" not in json.dumps(filled)
+    own = tmp_path / "own_scheduler.json"  # a JSON that brings a DeepSpeed scheduler gets its "auto" values
+    own.write_text(json.dumps({**json.loads(path.read_text()), "scheduler": {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_max_lr": "auto"}}}))
+    params = deepspeed_config(config(deepspeed=str(own), warmup_ratio=0.05), world_size=1, total_steps=50)[
+        "scheduler"]["params"]
+    assert params == {"total_num_steps": 50, "warmup_num_steps": 3, "warmup_max_lr": 2e-5}  # ceil(2.5), as HF
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
     with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu is 3"):
