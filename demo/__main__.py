@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     table = results_table(rows(results, fused), seconds, named) + "\n\n" + verdict(rows(results, fused))
     pretrain = experiment.out / "dupmae" / "pretrain"
     plot_curves({"DupMAE BoW head": pretrain / "metrics.jsonl"}, out / "pretrain_curves.png",
-                "DupMAE heads on a frozen encoder ([CLS], mean stay flat)")
+                "DupMAE heads, encoder frozen")
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({"config": asdict(config), "results": results, "artifacts": named,
                                                   "stage_seconds": seconds}, indent=2) + "\n")
