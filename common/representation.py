@@ -214,14 +214,16 @@ class Encoder(nn.Module):
         self.max_seq_length: int | None = None  # from sentence_bert_config.json when the folder has one
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | None, config: RepresentationConfig | None = None) -> "Encoder":
+    def from_pretrained(cls, name_or_path: str | None, config: RepresentationConfig | None = None,
+                        projection_file: str | Path | None = None) -> "Encoder":
         """Load a HF / sentence-transformers / DupMAE folder (None or "default": the packaged MiniLM).
 
         A DupMAE folder keeps its MLM head under any config, so a `mean` fine-tuning of a DupMAE export exports the
         head too, and the result can still be scored as dupmae (its trained sparse half on the tuned encoder).
         Weights load in fp32 whatever dtype they were saved in (our exports are fp32, a bf16 fine-tuning included:
         it saves the fp32 master weights; a folder from elsewhere may hold bf16): bf16 compute is autocast's job
-        (`--bf16`), and the projection W is fp32."""
+        (`--bf16`), and the projection W is fp32. `projection_file`: W's weights from elsewhere (a pre-training
+        export's, for its fine-tuned copy, which has none); default the folder's own."""
         from transformers import AutoModel, AutoModelForMaskedLM
 
         path = resolve_model(name_or_path)
@@ -243,7 +245,7 @@ class Encoder(nn.Module):
             projection = None
             if config.kind == "dupmae":
                 projection = new_projection(model.config.hidden_size, config.dense_dim)
-                projection_file = folder / PROJECTION_NAME
+                projection_file = Path(projection_file or folder / PROJECTION_NAME)  # dupmae: W's weights
                 if projection_file.is_file():
                     from safetensors.torch import load_file
 

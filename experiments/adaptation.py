@@ -119,8 +119,6 @@ def with_sparse_half(tuned: str, dupmae: RepresentationConfig, pretrained: str, 
     export's projection, saved as one `dupmae` folder (sparse/ and 2_Dense for sentence-transformers). This is what
     a fine-tuned dupmae row scores; the fine-tuning's own export records `mean` and has neither. Written again only
     when `tuned` changed (its stage fingerprint is recorded)."""
-    from safetensors.torch import load_file
-
     from common.representation import PROJECTION_NAME, Encoder
     from common.tokenizer import load_tokenizer
 
@@ -130,10 +128,7 @@ def with_sparse_half(tuned: str, dupmae: RepresentationConfig, pretrained: str, 
     if record.is_file() and json.loads(record.read_text()) == source:
         return str(out)
     shutil.rmtree(out, ignore_errors=True)  # sparse/ links every file of the folder: none of an older export
-    encoder = Encoder.from_pretrained(tuned, dupmae)
-    projection = Path(resolve_model(pretrained)) / PROJECTION_NAME
-    if projection.is_file():
-        encoder.projection.load_state_dict(load_file(str(projection)))
+    encoder = Encoder.from_pretrained(tuned, dupmae, projection_file=Path(resolve_model(pretrained)) / PROJECTION_NAME)
     encoder.save_pretrained(out, load_tokenizer(tuned))
     record.write_text(json.dumps(source) + "\n")
     return str(out)

@@ -106,7 +106,7 @@ def test_every_variant_end_to_end(tiny_model, tmp_path):
     assert "running:" not in again.stderr
 
 
-def test_fine_tuned_dupmae_row_is_reproduced_by_its_artifact(tiny_model, tmp_path):
+def test_fine_tuned_dupmae_row_is_reproduced_by_its_artifact(tiny_model, tmp_path, caplog):
     """A fine-tuned dupmae row (the tuned encoder's dense half + the pre-trained sparse half) names a folder that
     reproduces it: here, and in sentence-transformers (SentenceTransformer + SparseEncoder of the same folder).
     The fine-tuning's own export records `mean` and has no sparse/ or projection: it reproduces the control."""
@@ -131,7 +131,9 @@ def test_fine_tuned_dupmae_row_is_reproduced_by_its_artifact(tiny_model, tmp_pat
     row = evaluate_model(str(tuned), data, 64, 0, dupmae)["dupmae"]  # how the table scored the row
     assert folder_config(str(tuned)).kind == "mean" and not (tuned / "sparse").exists()
 
-    artifact = with_sparse_half(str(tuned), dupmae, str(export), tmp_path / "artifact")
+    with caplog.at_level("WARNING"):
+        artifact = with_sparse_half(str(tuned), dupmae, str(export), tmp_path / "artifact")
+    assert not caplog.records  # the export's projection is read, not initialized with a warning
     assert folder_config(artifact) == dupmae
     assert evaluate_model(artifact, data, 64, 0, folder_config(artifact))["dupmae"] == row
 
