@@ -198,7 +198,8 @@ wait_for_nodes() {
     local n=$1 states node
     for _ in $(seq 120); do
         states=$(sinfo --noheader --Node --format='%N %T' 2>/dev/null || true)
-        if [[ $(grep -cE ' (idle|mixed|allocated|completing)' <<<"$states") == "$n" ]]; then return 0; fi
+        # a trailing * is a node that does not answer (yet)
+        if [[ $(grep -cE ' (idle|mixed|allocated|completing)$' <<<"$states") == "$n" ]]; then return 0; fi
         for node in $(awk '$2 ~ /^(down|drain)/ {print $1}' <<<"$states"); do
             scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
         done
