@@ -93,8 +93,18 @@ def test_dupmae_variant_is_scored_with_one_config_at_both_stages(tmp_path, monke
     experiment = adaptation.Experiment(cfg, tmp_path, 42, tmp_path, tmp_path / "negatives.jsonl")
     monkeypatch.setattr(experiment, "_pretrain", lambda *args: tmp_path / "pretrain")
     monkeypatch.setattr(experiment, "_finetune", lambda *args: tmp_path / "finetune")
+    joined = experiment.out / "dupmae" / "finetune" / "dupmae"  # the tuned encoder + the export's sparse half
+    calls = []
+
+    def with_sparse_half(*args):
+        calls.append(args)
+        return str(args[-1])
+
+    monkeypatch.setattr(adaptation, "with_sparse_half", with_sparse_half)
     experiment.run("dupmae")
-    assert seen == {str(export): paper, str(tuned): paper}
+    assert calls == [(str(tuned), paper, str(export), joined)]
+    assert seen == {str(export): paper, str(joined): paper}
+    assert experiment.models["dupmae", "fine-tuned"] == str(joined)
 
 
 def test_reciprocal_rank_fusion_by_hand():
