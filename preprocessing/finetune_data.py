@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 
 from common.shard_format import (
     FINETUNE_CORPUS_FILE, FINETUNE_CORPUS_SCHEMA, FINETUNE_GROUPS_FILE, FINETUNE_GROUPS_SCHEMA, FINETUNE_QUERIES_FILE,
-    FINETUNE_QUERIES_SCHEMA, Manifest, ShardInfo,
+    FINETUNE_QUERIES_SCHEMA, Manifest,
 )
 from common.tokenizer import load_tokenizer, vocab_hash
 from preprocessing.records import (
