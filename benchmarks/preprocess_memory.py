@@ -45,17 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import smoke  # noqa: E402
+from common.memory import peak_rss_bytes  # noqa: E402
 
 WORDS = ("the of and to in is was for on that with as by at from his her which are this be an had not but "
          "protein cell gene patient study effect risk model data blood brain cancer dose trial result").split()
 
 
-def vm_hwm_kib(pid: int | str) -> int:
-    """A process's own peak resident memory (VmHWM), KiB; 0 once it is gone."""
+def vm_hwm_kib(pid: int) -> int:
+    """A process's own peak resident memory (VmHWM), KiB; 0 once it is gone (or a zombie, without memory)."""
     try:
-        with open(f"/proc/{pid}/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
+        return peak_rss_bytes(pid) // 1024
+    except (OSError, RuntimeError):
         return 0
 
 
@@ -181,7 +181,7 @@ def shard_child(mode: str, group: str, folder: str) -> None:
         data = sink.getvalue().to_pybytes()
         (Path(folder) / "shard-00000-of-00001.arrow").write_bytes(data)
     file_bytes = (Path(folder) / "shard-00000-of-00001.arrow").stat().st_size
-    peak = vm_hwm_kib("self") * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({"extra_bytes": peak - rss_before, "file_bytes": file_bytes,
                       "pickled_bytes": sum(map(len, encoded))}))
 

@@ -6,13 +6,14 @@ that had touched 1.9 GB started a bare `python -c`, whose ru_maxrss read 1.9 GB 
 """
 from __future__ import annotations
 
-STATUS = "/proc/self/status"
 
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Process `pid`'s (default: this one's) peak resident set (VmHWM) in bytes; Linux only.
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM) in bytes; Linux only."""
-    with open(STATUS, encoding="ascii") as status:
+    OSError once the process is gone; RuntimeError for one without memory (a zombie has no VmHWM line)."""
+    path = f"/proc/{pid}/status"
+    with open(path, encoding="ascii") as status:
         for line in status:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024  # "VmHWM:   12345 kB"
-    raise RuntimeError(f"{STATUS} has no VmHWM line: peak memory is read on Linux only")
+    raise RuntimeError(f"{path} has no VmHWM line: peak memory is read on Linux only")

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from common.memory import peak_rss_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 
 PARENT = """
@@ -26,3 +30,15 @@ def test_a_child_reports_its_own_peak_not_its_parents():
     own, maxrss = json.loads(done.stdout)
     assert maxrss >= 400 << 20  # ru_maxrss carried the parent's 400 MiB through exec
     assert 50 << 20 <= own < 150 << 20, own  # VmHWM: the child's 50 MiB plus a bare interpreter
+
+
+def test_another_process_peak_is_read_by_its_pid():
+    child = ("import json, sys; from common.memory import peak_rss_bytes; own = bytearray(50 << 20); "
+             "own[::4096] = b'x' * len(own[::4096]); print(json.dumps(peak_rss_bytes()), flush=True); sys.stdin.read()")
+    process = subprocess.Popen([sys.executable, "-c", child], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    own = json.loads(process.stdout.readline())
+    assert peak_rss_bytes(process.pid) == own and own >= 50 << 20  # the child's own figure, read from outside
+    process.communicate("")
+    with pytest.raises(OSError):  # gone
+        peak_rss_bytes(process.pid)
