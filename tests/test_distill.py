@@ -37,6 +37,9 @@ def test_kl_equals_reference_on_fixed_scores():
         expected += sum(pj * (math.log(pj) - math.log(qj)) for pj, qj in zip(p, q))
     assert distill_kl(student, teacher, tau, tau_t).item() == pytest.approx(expected / 2, rel=1e-5)
     assert distill_kl(student, teacher, tau, tau_t, "mean").item() == pytest.approx(expected / 6, rel=1e-5)  # official
+    official = torch.nn.KLDivLoss(reduction="mean")(torch.log_softmax(student / tau, -1),
+                                                    torch.softmax(teacher / tau_t, -1))  # BiEncoderModel's kl_loss
+    assert distill_kl(student, teacher, tau, tau_t, "mean").item() == pytest.approx(official.item(), rel=1e-6)
     assert distill_kl(student, student * tau_t / tau, tau, tau_t).item() == pytest.approx(0.0, abs=1e-6)
     assert distill_kl(student.bfloat16(), teacher, tau, tau_t).dtype == torch.float32  # fp32 under bf16
 
