@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from common import schedule
 from common.precision import bf16_field, decide_deepspeed_bf16, parse_bf16
 from common.tracking import report_to_field, resolve_report_to
 from pretrain.collator import CollatorConfig
@@ -153,7 +154,7 @@ class TrainingArguments:
         return self.encoder_learning_rate / self.learning_rate
 
     def warmup(self, total_steps: int) -> int:
-        return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total_steps)
+        return self.warmup_steps if self.warmup_steps > 0 else schedule.warmup_steps(self.warmup_ratio, total_steps)
 
 
 @dataclass
