@@ -258,3 +258,35 @@ def test_a_synthetic_corpus_is_rebuilt_from_other_real_sets(tmp_path):
     other = cache.load(out.parent, synthesize([tmp_path / "base_b"], 200, out).name)
     assert set(np.unique(other.sparse_indices)) <= set(np.unique(cache.load(tmp_path, "base_b").sparse_indices))
     assert not np.array_equal(other.sparse_indices, first)
+
+
+SPARSE_ALONE = """
+import sys
+import numpy as np
+from evaluation.sparse_index import SeismicConfig, SeismicIndex
+data = np.load(sys.argv[1])
+index = SeismicIndex.build(data["indices"], data["values"], SeismicConfig(doc_top=data["indices"].shape[1]))
+np.save(sys.argv[2], index.search(data["queries"], 10, data["queries"].shape[1], 1.0))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_seismic_alone_files_each_query_its_own_brute_force_hits(tmp_path, threads):
+    """SeismicIndex.search alone against the brute-force sparse dot product, queries in a shuffled, non-contiguous
+    order (a query with no positive entry among them), under several Rayon thread counts: Seismic answers a batch
+    out of order, so hits filed by position go to another query."""
+    corpus, queries = corpus_and_queries(1200, 60, seed=7)
+    picked = np.random.default_rng(7).permutation(60)[:37]  # shuffled, with gaps
+    vocab = queries.vocab[picked].copy()
+    vocab[5] = 0  # nothing to search with: stays -1
+    np.savez(tmp_path / "data.npz", indices=corpus.sparse_indices, values=corpus.sparse_values, queries=vocab)
+    proc = subprocess.run([sys.executable, "-c", SPARSE_ALONE, str(tmp_path / "data.npz"), str(tmp_path / "rows.npy")],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "RAYON_NUM_THREADS": str(threads)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = np.load(tmp_path / "rows.npy")
+    exact = np.einsum("qnk,nk->qn", vocab[:, corpus.sparse_indices], corpus.sparse_values)  # [Q, N]
+    assert (rows[5] == -1).all()
+    for q in np.delete(np.arange(len(vocab)), 5):
+        found = np.sort(exact[q, rows[q]])[::-1]  # Seismic holds values in half precision: near-ties may swap
+        np.testing.assert_allclose(found, np.sort(exact[q])[::-1][:10], rtol=1e-3)  # each query's own top 10
