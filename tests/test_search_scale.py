@@ -290,3 +290,27 @@ def test_seismic_alone_files_each_query_its_own_brute_force_hits(tmp_path, threa
     for q in np.delete(np.arange(len(vocab)), 5):
         found = np.sort(exact[q, rows[q]])[::-1]  # Seismic holds values in half precision: near-ties may swap
         np.testing.assert_allclose(found, np.sort(exact[q])[::-1][:10], rtol=1e-3)  # each query's own top 10
+
+
+@pytest.mark.parametrize("vocab_size", [300, 1 << 16, 70_000])  # uint16 ids up to the last one that fits, int32 past
+def test_row_store_scores_equal_the_float32_formula(vocab_size):
+    """RowStore alone against the dupmae formula in float32 on the original rows: candidates in any order, with
+    gaps (-1, scored -inf), repeated rows and the vocabulary's last id."""
+    g = np.random.default_rng(vocab_size)
+    n, k, b, c = 50, 6, 5, 30
+    idx = np.stack([g.choice(vocab_size, k, replace=False) for _ in range(n)]).astype(np.int32)
+    idx[7, 0] = vocab_size - 1
+    corpus = Encoded([f"d{i}" for i in range(n)], g.normal(size=(n, DIM)).astype(np.float32), idx,
+                     g.gamma(1.0, 1.0, (n, k)).astype(np.float32))
+    q_dense = g.normal(size=(b, DIM)).astype(np.float32)
+    q_vocab = g.gamma(0.5, 1.0, (b, vocab_size)).astype(np.float32)
+    rows = g.integers(0, n, (b, c))
+    rows[:, 0] = 7
+    rows[g.random((b, c)) < 0.2] = -1
+    scores = search_mod.RowStore(corpus, vocab_size).scores(q_dense, q_vocab, rows, 0.7)
+    safe = np.where(rows >= 0, rows, 0)
+    exact = (np.einsum("bcd,bd->bc", corpus.dense[safe], q_dense)
+             + 0.7 * (q_vocab[np.arange(b)[:, None, None], idx[safe]] * corpus.sparse_values[safe]).sum(-1))
+    assert np.isneginf(scores[rows < 0]).all()
+    size = np.abs(exact).max(1, keepdims=True)  # float16 rows: within 1e-3 of a score's size
+    assert np.all(np.abs(scores - exact)[rows >= 0] <= 1e-3 * np.broadcast_to(size, rows.shape)[rows >= 0])
