@@ -434,3 +434,29 @@ def test_a_hub_name_is_fingerprinted_by_its_cached_revision_and_blobs(tmp_path, 
     snapshot("c2" * 20, "b2" * 32)
     assert fingerprint("org/tiny")["revision"] == "c2" * 20 and fingerprint("org/tiny") != first
     assert fingerprint("org/not-cached") == {"name": "org/not-cached", "revision": None}
+
+
+def test_content_digest_tells_entries_apart_by_ids_order_and_arrays(tmp_path):
+    """The digest the search hits are keyed on, alone: two entries with the same arrays and reordered ids, or the
+    same ids and one value changed, differ; an equal entry written again, or one read back (with digest.json or,
+    as before it was recorded, without), has the digest it was saved with."""
+    from evaluation import cache
+
+    g = np.random.default_rng(0)
+    ids = ["d3", "d10", "d7", "d1"]  # not in order, not contiguous
+    dense = g.normal(size=(4, 5)).astype(np.float32)
+    indices, values = g.integers(0, 90, (4, 3)).astype(np.int32), g.random((4, 3)).astype(np.float32)
+    a = Encoded(list(ids), dense, indices, values)
+    swapped = Encoded([ids[1], ids[0]] + ids[2:], dense, indices, values)  # rows unchanged, ids reordered
+    changed = Encoded(list(ids), dense, indices, values.copy())
+    changed.sparse_values[2, 1] += 1e-6
+    cache.save(tmp_path, "a", a, {})
+    cache.save(tmp_path, "swapped", swapped, {})
+    cache.save(tmp_path, "changed", changed, {})
+    assert len({a.digest, swapped.digest, changed.digest}) == 3
+    again = Encoded(list(ids), dense.copy(), indices.copy(), values.copy())
+    cache.save(tmp_path, "again", again, {})
+    assert again.digest == a.digest and again.source == str(tmp_path / "again")
+    assert cache.load(tmp_path, "a").digest == a.digest
+    (tmp_path / "swapped" / "digest.json").unlink()  # an entry written before the digest was recorded
+    assert cache.load(tmp_path, "swapped").digest == swapped.digest
