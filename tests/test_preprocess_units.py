@@ -272,3 +272,87 @@ def test_list_offsets_past_int32_are_refused_not_wrapped():
     assert small.to_pylist() == [[7, 8], [], [9]]
     with pytest.raises(pa.ArrowInvalid):  # lengths that do not add up to the values: caught before writing
         ragged_list_array(np.array([2, 2]), np.array([7, 8, 9], np.int32), pa.int32())
+
+
+def _value_table(rows, schema):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([dict(zip(schema.names, row)) for row in rows], schema=schema)
+
+
+_COLLECTED: list = []  # a transform's outputs: the runner pickles a DoFn, so it appends to this module's list
+
+
+def _collect(element) -> None:
+    _COLLECTED.append(element)
+
+
+def _ordered_run(tmp_path, monkeypatch, lines_per_part, mode, elements, transform):
+    """`transform(output)` alone on `elements`, on the DirectRunner in `mode` (2 threads when multi_threading);
+    returns its one output, the output folder and the part files it left in the run's temporary folder."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from preprocessing import ordered_file
+    from preprocessing.writes import OutputDir
+
+    monkeypatch.setattr(ordered_file, "LINES_PER_PART", lines_per_part)
+    output = OutputDir(str(tmp_path / "out"))
+    _COLLECTED.clear()
+    options = PipelineOptions(["--direct_running_mode", mode, "--direct_num_workers", "2" if "thread" in mode else "1"])
+    with beam.Pipeline(options=options) as pipeline:
+        _ = pipeline | beam.Create(elements) | transform(output) | beam.Map(_collect)
+    parts = sorted(p for p in (tmp_path / "out" / "_temporary").rglob("*") if p.is_file() and "parts" in p.parts)
+    return list(_COLLECTED), tmp_path / "out", parts
+
+
+@pytest.mark.parametrize("seed,rows,lines_per_part,mode", [(0, 300, 1, "in_memory"), (1, 300, 7, "multi_threading"),
+                                                           (2, 3000, 500, "in_memory"), (3, 0, 7, "in_memory")])
+def test_dead_letters_are_one_plain_sort_of_shuffled_letters(tmp_path, monkeypatch, seed, rows, lines_per_part, mode):
+    """WriteDeadLetters alone: letters in shuffled order (several per line, some repeated whole) come out as one
+    sorted(...) of them, whatever the part size and threads; parts are written per (file, line range)."""
+    from collections import Counter
+
+    from preprocessing.records import DEAD_LETTER_FILE, DeadLetter, WriteDeadLetters
+
+    rng = random.Random(seed)
+    letters = [DeadLetter(f"f{rng.randrange(3)}.jsonl", rng.randrange(40), rng.choice(["unknown_document", "bad"]),
+                          f"detail {rng.randrange(3)}", f"record {rng.randrange(3)} é") for _ in range(rows)]
+    letters += letters[: rows // 10]  # whole repeats: tie on every field
+    rng.shuffle(letters)
+    got, out, parts = _ordered_run(tmp_path, monkeypatch, lines_per_part, mode, letters, WriteDeadLetters)
+    reference = sorted(letters, key=lambda d: (d.file, d.line, d.reason, d.detail, d.record))
+    assert (out / DEAD_LETTER_FILE).read_text("utf-8") == "".join(d.to_json() + "\n" for d in reference)
+    assert got == [dict(Counter(d.reason for d in letters))]
+    assert len(parts) == len({(d.file, d.line // lines_per_part) for d in letters})
+
+
+@pytest.mark.parametrize("seed,rows,lines_per_part,mode", [(0, 2500, 300, "in_memory"), (1, 400, 3, "multi_threading"),
+                                                           (2, 0, 3, "in_memory")])
+def test_write_in_order_joins_arrow_parts_as_one_plain_sort(tmp_path, monkeypatch, seed, rows, lines_per_part, mode):
+    """WriteInOrder alone with ArrowRows: shuffled (sort key, row) pairs give one Arrow file whose rows are
+    sorted(...) of them (across parts and record batches), its row count, sha256 and summed stats."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from preprocessing.ordered_file import ArrowRows, WriteInOrder
+
+    schema = pa.schema([("file", pa.string()), ("line", pa.int64()), ("value", pa.int64())])
+    rng = random.Random(seed)
+    rows_ = [(rng.choice("ab"), rng.randrange(rows or 1), rng.randrange(-5, 5)) for _ in range(rows)]
+    rows_ += rows_[: rows // 10]
+    rng.shuffle(rows_)
+    elements = [((f, line, v), (f, line, v)) for f, line, v in rows_]
+    def transform(output):
+        return WriteInOrder(output, "values.arrow", ArrowRows(schema, _value_table),
+                            lambda part: {"rows": len(part), "value": sum(r[2] for r in part)})
+
+    got, out, parts = _ordered_run(tmp_path, monkeypatch, lines_per_part, mode, elements, transform)
+    data = (out / "values.arrow").read_bytes()
+    table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    assert table.schema == schema and [tuple(r.values()) for r in table.to_pylist()] == sorted(rows_)
+    [(info, stats)] = got
+    assert (info.file, info.rows, info.sha256) == ("values.arrow", len(rows_), hashlib.sha256(data).hexdigest())
+    assert stats == ({"rows": len(rows_), "value": sum(r[2] for r in rows_)} if rows_ else {})
+    assert len(parts) == len({(f, line // lines_per_part) for f, line, _ in rows_})
