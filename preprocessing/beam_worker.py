@@ -1,5 +1,6 @@
 """The local runner's worker processes: Beam's own SDK worker (`sdk_worker_main`), started through this module so
-that the start-up notices a user cannot act on (common/quiet_log.py) are filtered there too.
+that the start-up notices a user cannot act on (common/quiet_log.py) are filtered there too: `python -m` imports
+the `preprocessing` package first, whose __init__ installs the filters before Beam is imported.
 
 The DirectRunner's multi-processing mode starts `python -m apache_beam.runners.worker.sdk_worker_main` for each
 worker; `QuietWorkersRunner` is that runner with the command pointed here. Nothing else changes: the same
@@ -9,12 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from common.quiet_log import silence_known_notices
-
-silence_known_notices()  # before Beam's imports: the GCP notice is logged while apache_beam is imported
-
-from apache_beam.portability import python_urns  # noqa: E402
-from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: E402
+from apache_beam.portability import python_urns
+from apache_beam.runners.portability.fn_api_runner import fn_runner
 
 BEAM_WORKER = "apache_beam.runners.worker.sdk_worker_main"
 WORKER = "preprocessing.beam_worker"
