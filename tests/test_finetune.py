@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import get_linear_schedule_with_warmup
 
 from common.representation import Encoder, RepresentationConfig
 from finetune.config import FinetuneConfig
@@ -319,6 +320,13 @@ def test_resume_is_exact(tiny_model, beir_dir, tmp_path):
 
     full = run(tmp_path / "full")
     assert [m["step"] for m in full] == [1, 2, 3, 4, 5] and [m["epoch"] for m in full] == [0, 0, 0, 1, 1]
+    # the logged lr (the next step's) is HF Trainer's schedule step for step: ceil(0.1 x 5) = 1 warm-up step
+    reference = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    hf = get_linear_schedule_with_warmup(reference, num_warmup_steps=1, num_training_steps=5)
+    for record in full:
+        reference.step()
+        hf.step()
+        assert record["lr"] == pytest.approx(hf.get_last_lr()[0], rel=1e-12, abs=1e-15), record["step"]
     resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", str(tmp_path / "full/checkpoints/step-00000002"))
     assert [m["step"] for m in resumed] == [3, 4, 5]
     for a, b in zip(full[2:], resumed):
