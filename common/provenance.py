@@ -46,7 +46,8 @@ def record(rank: int, output_dir: str | Path, step: int, *, config: dict, deepsp
 def collect(config: dict, deepspeed: dict | None, data_files: dict[str, Path], world_size: int) -> dict:
     """The provenance dict; `data_files` names the inputs to hash ({"manifest.json": path} where there is one)."""
     return {"config": config, "deepspeed": deepspeed, "git": git_state(REPO), "packages": package_versions(),
-            "hardware": hardware(world_size), "data": {name: file_sha256(path) for name, path in data_files.items()},
+            "hardware": hardware(world_size), "data": {name: file_sha256(path) if Path(path).is_file() else None
+                                                     for name, path in data_files.items()},
             "command": [sys.executable, *sys.argv]}
 
 
@@ -105,11 +106,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def file_sha256(path: Path) -> str | None:
-    """The file's SHA-256 (None when it does not exist)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, read in chunks (pre-training's shard check uses it too: pretrain/shard_integrity.py)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):

@@ -25,21 +25,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from common.provenance import file_sha256
 from common.shard_format import MANIFEST_NAME, Manifest
 from pretrain.data import DataError
 
 logger = logging.getLogger(__name__)
 
 VERIFIED_FILE = "shards_verified.json"
-_READ_BYTES = 1 << 24
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fingerprint(folder: Path, manifest: Manifest) -> dict:
