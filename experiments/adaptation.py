@@ -15,9 +15,10 @@ representation its export records; then, where the dataset has qrels/train.tsv, 
 variant (BM25 negatives mined once; same steps, seed and options; the base model's own embedding, `mean`), and
 scored the same way again (a DupMAE variant's `dupmae`: the tuned dense half plus its pre-trained sparse half,
 with the same representation config as its zero-shot row, scored from a folder that holds both: `with_sparse_half`,
-so the row's artifact reproduces it in this code and in sentence-transformers; `Experiment.models` names each). Every stage is a subprocess with its own log, reused
-when its command and inputs are unchanged (`experiments.stages`); evaluations are cached by their options and a
-fingerprint of the model's weights. The base model's row fused with BM25 by reciprocal rank is a reference row.
+so the row's artifact reproduces it in this code and in sentence-transformers; `Experiment.models` names each).
+Every stage is a subprocess with its own log, reused when its command and inputs are unchanged
+(`experiments.stages`); evaluations are cached by their options and a fingerprint of the model's weights. The base
+model's row fused with BM25 by reciprocal rank is a reference row.
 """
 from __future__ import annotations
 
