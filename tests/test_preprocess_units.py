@@ -356,3 +356,39 @@ def test_write_in_order_joins_arrow_parts_as_one_plain_sort(tmp_path, monkeypatc
     assert (info.file, info.rows, info.sha256) == ("values.arrow", len(rows_), hashlib.sha256(data).hexdigest())
     assert stats == ({"rows": len(rows_), "value": sum(r[2] for r in rows_)} if rows_ else {})
     assert len(parts) == len({(f, line // lines_per_part) for f, line, _ in rows_})
+
+
+@pytest.mark.parametrize("rows_per_batch", [1, 7, 1024])
+def test_a_shard_written_batch_by_batch_equals_one_sorted_table(tmp_path, monkeypatch, rows_per_batch):
+    """write_shard alone: shuffled documents, written a record batch at a time (batches of whole documents), give
+    the file of blocks_table(sorted documents): same rows, stats and sha256, the same bytes in any input order."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from common.shard_format import shard_name
+    from preprocessing import shards
+    from preprocessing.writes import OutputDir
+
+    monkeypatch.setattr(shards, "ROWS_PER_BATCH", rows_per_batch)
+    rng = np.random.default_rng(rows_per_batch)
+    documents = []
+    for line in range(30):
+        lengths = rng.integers(1, 20, size=rng.integers(1, 6)).tolist()
+        ids = rng.integers(0, 50, size=sum(lengths)).astype(np.int32)
+        documents.append(pack_document((line % 2, line), f"d{line}", ids, rng.random(len(ids)) < 0.7, lengths, 16, 0.3,
+                                       random.Random(line), "uniform"))
+    reference = blocks_table(sorted(documents, key=lambda d: d.key))
+    files = []
+    for order in range(2):
+        random.Random(order).shuffle(documents)
+        stats = shards.write_shard(OutputDir(str(tmp_path / f"out{order}")), 1, 3, iter(documents))
+        files.append((tmp_path / f"out{order}" / shard_name(1, 3)).read_bytes())
+        table = pa.ipc.open_file(pa.BufferReader(files[-1])).read_all()
+        assert table.equals(reference)
+        assert (stats.info.file, stats.info.rows, stats.info.sha256) == (
+            shard_name(1, 3), reference.num_rows, hashlib.sha256(files[-1]).hexdigest())
+        assert (stats.documents, stats.tokens) == (len(documents), sum(d.num_tokens for d in documents))
+    assert files[0] == files[1]
+    empty = shards.write_shard(OutputDir(str(tmp_path / "empty")), 0, 3, [])
+    assert empty.info.rows == 0 and pa.ipc.open_file(tmp_path / "empty" / shard_name(0, 3)).read_all().num_rows == 0
