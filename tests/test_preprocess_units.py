@@ -392,3 +392,17 @@ def test_a_shard_written_batch_by_batch_equals_one_sorted_table(tmp_path, monkey
     assert files[0] == files[1]
     empty = shards.write_shard(OutputDir(str(tmp_path / "empty")), 0, 3, [])
     assert empty.info.rows == 0 and pa.ipc.open_file(tmp_path / "empty" / shard_name(0, 3)).read_all().num_rows == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_repeated_id_keeps_its_first_line_in_any_arrival_order(seed):
+    """finetune_data.DropRepeatedIds alone: of one id's rows arriving shuffled, the lowest (file, line) is kept
+    and every other is a duplicate_id dead letter at its own line."""
+    from preprocessing.finetune_data import DropRepeatedIds
+
+    lines = random.Random(seed).sample(range(1, 100), 6)
+    rows = [((0, line), np.array([line], np.int32)) for line in lines]
+    kept, *letters = DropRepeatedIds("corpus.jsonl").process(("d7", rows))
+    assert kept[0] == (0, min(lines)) and kept[1][0] == "d7" and kept[1][1].tolist() == [min(lines)]
+    assert sorted((t.value.file, t.value.line, t.value.reason, t.value.record) for t in letters) == [
+        ("corpus.jsonl", line, "duplicate_id", "d7") for line in sorted(lines)[1:]]
