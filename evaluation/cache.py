@@ -143,6 +143,12 @@ def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | 
     (tmp / "key.json").write_text(json.dumps(description, indent=2, default=str) + "\n")
     for name, value in (extra or {}).items():
         (tmp / f"{name}.json").write_text(json.dumps(value))
+    return publish(tmp, folder, replace)
+
+
+def publish(tmp: Path, folder: Path, replace: bool) -> bool:
+    """Rename the whole temporary folder `tmp` to `folder`. `replace`: a folder already there is stale and is moved
+    aside and removed first; else it is another writer's equal one, kept (`tmp` removed, returns False)."""
     if replace and folder.exists():
         old = temporary(folder)
         try:

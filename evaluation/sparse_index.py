@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from evaluation.cache import drop_pages, sweep_stale, temporary
+from evaluation.cache import drop_pages, publish, sweep_stale, temporary
 
 logger = logging.getLogger(__name__)
 
@@ -147,12 +146,5 @@ def load_or_build(folder: Path, record: dict, indices: np.ndarray, values: np.nd
     tmp.mkdir(parents=True)
     index.save(tmp)
     (tmp / RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")  # written last: marks it whole
-    if folder.exists():
-        old = temporary(folder)
-        folder.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process renamed an equal index first
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(tmp, folder, replace=True)  # a folder there was refused above (another record)
     return index
