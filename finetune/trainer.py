@@ -201,10 +201,7 @@ class Trainer:
 
     def _load(self, load_dir: Path, tag: str) -> None:
         rng = self.checkpointer.load_rank_state(load_dir, tag)
-        state = self.checkpointer.load(self.engine, load_dir, tag)
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"{load_dir / tag} was written by {state['world_size']} ranks; resume needs the same "
-                             f"number (now {self.world_size}) for the same batches")
+        state = self.checkpointer.load(self.engine, load_dir, tag)  # its world size: checked in resolve_resume
         self.position = (state["epoch"], state["micro_step"])
         self.guard.load_state_dict(state["nonfinite"])
         if load_dir.resolve() == self.checkpointer.dir.resolve():  # this run's own: continue its tracker runs
