@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.official_parity import (LEARNING_RATE, MAX_GRAD_NORM, TARGETS, WARMUP_RATIO, WEIGHT_DECAY,  # noqa: E402
                                         grad_max_rel_l2, hf_trainer_optimizer, init_bert, line, official_parser,
-                                        rel)
+                                        rel, run_official)
 
 #: case -> (train_group_size, ranks, teacher scores): the issue's four cases.
 CASES = {"in-batch": (1, 1, False), "hard-negatives": (4, 1, False), "cross-device": (4, 2, False),
@@ -167,21 +167,7 @@ def official_side(args: argparse.Namespace) -> None:
 
     job = torch.load(args.job, weights_only=False)
     spawn(official_worker, job["world"], job, args.result)
-
-
-def run_official(args: argparse.Namespace, job: dict, work: Path) -> list[dict]:
-    """The official side in its own Python; one result per rank."""
-    import torch
-
-    job_file, result = work / "official-job.pt", work / "official-result.pt"
-    torch.save(job, job_file)
-    command = [args.official_python, str(Path(__file__).resolve()), "--side", "official", "--official_src",
-               args.official_src, "--job", str(job_file), "--result", str(result)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"the official side failed:\n{done.stderr[-3000:]}")
-    return [torch.load(f"{result}.rank{r}", weights_only=False) for r in range(job["world"])]
+    torch.save([torch.load(f"{args.result}.rank{r}", weights_only=False) for r in range(job["world"])], args.result)
 
 
 # ---------------------------------------------------------------- our side
@@ -357,7 +343,7 @@ def parity(args: argparse.Namespace, init: str, case: str, pooling: str, init_di
            "world": world, "threads": threads, "teacher_file": any_flags.get("teacher_scores"),
            "contrastive_loss_weight": any_flags.get("contrastive_loss_weight", 1.0),
            "batches": [our_batches(any_flags, rank, world, args.steps) for rank in range(world)]}
-    theirs = run_official(args, job, folder)
+    theirs = run_official(args, "official", job, folder, __file__)  # one result per rank
     common = {"bench": "official_finetune_parity", "official_model": "BiEncoderModel", "case": case,
               "pooling": pooling, "init": init, "temperature": TEMPERATURE[init], "unit": "relative", "better": "lower",
               "ranks": world,

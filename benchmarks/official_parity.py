@@ -332,12 +332,13 @@ def grad_max_rel_l2(ours: dict, official: dict) -> tuple[float, str, dict]:
     return worst, worst_name, noise
 
 
-def run_official(args: argparse.Namespace, side: str, job: dict, work: Path):
+def run_official(args: argparse.Namespace, side: str, job: dict, work: Path, script: str = __file__):
+    """`script --side SIDE` (this one, or another parity benchmark) in the official Python; its result file."""
     job_file, result_file = work / f"{side}-job.pt", work / f"{side}-result.pt"
     import torch
 
     torch.save(job, job_file)
-    command = [args.official_python, str(Path(__file__).resolve()), "--side", side, "--official_src",
+    command = [args.official_python, str(Path(script).resolve()), "--side", side, "--official_src",
                args.official_src, "--job", str(job_file), "--result", str(result_file), "--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRANSFORMERS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True)
