@@ -311,9 +311,9 @@ def compare(ours1: list[dict], theirs: list[dict], steps: list[float]) -> dict:
         [{n: g.double() for n, g in r["grads"].items()} for r in results], [r["fp64"]["grads"] for r in results])[0]
         for side, results in (("ours", ours1), ("official", theirs))}
     official_steps = theirs[0]["losses"]
-    step_diffs = [rel(a, b) for a, b in zip(steps, official_steps)]
-    if len(step_diffs) != len(official_steps):
+    if len(steps) != len(official_steps):
         raise SystemExit(f"ours logged {len(steps)} steps, the official side ran {len(official_steps)}")
+    step_diffs = [rel(a, b) for a, b in zip(steps, official_steps)]
     worst_step = max(range(len(step_diffs)), key=step_diffs.__getitem__)
     return {
         "step1_loss_rel_diff": (rel(loss_ours, loss_theirs), {"loss_ours": loss_ours, "loss_official": loss_theirs}),
