@@ -41,10 +41,10 @@ class EvalConfig:
     index_factory: str | None = field(default=None, metadata=_help(
         "faiss index factory (e.g. HNSW32) for the dense search, or dupmae's dense candidates; None: exact"))
     sparse_index: str = field(default="auto", metadata=_help(
-        "dupmae search: exact, seismic (candidates of a Seismic index and faiss, rescored exactly), or auto (exact "
-        f"below {EXACT_BELOW} documents)", choices=list(SPARSE_INDEXES)))
+        "dupmae search: exact, seismic (candidates of a Seismic index and faiss, rescored from float16 rows), or "
+        f"auto (exact below {EXACT_BELOW} documents)", choices=list(SPARSE_INDEXES)))
     candidates: int = field(default=300, metadata=_help(
-        "--sparse_index seismic: candidates per half rescored exactly (at least --depth)"))
+        "--sparse_index seismic: candidates per half rescored (at least --depth)"))
     query_cut: int = field(default=32, metadata=_help("--sparse_index seismic: query entries the index reads"))
     heap_factor: float = field(default=0.9, metadata=_help("--sparse_index seismic: Seismic's heap factor (0, 1]"))
     faiss_params: str | None = field(default=None, metadata=_help(

@@ -45,7 +45,7 @@ class SearchOptions:
     """How a dupmae corpus is searched (`--sparse_index`, `--candidates`, `--query_cut`, `--heap_factor`)."""
 
     sparse_index: str = "exact"  # exact, seismic, or auto (exact below EXACT_BELOW documents)
-    candidates: int = 300  # indexed: candidates per half (sparse index, faiss) rescored exactly (at least depth)
+    candidates: int = 300  # indexed: candidates per half (sparse index, faiss) rescored (at least depth)
     query_cut: int = 32  # indexed: the query's largest vocabulary entries the sparse index reads
     heap_factor: float = 0.9  # indexed: Seismic skips a block whose summary score is below this x the M-th best
     faiss_params: str | None = None  # faiss ParameterSpace settings for the dense index, e.g. "nprobe=16"

@@ -4,12 +4,12 @@ over the documents' kept vocabulary entries, cached next to the corpus shard it 
 Seismic keeps, for each vocabulary id, the postings with the largest values, groups each list into blocks with a
 summary vector, and at query time scans only the blocks whose summary can beat the current top-M (query_cut: the
 query's largest entries it reads; heap_factor: how eagerly it skips). It returns candidates: `evaluation.search`
-rescores their union with faiss's dense candidates by the exact dupmae formula. The index holds each document's
-`doc_top` largest entries with a positive value (Seismic's pruning and summaries rank by value; for
-`sparse_values` = probs all are positive); the exact rescoring reads every kept entry.
+rescores their union with faiss's dense candidates by the dupmae formula (float16 rows, `RowStore`). The index
+holds each document's `doc_top` largest entries with a positive value (Seismic's pruning and summaries rank by
+value; for `sparse_values` = probs all are positive); the rescoring reads every kept entry.
 
 Cache safety: an index folder is written under a temporary name and renamed when whole; its `index.json` records
-what it was built from (the corpus shard's cache key, model, k, rows, options, library version), and a folder whose
+what it was built from (the corpus shard's content digest, model, k, rows, options, library version), and a folder whose
 record differs from what is asked for is refused and rebuilt. Temporary folders are named and swept as the
 embedding cache's are (`evaluation.cache.temporary`, `sweep_stale`: by host, PID and a random suffix; by age).
 """
