@@ -25,12 +25,12 @@ import pytest
 import torch
 
 from common.checkpoint import FILES, read_latest
+from common.schedule import lr_factor
 from common.shard_format import PRETRAIN_SCHEMA, Manifest, shard_name
 from common.tokenizer import load_tokenizer
 from pretrain.arguments import ConfigError, TrainingArguments, deepspeed_config, parse_args
 from pretrain.data import PretrainShards, RankBatchLoader
 from pretrain.shard_integrity import VERIFIED_FILE, file_sha256
-from pretrain.trainer import lr_factor
 from test_pretrain_data import change_one_byte, make_texts, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
