@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 #: A temporary folder nobody has written for this long is a killed writer's: a live one writes into it all along.
 STALE_AFTER_SECONDS = 6 * 3600
+DIGEST_CHUNK = 1 << 26  # bytes of an array hashed between two drops of its pages
 
 
 def _host() -> str:
@@ -109,12 +110,17 @@ def load_arrays(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray | 
 
 def content_digest(ids: list[str], arrays: dict[str, np.ndarray | None]) -> str:
     """sha256 of an entry's ids and arrays (name, dtype, shape, bytes). The entry's key hashes only what the
-    vectors were made from, by file sizes and times; two corpora of equal size and time share a key, not this."""
+    vectors were made from, by file sizes and times; two corpora of equal size and time share a key, not this.
+    Hashed chunk by chunk with a memory-mapped array's pages dropped, so hashing an entry (one written before its
+    digest was recorded) does not leave the whole corpus in this process's resident set."""
     digest = hashlib.sha256(json.dumps(ids).encode("utf-8"))
     for name, array in sorted(arrays.items()):
         if array is not None:
             digest.update(f"{name} {array.dtype.str} {array.shape}".encode())
-            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            for start in range(0, len(flat), DIGEST_CHUNK):
+                digest.update(flat[start:start + DIGEST_CHUNK])
+                drop_pages(array)
     return digest.hexdigest()
 
 
