@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.defaults import resolve_model
+from common.model_loading import load_pretrained
 from common.sparse import ordinary_tokens, sparse_half, sparsify
 from common.vocab_pooling import split_mlm_head, vocab_max_pool
 
@@ -234,14 +235,12 @@ class Encoder(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(INIT_SEED)
             if config.kind == "dupmae" or (saved is not None and saved.kind == "dupmae"):
-                model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True,
-                                                                   dtype=torch.float32)
-                head_missing = [k for k in info["missing_keys"] if not k.startswith(model.base_model_prefix + ".")]
+                model, head_missing = load_pretrained(AutoModelForMaskedLM, path, dtype=torch.float32)
                 if head_missing and config.kind == "dupmae":
                     logger.warning("%s has no trained MLM head (%d tensors initialized): the sparse part is untrained",
                                    path, len(head_missing))
             else:
-                model = AutoModel.from_pretrained(path, dtype=torch.float32)
+                model, _ = load_pretrained(AutoModel, path, dtype=torch.float32)
             projection = None
             if config.kind == "dupmae":
                 projection = new_projection(model.config.hidden_size, config.dense_dim)

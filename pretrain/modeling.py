@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from common.defaults import resolve_model
+from common.model_loading import load_pretrained
 from common.representation import (Encoder, RepresentationConfig, dupmae_config, folder_config, new_projection,
                                    saved_max_seq_length)
 from pretrain.cpu_attention import use_fast_cpu_attention
@@ -196,8 +197,7 @@ class DupMAEModel(nn.Module):
                 logger.info("built %s from %s's config with %s, random weights", type(mlm).__name__, path,
                             model_config_overrides)
             else:
-                mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-                head_missing = [k for k in info["missing_keys"] if not k.startswith(mlm.base_model_prefix + ".")]
+                mlm, head_missing = load_pretrained(AutoModelForMaskedLM, path)
                 if head_missing:
                     logger.info("%s has no MLM head: initialized %d head tensors (%s)", path, len(head_missing),
                                    ", ".join(sorted(head_missing)))

@@ -24,9 +24,9 @@ import pytest
 from common.tracking import Tracking, TrackerError, resolve_report_to
 from test_finetune import beir_dir, tiny_model, tokenizer  # noqa: F401 (fixtures)
 from test_pretrain_data import make_texts, write_shards
+from test_quiet_log import WARNING
 
 REPO = Path(__file__).resolve().parents[1]
-WARNING = re.compile(r"WARNING|Warning:")
 #: MLflow 3's file store needs an opt-in; its usage telemetry would reach out to the network.
 OFFLINE_MLFLOW = {"MLFLOW_ALLOW_FILE_STORE": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
