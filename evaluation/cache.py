@@ -49,13 +49,23 @@ def temporary(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _swept_here(name: str) -> bool:
+    """Whether this host sweeps the temporary folder `name`: its own `.NAME.tmp-HOST-PID-RANDOM`, and any
+    `.NAME.tmp-PID` of the code before host names (no host to tell; stale for hours, no writer of that code is
+    left)."""
+    parts = name.rsplit("-", 3)  # [.NAME.tmp, HOST, PID, RANDOM]
+    if len(parts) == 4 and parts[0].endswith(".tmp") and parts[2].isdigit():
+        return parts[1] == _host()
+    stem, _, pid = name.rpartition("-")
+    return stem.endswith(".tmp") and pid.isdigit()
+
+
 def sweep_stale(cache_dir: str | Path, now: float | None = None) -> None:
     """Remove this host's temporary folders that nobody has written for STALE_AFTER_SECONDS (killed builds or
     saves). Another host's are left alone: it may still be writing them, and its PIDs mean nothing here."""
     now = time.time() if now is None else now
     for tmp in Path(cache_dir).glob(".*.tmp-*"):
-        parts = tmp.name.rsplit("-", 3)  # [.NAME.tmp, HOST, PID, RANDOM]
-        if len(parts) != 4 or parts[1] != _host() or not parts[2].isdigit():
+        if not _swept_here(tmp.name):
             continue
         try:
             written = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.rglob("*")])
@@ -130,9 +140,25 @@ def load(cache_dir: str | Path, key: str) -> Encoded | None:
         return None
     logger.info("embedding cache hit: %s", folder)
     ids, arrays = json.loads((folder / "ids.json").read_text()), load_arrays(folder, Encoded.ARRAYS)
-    digest_file = folder / "digest.json"  # absent in entries written before it was recorded: hashed here
-    digest = json.loads(digest_file.read_text()) if digest_file.is_file() else content_digest(ids, arrays)
+    digest_file = folder / "digest.json"
+    if digest_file.is_file():
+        digest = json.loads(digest_file.read_text())
+    else:  # an entry written before digests were recorded: hashed once, then recorded beside it
+        digest = content_digest(ids, arrays)
+        record_digest(digest_file, digest)
     return Encoded(ids, **arrays, source=str(folder), digest=digest)
+
+
+def record_digest(digest_file: Path, digest: str) -> None:
+    """Write digest.json into an existing entry, atomically (a reader sees it whole or not at all). A read-only
+    cache keeps hashing on each load: said once per load, not an error."""
+    tmp = temporary(digest_file)
+    try:
+        tmp.write_text(json.dumps(digest))
+        os.replace(tmp, digest_file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        logger.info("%s: digest not recorded (%s); hashed again on the next load", digest_file, exc)
 
 
 def save_arrays(cache_dir: str | Path, key: str, arrays: dict[str, np.ndarray | None], description: dict,

@@ -11,15 +11,15 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
-import socket
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from evaluation.cache import sweep_stale, temporary
 
 logger = logging.getLogger(__name__)
 
@@ -87,32 +87,34 @@ def _exclusive(path: Path):
 def _download(url: str, data_dir: Path, name: str) -> None:
     """Fetch and unzip `name` into data_dir/name, as one task of many that may ask at once (evaluation shards on
     several nodes): one downloads under a lock while the others wait, and the folder appears whole, renamed
-    from a staging folder of this task's own (host, pid, random suffix), so no task reads a half-extracted one."""
+    from the cache's temporary folder of this task's own (evaluation.cache.temporary: host, pid, random suffix),
+    so no task reads a half-extracted one; a killed task's folder is swept by a later one on its host."""
     data_dir.mkdir(parents=True, exist_ok=True)
     target = data_dir / name
     with _exclusive(data_dir / f".{name}.download.lock"):
         if (target / "corpus.jsonl").is_file():  # another task downloaded it while this one waited
             return
-        unique = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        archive, staging = data_dir / f".{name}.zip.{unique}.part", data_dir / f".{name}.{unique}"
+        sweep_stale(data_dir)
+        staging = temporary(target)
+        archive, extracted = staging / f"{name}.zip", staging / "extracted"
         try:
+            staging.mkdir()
             logger.info("downloading %s to %s", url, data_dir)
             with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, archive.open("wb") as out:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
             try:
                 with zipfile.ZipFile(archive) as zf:
-                    zf.extractall(staging)
+                    zf.extractall(extracted)
             except zipfile.BadZipFile as exc:
                 raise OSError(f"bad zip archive: {exc}") from None
-            if (staging / name).is_dir():
+            if (extracted / name).is_dir():
                 try:
-                    os.rename(staging / name, target)
+                    os.rename(extracted / name, target)
                 except OSError:
                     if not (target / "corpus.jsonl").is_file():  # not a task that got there first (no lock)
                         raise
         finally:
-            archive.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -460,3 +460,22 @@ def test_content_digest_tells_entries_apart_by_ids_order_and_arrays(tmp_path):
     assert cache.load(tmp_path, "a").digest == a.digest
     (tmp_path / "swapped" / "digest.json").unlink()  # an entry written before the digest was recorded
     assert cache.load(tmp_path, "swapped").digest == swapped.digest
+    # hashed once: recorded beside the entry, whole, and read from there by the next load
+    assert json.loads((tmp_path / "swapped" / "digest.json").read_text()) == swapped.digest
+    assert sorted(p.name for p in (tmp_path / "swapped").iterdir()) == [
+        "dense.npy", "digest.json", "ids.json", "key.json", "sparse_indices.npy", "sparse_values.npy"]
+
+
+def test_a_read_only_entry_without_digest_is_hashed_on_each_load(tmp_path, monkeypatch, caplog):
+    from evaluation import cache
+
+    entry = Encoded(["a", "b"], np.eye(2, dtype=np.float32))
+    cache.save(tmp_path, "e", entry, {})
+    (tmp_path / "e" / "digest.json").unlink()
+    hashed = []
+    monkeypatch.setattr(cache, "content_digest", lambda *a: hashed.append(1) or entry.digest)
+    monkeypatch.setattr(cache.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    with caplog.at_level("INFO", logger="evaluation.cache"):
+        assert [cache.load(tmp_path, "e").digest for _ in range(2)] == [entry.digest] * 2
+    assert len(hashed) == 2 and "digest not recorded" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["dense.npy", "ids.json", "key.json"]

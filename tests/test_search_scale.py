@@ -173,8 +173,12 @@ def test_a_killed_index_build_leaves_nothing_trusted(tmp_path):
     old = time.time() - cache.STALE_AFTER_SECONDS - 60
     for path in (left, left / "seismic.index.seismic", elsewhere, elsewhere / "seismic.index.seismic"):
         os.utime(path, (old, old))
+    legacy = folder.parent / ".shard.seismic.tmp-4242"  # the code before host names: no host to tell
+    legacy.mkdir()
+    os.utime(legacy, (old, old))
     load_or_build(folder, record, corpus.sparse_indices, corpus.sparse_values)
     assert not left.exists() and elsewhere.exists()  # this host's stale folder swept; the other host's left alone
+    assert not legacy.exists()  # and the old code's, stale for hours
 
 
 def test_two_writers_with_one_pid_do_not_share_a_temporary_folder(tmp_path, monkeypatch):
