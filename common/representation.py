@@ -244,6 +244,8 @@ class Encoder(nn.Module):
             projection = None
             if config.kind == "dupmae":
                 projection = new_projection(model.config.hidden_size, config.dense_dim)
+                if projection_file is not None and not Path(projection_file).is_file():  # asked for: never identity
+                    raise FileNotFoundError(f"{projection_file}: no such projection file (the dense half's W)")
                 projection_file = Path(projection_file or folder / PROJECTION_NAME)  # dupmae: W's weights
                 if projection_file.is_file():
                     from safetensors.torch import load_file

@@ -127,6 +127,15 @@ def test_missing_head_and_projection_warn_and_are_deterministic(minilm_path, tok
         torch.testing.assert_close(first(**b).dense, second(**b).dense, rtol=0, atol=0)
 
 
+def test_a_projection_file_asked_for_and_absent_is_an_error(minilm_path, tmp_path):
+    """Named explicitly (a pre-training export's W for its fine-tuned copy), a missing file must not become the
+    identity projection that a folder without one starts from."""
+    cfg = RepresentationConfig(kind="dupmae", dense_dim=384)
+    with pytest.raises(FileNotFoundError, match="gone.safetensors: no such projection file"):
+        Encoder.from_pretrained(minilm_path, cfg, projection_file=tmp_path / "gone.safetensors")
+    assert Encoder.from_pretrained(minilm_path, cfg).projection is not None  # the folder's own absence: identity
+
+
 def test_sentence_transformers_folder_config(minilm_path):
     enc = Encoder.from_pretrained(minilm_path)
     assert enc.config.kind == "mean" and enc.config.normalize and enc.max_seq_length == 256
