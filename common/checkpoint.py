@@ -6,7 +6,7 @@ data loader's position, its masks and dropout being seeded from (seed, rank, ste
 position) and, where a stage needs it, one file of per-rank state (fine-tuning's RNG states).
 Every rank fsyncs the files it wrote and the folder (a node lost right after a save on Lustre or NFS must not
 take a part of it from the cache); once every rank has, rank 0 records each file's size in the folder's
-`checkpoint_files.json`, then replaces `latest` atomically (DeepSpeed's own `latest` is written before the other
+`checkpoint_files.json` (with `ranks.json`, the number of ranks), then replaces `latest` atomically (DeepSpeed's own `latest` is written before the other
 ranks are done): `latest` names the newest *complete* checkpoint in DeepSpeed's own format (one line, the tag),
 so a crash or SIGKILL mid-save leaves the previous one in charge. A step folder newer than `latest` is such an
 unfinished save: `--resume auto` never picks it, the next save removes it (so it never counts as one of the last
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 LATEST = "latest"
 FILES = "checkpoint_files.json"
+#: The number of ranks that wrote a checkpoint, recorded by rank 0 (checkpoints without it: counted from file names).
+RANKS = "ranks.json"
 _TAG = re.compile(r"^step-(\d+)$")
 #: The files one rank alone writes: DeepSpeed's ZeRO partition ((bf16_)zero_pp_rank_R_mp_rank_00_optim_states.pt,
 #: ZeRO-3's model states too), fine-tuning's RNG states (rank-R-state.pt). Rank 0 writes the other files.
@@ -114,8 +116,11 @@ def verify_checkpoint(folder: Path, flag: str) -> None:
 
 
 def saved_world_size(folder: Path) -> int | None:
-    """How many ranks wrote the complete checkpoint `folder`, from its record: one file each of their own (None
-    when no file is a rank's own, as under ZeRO stage 0 in pre-training)."""
+    """How many ranks wrote the complete checkpoint `folder`: its ranks.json; in a checkpoint saved before that
+    was recorded, counted from the files each rank writes of its own (None when there is none, as under ZeRO
+    stage 0 in pre-training)."""
+    if (folder / RANKS).is_file():
+        return json.loads((folder / RANKS).read_text())["world_size"]
     ranks = [int(a or b) for a, b in (m.groups() for m in map(_RANK_FILE.search, _recorded(folder)) if m)]
     return max(ranks) + 1 if ranks else None
 
@@ -193,6 +198,7 @@ class Checkpointer:
                                       f"{cause}; removed it, {self.dir / LATEST} still names "
                                       f"{read_latest(self.dir) or 'no checkpoint'}")
         if self.rank == 0:
+            _write_atomically(folder / RANKS, json.dumps({"world_size": engine.world_size}) + "\n")
             sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
             _write_atomically(folder / FILES, json.dumps(sizes, indent=1) + "\n")
             _write_atomically(self.dir / LATEST, folder.name)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common import checkpoint as checkpoint_module
-from common.checkpoint import (FILES, Checkpointer, CheckpointSaveError, ResumeWorldSizeError, read_latest,
+from common.checkpoint import (FILES, RANKS, Checkpointer, CheckpointSaveError, ResumeWorldSizeError, read_latest,
                                resolve_resume, saved_world_size)
 from common.metrics_log import keep_steps_up_to
 from common.nonfinite import NonFiniteError
@@ -30,6 +30,7 @@ class FakeEngine:
     """Writes a checkpoint as DeepSpeed does (a tag folder of torch.save files) holding `payload` bytes."""
 
     device = torch.device("cpu")
+    world_size = 1
 
     def __init__(self, payload: int = KB):
         self.payload = payload
@@ -118,7 +119,7 @@ class ZeroEngine(FakeEngine):
 
     def __init__(self, ranks: int):
         super().__init__()
-        self.ranks = ranks
+        self.ranks = self.world_size = ranks
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         folder = Path(save_dir) / tag
@@ -142,7 +143,13 @@ def test_a_resume_on_another_world_size_is_refused_before_loading(tmp_path):
                                    "(ZeRO splits the optimizer state and the data by rank)")
     checkpointer.save(FakeEngine(), 4, {"step": 4}, rank_state={"rng": 0})  # ZeRO stage 0: rank files alone
     assert saved_world_size(checkpointer.dir / "step-00000004") == 1
-    checkpointer.save(FakeEngine(), 6, {"step": 6})  # no file of one rank's own: not known, not checked here
+    checkpointer.save(FakeEngine(), 6, {"step": 6})  # no file of one rank's own: ranks.json tells
+    assert saved_world_size(checkpointer.dir / "step-00000006") == 1
+    with pytest.raises(ResumeWorldSizeError, match="written by 1 rank, this run has 3"):
+        resolve_resume("auto", checkpointer.dir, world_size=3)
+    old = checkpointer.dir / "step-00000006"  # as saved before ranks.json was: not known, not checked
+    (old / RANKS).unlink()
+    (old / FILES).write_text(json.dumps({k: v for k, v in json.loads((old / FILES).read_text()).items() if k != RANKS}))
     assert saved_world_size(checkpointer.dir / "step-00000006") is None
     assert resolve_resume("auto", checkpointer.dir, world_size=3) == (checkpointer.dir, "step-00000006")
 
@@ -249,6 +256,6 @@ def test_every_rank_fsyncs_its_files_and_the_folder_before_latest_moves(tmp_path
         synced = {path for i, (kind, path) in enumerate(before) if kind == "fsync" and i > last_write.get(path, -1)}
         assert mine and mine | {str(folder)} <= synced, (rank, events)  # each file after its last write
         written |= mine
-    assert written == {str(p) for p in folder.iterdir() if p.name != FILES}  # both ranks' files, all of them
+    assert written == {str(p) for p in folder.iterdir() if p.name not in (FILES, RANKS)}  # both ranks', all
     assert saved_world_size(folder) == 2  # DeepSpeed's names, as a resume counts them
     assert {p.name for p in folder.iterdir()} >= {"rank-0-state.pt", "rank-1-state.pt"}
