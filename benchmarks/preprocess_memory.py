@@ -1,6 +1,7 @@
 """Peak memory of the Beam jobs' workers: flat in the corpus size (fine-tuning data), at most 2x a shard (pre-training).
 
-    python benchmarks/preprocess_memory.py [--rows 10000 100000 1000000] [--shard_mb 128] [--parts finetune groups shard]
+    python benchmarks/preprocess_memory.py [--rows 10000 100000 1000000] [--shard_mb 128]
+                                           [--parts finetune floor groups shard]
     python benchmarks/preprocess_memory.py --smoke     # 300 rows, a 4 MiB shard
 
 `finetune`: preprocessing.finetune_data on synthetic BEIR folders of --rows passages (about 30 words each; a
@@ -12,10 +13,14 @@ peak grew with the corpus (flat: about 1; gathering the corpus under one key, as
 proportion). The launcher's own peak is printed beside it: the DirectRunner keeps its shuffle in the launcher's
 memory, where Dataflow, Flink and Spark keep it in their shuffle service or on disk.
 
-The DirectRunner hands each worker its whole share of a stage's input when the stage starts (half the corpus
-with 2 workers), so its workers' peaks grow with the corpus whatever the job does; Dataflow, Flink and Spark
-stream bundles of a few thousand elements. `groups` therefore also measures what the job itself gathers: the
-same job in one process (in_memory), with the runner's grouping table measured at every GroupByKey,
+The DirectRunner hands each worker its share of a stage's input as one bundle (its ParallelBundleManager splits
+the input by the number of workers: half the corpus each with 2), so its workers' peaks may grow with the corpus
+whatever the job does; Dataflow, Flink and Spark
+stream bundles of a few thousand elements. `floor` measures that runner floor apart, with none of the job's code
+past the read: the same corpus file read (`ReadRecords`, which streams) and counted, in the same mode, `streamed`
+straight and `shuffled` through a Reshuffle (a GroupByKey; every step of the job past its reads follows one); a
+line per shape and size, the baseline again the smallest size. `groups` measures what the job itself gathers:
+the same job in one process (in_memory), with the runner's grouping table measured at every GroupByKey,
 CoGroupByKey and combiner: the most elements, and the most pickled bytes, under any one key. Gathering the
 corpus under one key made these grow with the corpus; the baseline is again the smallest size.
 
@@ -47,6 +52,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks import smoke  # noqa: E402
 from common.memory import peak_rss_bytes  # noqa: E402
 
+#: The DirectRunner as the demo runs it: worker processes, 2 of them.
+MULTI_PROCESSING = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
 WORDS = ("the of and to in is was for on that with as by at from his her which are this be an had not but "
          "protein cell gene patient study effect risk model data blood brain cancer dose trial result").split()
 
@@ -76,8 +83,36 @@ def finetune_peaks(rows: int, tmp: Path) -> dict:
     """Run the job on `rows` passages; the peak of each process of the run, MiB."""
     data = tmp / f"beir-{rows}"
     write_beir(data, rows)
-    command = [sys.executable, "-m", "preprocessing.finetune_data", "--data_dir", str(data), "--output_dir",
-               str(tmp / f"ft-{rows}"), "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
+    return run_peaks([sys.executable, "-m", "preprocessing.finetune_data", "--data_dir", str(data), "--output_dir",
+                      str(tmp / f"ft-{rows}"), *MULTI_PROCESSING], f"finetune_data on {rows} rows")
+
+
+def floor_child(shape: str, corpus: str) -> None:
+    """In this process (the launcher): the runner floor, a pipeline of Beam's transforms alone over the corpus file:
+    read it (our ReadRecords, which streams) and count it, through a Reshuffle (a GroupByKey) when `shuffled`."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from preprocessing.records import InputFile, ReadRecords
+
+    with beam.Pipeline(options=PipelineOptions(MULTI_PROCESSING)) as pipeline:
+        records = (pipeline | beam.Create([InputFile(0, corpus, Path(corpus).name, Path(corpus).stat().st_size)])
+                   | beam.ParDo(ReadRecords("jsonl", ())))
+        if shape == "shuffled":
+            records = records | beam.Reshuffle()
+        _ = records | beam.Map(lambda record: 1) | beam.CombineGlobally(sum)
+
+
+def floor_peaks(shape: str, rows: int, tmp: Path) -> dict:
+    data = tmp / f"beir-{rows}"
+    if not data.is_dir():
+        write_beir(data, rows)
+    return run_peaks([sys.executable, __file__, "--floor_child", shape, "--folder", str(data / "corpus.jsonl")],
+                     f"the {shape} floor on {rows} rows")
+
+
+def run_peaks(command: list[str], what: str) -> dict:
+    """Run `command` (a Beam launcher) to its end, polling the own peak of it and of each worker it starts; MiB."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     start = time.monotonic()
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -96,7 +131,7 @@ def finetune_peaks(rows: int, tmp: Path) -> dict:
         time.sleep(0.2)
     reader.join()
     if job.returncode != 0:
-        sys.exit(f"finetune_data failed on {rows} rows:\n{''.join(stderr)[-3000:]}")
+        sys.exit(f"{what} failed:\n{''.join(stderr)[-3000:]}")
     workers = [kib for pid, kib in peaks.items() if pid != job.pid]
     if not workers:
         sys.exit("no worker process was seen: the job ran in the launcher")
@@ -203,8 +238,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000],
                         help="fine-tuning corpus sizes, smallest first (the smallest is the baseline)")
     parser.add_argument("--shard_mb", type=float, default=128.0, help="pre-training shard size to write")
-    parser.add_argument("--parts", nargs="+", default=["finetune", "groups", "shard"],
-                        choices=["finetune", "groups", "shard"])
+    parser.add_argument("--parts", nargs="+", default=["finetune", "floor", "groups", "shard"],
+                        choices=["finetune", "floor", "groups", "shard"])
+    parser.add_argument("--floor_child", choices=["streamed", "shuffled"], help=argparse.SUPPRESS)
     parser.add_argument("--groups_child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shard_child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -212,6 +248,9 @@ def main() -> None:
     args = smoke.parse_args(parser, rows=[300], shard_mb=4.0)
     if args.shard_child:
         shard_child(args.shard_child, args.group, args.folder)
+        return
+    if args.floor_child:
+        floor_child(args.floor_child, args.folder)
         return
     if args.groups_child:
         groups_child(args.groups_child, args.folder)
@@ -234,6 +273,20 @@ def main() -> None:
                     "seconds": peaks["seconds"], "runner": "DirectRunner multi_processing, 2 workers", "cpu": cpu,
                     "smoke": args.smoke,
                 }), flush=True)
+        if "floor" in args.parts:
+            for shape in ("streamed", "shuffled"):
+                sizes, first = sorted(args.rows), None
+                for rows in sizes:
+                    peaks = floor_peaks(shape, rows, tmp)
+                    first = first or peaks
+                    print(json.dumps({
+                        "bench": "preprocess_memory", "metric": f"runner_floor_{shape}_worker_peak_rss", "unit": "MiB",
+                        "ours": peaks["worker_mib"], "baseline": first["worker_mib"],
+                        "ratio": round(peaks["worker_mib"] / first["worker_mib"], 3), "better": "lower", "rows": rows,
+                        "baseline_rows": sizes[0], "launcher_peak_mib": peaks["launcher_mib"],
+                        "workers_seen": peaks["workers_seen"], "seconds": peaks["seconds"],
+                        "runner": "DirectRunner multi_processing, 2 workers", "cpu": cpu, "smoke": args.smoke,
+                    }), flush=True)
         if "groups" in args.parts:
             sizes, first = sorted(args.rows), None
             for rows in sizes:
