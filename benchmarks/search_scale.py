@@ -360,11 +360,14 @@ def relabel(path: Path, smoke_run: bool) -> list[dict]:
                 printed.append(old)
                 print(json.dumps(old))
             continue
-        nlist = int(old["dense_index"][3:].split(",")[0])
+        kind = "ivf" if old["dense_index"].startswith("IVF") else "hnsw"
+        value = DEFAULT[kind][2]
+        if kind == "ivf":  # nprobe is capped at the number of lists
+            value = min(value, int(old["dense_index"][3:].split(",")[0]))
         metric = old["metric"].removeprefix("curve_")
-        default = (old["candidates"], old["query_cut"], old["nprobe"]) == (*DEFAULT["ivf"][:2],
-                                                                           min(DEFAULT["ivf"][2], nlist))
-        default = default and (old["corpus"], old["docs"], metric) not in labeled  # nprobe capped: 64 may equal 256
+        default = (old["candidates"], old["query_cut"], old[DENSE_PARAM[kind].lower()]) == (*DEFAULT[kind][:2], value)
+        # the first kind's line is the figure (a file holds the primary kind first); capped, 64 may equal 256
+        default = default and (old["corpus"], old["docs"], metric) not in labeled
         labeled |= {(old["corpus"], old["docs"], metric)} if default else set()
         printed.append({**old, "metric": metric if default else f"curve_{metric}"})
         print(json.dumps(printed[-1]))

@@ -344,3 +344,32 @@ def test_hashing_an_entry_without_its_digest_keeps_the_corpus_out_of_the_residen
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) < 25, proc.stdout  # a few 1 MB chunks, the ids (7 MB); not one 49 MB array, nor all
     assert cache.load(tmp_path, "entry").digest == entry.digest
+
+
+def test_a_previous_runs_hnsw_lines_are_relabeled_and_extrapolated(tmp_path, capsys):
+    """`--from_jsonl` on HNSW lines (it read IVF's nprobe only, and raised KeyError): the default setting's lines
+    become the figures, the others curve_ lines, and the two sizes are extrapolated to the large corpora."""
+    from benchmarks import search_scale
+
+    default, lines = search_scale.DEFAULT["hnsw"], []
+    for docs, exact, ours, peak in ((300_000, 0.03, 0.003, (1500.0, 3000.0)), (1_000_000, 0.1, 0.004, (3800.0, 9200.0))):
+        for m, cut, ef in (default, (1000, 32, 1000)):
+            lines.append({"bench": "search_scale", "corpus": "synthetic", "docs": docs, "metric": "curve_sec_per_query",
+                          "ours": ours, "baseline": exact, "candidates": m, "query_cut": cut, "efsearch": ef,
+                          "dense_index": "HNSW32,SQ8", "dense_sec_per_query": ours / 2,
+                          "sparse_sec_per_query": ours / 4, "rescore_sec_per_query": ours / 4})
+        lines.append({"bench": "search_scale", "corpus": "synthetic", "docs": docs, "metric": "peak_rss_mb",
+                      "ours": peak[0], "baseline": peak[1], "dense_index": "HNSW32,SQ8"})
+    previous = tmp_path / "previous.jsonl"
+    previous.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    search_scale.main(["--from_jsonl", str(previous), "--output_dir", str(tmp_path / "out")])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    figures = [(p["docs"], p["metric"], p.get("candidates")) for p in printed if not p.get("extrapolated")]
+    assert figures == [(300_000, "sec_per_query", 300), (300_000, "curve_sec_per_query", 1000),
+                       (300_000, "peak_rss_mb", None), (1_000_000, "sec_per_query", 300),
+                       (1_000_000, "curve_sec_per_query", 1000), (1_000_000, "peak_rss_mb", None)]
+    msmarco = {p["metric"]: p for p in printed if p["corpus"] == "msmarco (extrapolated)"}
+    assert msmarco["sec_per_query"]["baseline"] == pytest.approx(
+        (0.03 * 3e5 + 0.1 * 1e6) / (3e5 ** 2 + 1e6 ** 2) * 8_841_823)  # exact: linear through the origin
+    assert msmarco["sec_per_query"]["rescore_sec_per_query"] == pytest.approx(0.001)  # constant
+    assert "| msmarco | 8,841,823 |" in (tmp_path / "out" / "extrapolation.md").read_text()
