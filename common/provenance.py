@@ -8,7 +8,10 @@ same dict (common/tracking.py). It holds
 - `git`: the code's commit and whether tracked files differ from it (None outside a git checkout);
 - `packages`: the versions of python, torch, deepspeed, transformers and the rest that shape the numbers;
 - `hardware`: CPU model and flags, GPU names and count, the world size;
-- `data`: the SHA-256 of the data's manifest.json (preprocessing output), or of each input file for a BEIR folder.
+- `data`: the SHA-256 of the data's manifest.json (preprocessing output), or of each input file for a BEIR folder;
+  `data_files` the path, size and mtime each was hashed at. A resume takes a hash from the run's newest earlier
+  provenance file when the file's path, size and mtime are unchanged (a corpus of gigabytes is hashed once a run,
+  not at every start while the other ranks wait).
 """
 from __future__ import annotations
 
@@ -38,17 +41,47 @@ def record(rank: int, output_dir: str | Path, step: int, *, config: dict, deepsp
     """Rank 0: collect the provenance and write OUT/provenance/step-N.json; returns it ({} on other ranks)."""
     if rank != 0:
         return {}
-    provenance = collect(config, deepspeed, data_files, world_size)
+    provenance = collect(config, deepspeed, data_files, world_size, earlier=newest(output_dir))
     write(provenance, output_dir, step)
     return provenance
 
 
-def collect(config: dict, deepspeed: dict | None, data_files: dict[str, Path], world_size: int) -> dict:
-    """The provenance dict; `data_files` names the inputs to hash ({"manifest.json": path} where there is one)."""
+def collect(config: dict, deepspeed: dict | None, data_files: dict[str, Path], world_size: int,
+            earlier: dict | None = None) -> dict:
+    """The provenance dict; `data_files` names the inputs to hash ({"manifest.json": path} where there is one);
+    `earlier`: a previous start's provenance, whose hashes are kept for files unchanged since."""
+    stats = {name: file_stat(path) for name, path in data_files.items()}
+    hashed_before = (earlier or {}).get("data_files", {})
+    data = {}
+    for name, path in data_files.items():
+        if stats[name] is None:
+            data[name] = None
+        elif hashed_before.get(name) == stats[name]:  # unchanged since an earlier start hashed it
+            data[name] = earlier["data"][name]
+        else:
+            data[name] = file_sha256(Path(path))
     return {"config": config, "deepspeed": deepspeed, "git": git_state(REPO), "packages": package_versions(),
-            "hardware": hardware(world_size), "data": {name: file_sha256(path) if Path(path).is_file() else None
-                                                     for name, path in data_files.items()},
+            "hardware": hardware(world_size), "data": data, "data_files": stats,
             "command": [sys.executable, *sys.argv]}
+
+
+def file_stat(path: str | Path) -> dict | None:
+    """What a hash is reused on: the resolved path, size and mtime (None: no such file)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def newest(output_dir: str | Path) -> dict | None:
+    """The provenance of the run's latest earlier start (by step), if any can be read."""
+    files = sorted((f for f in (Path(output_dir) / FOLDER).glob("step-*.json") if f.stem[5:].isdigit()),
+                   key=lambda f: int(f.stem[5:]))
+    try:
+        return json.loads(files[-1].read_text()) if files else None
+    except (OSError, ValueError):
+        return None
 
 
 def write(provenance: dict, output_dir: str | Path, step: int) -> Path:

@@ -286,3 +286,29 @@ def test_a_tracker_that_cannot_start_is_one_error_and_one_that_fails_later_is_dr
         "--report_to wandb: logging step 1 failed (ConnectionError: server gone); no more wandb reports in this run"]
     assert Kept.logged == [(1, {"loss": 1.5, "eval/mean/nDCG@10": 0.25}), (2, {"loss": 1.5, "eval/mean/nDCG@10": 0.25})]
     assert tracking.ids() == {}
+
+
+def test_a_resume_reuses_the_data_hashes_of_files_unchanged_since(tmp_path, monkeypatch):
+    """A start hashes every data file (a corpus of gigabytes, while the other ranks wait); a later start of the
+    same run takes the hash of a file whose path, size and mtime are unchanged, and hashes again one that changed."""
+    from common import provenance
+
+    corpus, queries = tmp_path / "corpus.jsonl", tmp_path / "queries.jsonl"
+    corpus.write_text('{"_id": "d1"}\n')
+    queries.write_text('{"_id": "q1"}\n')
+    files = {"corpus.jsonl": corpus, "queries.jsonl": queries, "absent.tsv": tmp_path / "absent.tsv"}
+    hashed = []
+    real = provenance.file_sha256
+    monkeypatch.setattr(provenance, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    out = tmp_path / "run"
+    first = provenance.record(0, out, 0, config={}, deepspeed=None, data_files=files, world_size=1)
+    assert sorted(hashed) == ["corpus.jsonl", "queries.jsonl"] and first["data"]["absent.tsv"] is None
+    hashed.clear()
+    queries.write_text('{"_id": "q2"}\n')  # same size, a later mtime
+    os.utime(queries, ns=(queries.stat().st_mtime_ns + 10**9,) * 2)
+    second = provenance.record(0, out, 4, config={}, deepspeed=None, data_files=files, world_size=1)
+    assert hashed == ["queries.jsonl"]  # the corpus's hash came from step-0.json
+    assert second["data"] == {name: hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+                              for name, path in files.items()}
+    assert json.loads((out / "provenance" / "step-4.json").read_text())["data"] == second["data"]
+    assert provenance.record(1, out, 4, config={}, deepspeed=None, data_files=files, world_size=2) == {}
