@@ -5,10 +5,10 @@ optimizer, the scheduler) plus the stage's train state in its client state (pre-
 data loader's position, its masks and dropout being seeded from (seed, rank, step); fine-tuning: the data
 position) and, where a stage needs it, one file of per-rank state (fine-tuning's RNG states).
 Every rank fsyncs the files it wrote and the folder (a node lost right after a save on Lustre or NFS must not
-take a part of it from the cache); once every rank has, rank 0 records each file's size in the folder's
-`checkpoint_files.json` (with `ranks.json`, the number of ranks), then replaces `latest` atomically (DeepSpeed's own `latest` is written before the other
-ranks are done): `latest` names the newest *complete* checkpoint in DeepSpeed's own format (one line, the tag),
-so a crash or SIGKILL mid-save leaves the previous one in charge. A step folder newer than `latest` is such an
+take a part of it from the cache); once every rank has, rank 0 writes the number of ranks (`ranks.json`) and
+records each file's size in the folder's `checkpoint_files.json`, then replaces `latest` atomically (DeepSpeed's
+own `latest` is written before the other ranks are done): `latest` names the newest *complete* checkpoint in
+DeepSpeed's own format (one line, the tag), so a crash or SIGKILL mid-save leaves the previous one in charge. A step folder newer than `latest` is such an
 unfinished save: `--resume auto` never picks it, the next save removes it (so it never counts as one of the last
 K), and a resume checks its checkpoint's files against the record (every rank's file present, sizes as written)
 and the number of ranks that wrote it against this run's.
