@@ -13,16 +13,16 @@ peak grew with the corpus (flat: about 1; gathering the corpus under one key, as
 proportion). The launcher's own peak is printed beside it: the DirectRunner keeps its shuffle in the launcher's
 memory, where Dataflow, Flink and Spark keep it in their shuffle service or on disk.
 
-The DirectRunner hands each worker its share of a stage's input as one bundle (its ParallelBundleManager splits
-the input by the number of workers: half the corpus each with 2), so its workers' peaks may grow with the corpus
-whatever the job does; Dataflow, Flink and Spark
-stream bundles of a few thousand elements. `floor` measures that runner floor apart, with none of the job's code
-past the read: the same corpus file read (`ReadRecords`, which streams) and counted, in the same mode, `streamed`
-straight and `shuffled` through a Reshuffle (a GroupByKey; every step of the job past its reads follows one); a
-line per shape and size, the baseline again the smallest size. `groups` measures what the job itself gathers:
-the same job in one process (in_memory), with the runner's grouping table measured at every GroupByKey,
-CoGroupByKey and combiner: the most elements, and the most pickled bytes, under any one key. Gathering the
-corpus under one key made these grow with the corpus; the baseline is again the smallest size.
+The DirectRunner hands each worker its share of a stage's input as one bundle (its ParallelBundleManager splits the
+input by the number of workers: half the corpus each with 2), so its workers' peaks may grow with the corpus
+whatever the job does; Dataflow, Flink and Spark stream bundles of a few thousand elements. `floor` measures that
+runner floor apart, with none of the job's code past the read: the same corpus file read (`ReadRecords`, which
+streams) and counted, in the same mode, `streamed` straight and `shuffled` through a Reshuffle (a GroupByKey; every
+step of the job past its reads follows one); a line per shape and size, the baseline again the smallest size.
+`groups` measures what the job itself gathers: the same job in one process (in_memory), with the runner's grouping
+table measured at every GroupByKey, CoGroupByKey and combiner: the most elements, and the most pickled bytes, under
+any one key. Gathering the corpus under one key made these grow with the corpus; the baseline is again the smallest
+size.
 
 `shard`: a worker writing one pre-training shard of about --shard_mb MiB, in a fresh process: the shard's
 documents arrive pickled (made beforehand by the parent), as a runner hands a group to a worker; the figure is
@@ -79,10 +79,17 @@ def write_beir(folder: Path, rows: int) -> None:
     (folder / "qrels" / "train.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in queries))
 
 
+def beir_folder(rows: int, tmp: Path) -> Path:
+    """The synthetic BEIR folder of `rows` passages in `tmp`, written once for every part that reads it."""
+    data = tmp / f"beir-{rows}"
+    if not data.is_dir():
+        write_beir(data, rows)
+    return data
+
+
 def finetune_peaks(rows: int, tmp: Path) -> dict:
     """Run the job on `rows` passages; the peak of each process of the run, MiB."""
-    data = tmp / f"beir-{rows}"
-    write_beir(data, rows)
+    data = beir_folder(rows, tmp)
     return run_peaks([sys.executable, "-m", "preprocessing.finetune_data", "--data_dir", str(data), "--output_dir",
                       str(tmp / f"ft-{rows}"), *MULTI_PROCESSING], f"finetune_data on {rows} rows")
 
@@ -104,10 +111,8 @@ def floor_child(shape: str, corpus: str) -> None:
 
 
 def floor_peaks(shape: str, rows: int, tmp: Path) -> dict:
-    data = tmp / f"beir-{rows}"
-    if not data.is_dir():
-        write_beir(data, rows)
-    return run_peaks([sys.executable, __file__, "--floor_child", shape, "--folder", str(data / "corpus.jsonl")],
+    corpus = beir_folder(rows, tmp) / "corpus.jsonl"
+    return run_peaks([sys.executable, __file__, "--floor_child", shape, "--folder", str(corpus)],
                      f"the {shape} floor on {rows} rows")
 
 

@@ -8,10 +8,10 @@ Every rank fsyncs the files it wrote and the folder (a node lost right after a s
 take a part of it from the cache); once every rank has, rank 0 writes the number of ranks (`ranks.json`) and
 records each file's size in the folder's `checkpoint_files.json`, then replaces `latest` atomically (DeepSpeed's
 own `latest` is written before the other ranks are done): `latest` names the newest *complete* checkpoint in
-DeepSpeed's own format (one line, the tag), so a crash or SIGKILL mid-save leaves the previous one in charge. A step folder newer than `latest` is such an
-unfinished save: `--resume auto` never picks it, the next save removes it (so it never counts as one of the last
-K), and a resume checks its checkpoint's files against the record (every rank's file present, sizes as written)
-and the number of ranks that wrote it against this run's.
+DeepSpeed's own format (one line, the tag), so a crash or SIGKILL mid-save leaves the previous one in charge. A
+step folder newer than `latest` is such an unfinished save: `--resume auto` never picks it, the next save removes
+it (so it never counts as one of the last K), and a resume checks its checkpoint's files against the record
+(every rank's file present, sizes as written) and the number of ranks that wrote it against this run's.
 
 A save that cannot fit says so before writing anything: every rank compares the free space of the
 checkpoint folder with the size of the last checkpoint (an estimate from the parameter count before the

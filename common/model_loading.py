@@ -46,8 +46,7 @@ def _load_report_held_back() -> Iterator[None]:
         for record in hold.held:  # the report the error message points at
             source.handle(record)
         raise
-    finally:
-        source.removeFilter(hold)
+    source.removeFilter(hold)
 
 
 def _listed(keys: list[str]) -> str:
