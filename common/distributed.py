@@ -76,6 +76,16 @@ def interface_addresses() -> dict[str, str]:
     return found
 
 
+def named_interface(wanted: str, addresses: dict[str, str], prefix: bool) -> str | None:
+    """The interface a *_SOCKET_IFNAME entry names, among those with an address (None: none). NCCL reads an entry
+    as a name prefix (`ib`: the first ib* interface) and `=NAME` as an exact name; gloo reads exact names."""
+    if prefix and wanted.startswith("="):
+        wanted, prefix = wanted[1:], False
+    if not prefix:
+        return wanted if wanted in addresses else None
+    return next((name for name in sorted(addresses) if name.startswith(wanted)), None)
+
+
 def rendezvous_line(rank: int, backend: str) -> str:
     """Where this rank meets the others and the interface and address its collectives use, in one line; a
     MASTER_ADDR that does not resolve here is a DistributedSetupError (the rendezvous would hang or fail later)."""
@@ -89,10 +99,13 @@ def rendezvous_line(rank: int, backend: str) -> str:
     addresses = interface_addresses()
     wanted = env.get(variable, "").split(",")[0]
     if wanted and not wanted.startswith("^"):
-        if wanted not in addresses:
-            raise DistributedSetupError(f"{variable}={wanted}: no interface of that name with an IPv4 address on "
+        prefix = backend == "nccl" and not wanted.startswith("=")
+        name = named_interface(wanted, addresses, prefix=backend == "nccl")
+        if name is None:
+            kind = "that name or a name starting with it" if prefix else "that name"
+            raise DistributedSetupError(f"{variable}={wanted}: no interface of {kind} with an IPv4 address on "
                                         f"{host} (rank {rank}); it has {', '.join(sorted(addresses)) or 'none'}")
-        name, address, how = wanted, addresses[wanted], variable
+        address, how = addresses[name], variable
     else:
         if backend == "nccl":  # NCCL picks itself (NCCL_DEBUG=INFO says which); report the route to rank 0
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from common.distributed import DistributedSetupError, interface_addresses, rendezvous_line
+from common.distributed import DistributedSetupError, interface_addresses, named_interface, rendezvous_line
 
 
 @pytest.fixture
@@ -44,3 +44,21 @@ def test_a_hostname_on_loopback_is_flagged_when_rank_0_is_elsewhere(rendezvous_e
     assert line.endswith("ranks on other nodes cannot reach a loopback address: set GLOO_SOCKET_IFNAME")
     rendezvous_env.setenv("MASTER_ADDR", "127.0.0.1")  # one node: loopback is right
     assert "cannot reach" not in rendezvous_line(1, "gloo")
+
+
+def test_nccl_reads_its_variable_as_a_prefix_or_an_exact_name_with_equals(rendezvous_env):
+    """NCCL_SOCKET_IFNAME=l is every l* interface and =lo exactly lo (NCCL's own reading); both used to be refused
+    as no interface of that name. gloo's variable names interfaces exactly."""
+    for value in ("l", "lo", "=lo"):
+        rendezvous_env.setenv("NCCL_SOCKET_IFNAME", value)
+        assert rendezvous_line(0, "nccl").endswith("nccl on lo 127.0.0.1 (NCCL_SOCKET_IFNAME)"), value
+    rendezvous_env.setenv("NCCL_SOCKET_IFNAME", "=l")
+    with pytest.raises(DistributedSetupError, match=r"^NCCL_SOCKET_IFNAME==l: no interface of that name with"):
+        rendezvous_line(0, "nccl")
+    rendezvous_env.setenv("GLOO_SOCKET_IFNAME", "l")
+    with pytest.raises(DistributedSetupError, match=r"^GLOO_SOCKET_IFNAME=l: no interface of that name with"):
+        rendezvous_line(0, "gloo")
+    addresses = {"eth1": "10.0.0.2", "eth0": "10.0.0.1", "ib0": "10.1.0.1"}
+    assert [named_interface(w, addresses, prefix=True) for w in ("eth", "ib", "=eth", "=eth1", "wl")] == [
+        "eth0", "ib0", None, "eth1", None]
+    assert [named_interface(w, addresses, prefix=False) for w in ("eth", "eth1", "=eth1")] == [None, "eth1", None]
