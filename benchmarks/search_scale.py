@@ -165,7 +165,9 @@ def worker(args) -> None:
     result = {"docs": len(corpus.ids), "queries": len(queries.ids)}
     config = SeismicConfig()
     built_from = json.loads((args.corpus / "key.json").read_text())  # a synthetic corpus's bases, or a real entry's key
-    record = index_record(cache.cache_key(**built_from), {"corpus_built_from": built_from},
+    # keyed on the corpus's content digest, as evaluation.pipeline keys it (an entry replaced in place keeps its
+    # folder name): a real entry's record is the pipeline's (its key names the model), so either reuses the other's
+    record = index_record(corpus.digest, built_from.get("model", {"corpus_built_from": built_from}),
                           corpus.sparse_indices.shape[1], len(corpus.ids), config)
     index_folder = args.corpus.with_name(args.corpus.name + ".seismic")
     if args.worker == "exact":

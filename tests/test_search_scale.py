@@ -264,6 +264,42 @@ def test_a_synthetic_corpus_is_rebuilt_from_other_real_sets(tmp_path):
     assert not np.array_equal(other.sparse_indices, first)
 
 
+def test_the_benchmark_worker_keys_its_index_as_the_pipeline_does(tmp_path, caplog, capsys):
+    """benchmarks/search_scale.py's worker keyed a corpus's Seismic index on the entry's folder name: an entry
+    replaced in place (same name, other ids) reused an index of the old rows. Keyed on the content digest with the
+    entry's model, its record is the pipeline's: either reuses the other's index, and a replaced entry rebuilds."""
+    from types import SimpleNamespace
+
+    from benchmarks import search_scale
+    from evaluation.pipeline import Evaluator
+
+    model = {"path": "/models/dupmae", "files": [["config.json", 10, 123]]}
+    key = {"model": model, "representation": {"kind": "dupmae"}, "max_length": 64, "documents": True}
+    corpus, queries = corpus_and_queries(400, 3, seed=8)
+    cache.save(tmp_path, "entry", corpus, key)
+    cache.save(tmp_path, "queries", queries, {**key, "documents": False})
+    argv = ["--worker", "build", "--corpus", str(tmp_path / "entry"), "--queries", str(tmp_path / "queries"),
+            "--rows", str(tmp_path / "rows.npy")]
+    search_scale.main(argv)
+    record = json.loads((tmp_path / "entry.seismic" / "index.json").read_text())
+    assert record["corpus"] == cache.load(tmp_path, "entry").digest and record["model"] == model
+    with caplog.at_level(logging.INFO, logger="evaluation.sparse_index"):
+        Evaluator.sparse_index(SimpleNamespace(settings={"model": model}), cache.load(tmp_path, "entry"),
+                               SearchOptions())
+    assert "sparse index cache hit" in caplog.text and "refused" not in caplog.text  # the pipeline's own record
+    caplog.clear()
+    order = np.random.default_rng(8).permutation(400)  # the same name, other ids and rows
+    cache.save(tmp_path, "entry", Encoded([f"e{i}" for i in order], corpus.dense[order],
+                                          corpus.sparse_indices[order], corpus.sparse_values[order]), key,
+               replace=True)
+    with caplog.at_level(logging.INFO, logger="evaluation.sparse_index"):
+        search_scale.main(argv)
+    assert "refused, built for another corpus; rebuilding" in caplog.text
+    assert json.loads((tmp_path / "entry.seismic" / "index.json").read_text())["corpus"] == cache.load(
+        tmp_path, "entry").digest
+    capsys.readouterr()
+
+
 SPARSE_ALONE = """
 import sys
 import numpy as np
