@@ -9,9 +9,10 @@ same dict (common/tracking.py). It holds
 - `packages`: the versions of python, torch, deepspeed, transformers and the rest that shape the numbers;
 - `hardware`: CPU model and flags, GPU names and count, the world size;
 - `data`: the SHA-256 of the data's manifest.json (preprocessing output), or of each input file for a BEIR folder;
-  `data_files` the path, size and mtime each was hashed at. A resume takes a hash from the run's newest earlier
-  provenance file when the file's path, size and mtime are unchanged (a corpus of gigabytes is hashed once a run,
-  not at every start while the other ranks wait).
+  `data_files` the path, size, mtime, inode and ctime each was hashed at. A resume takes a hash from the run's
+  newest earlier provenance file when all of those are unchanged (a corpus of gigabytes is hashed once a run, not
+  at every start while the other ranks wait); size and mtime alone are not enough, as in
+  pretrain/shard_integrity.py: `cp -p` and `rsync -a` restore the mtime, but a write gives a new ctime.
 """
 from __future__ import annotations
 
@@ -66,12 +67,13 @@ def collect(config: dict, deepspeed: dict | None, data_files: dict[str, Path], w
 
 
 def file_stat(path: str | Path) -> dict | None:
-    """What a hash is reused on: the resolved path, size and mtime (None: no such file)."""
+    """What a hash is reused on: the resolved path, size, mtime, inode and ctime (None: no such file)."""
     path = Path(path)
     if not path.is_file():
         return None
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino,
+            "ctime_ns": stat.st_ctime_ns}
 
 
 def newest(output_dir: str | Path) -> dict | None:

@@ -290,7 +290,8 @@ def test_a_tracker_that_cannot_start_is_one_error_and_one_that_fails_later_is_dr
 
 def test_a_resume_reuses_the_data_hashes_of_files_unchanged_since(tmp_path, monkeypatch):
     """A start hashes every data file (a corpus of gigabytes, while the other ranks wait); a later start of the
-    same run takes the hash of a file whose path, size and mtime are unchanged, and hashes again one that changed."""
+    same run takes the hash of a file whose path, size, mtime, inode and ctime are unchanged, and hashes again one
+    that changed, even with its size and mtime kept."""
     from common import provenance
 
     corpus, queries = tmp_path / "corpus.jsonl", tmp_path / "queries.jsonl"
@@ -304,8 +305,9 @@ def test_a_resume_reuses_the_data_hashes_of_files_unchanged_since(tmp_path, monk
     first = provenance.record(0, out, 0, config={}, deepspeed=None, data_files=files, world_size=1)
     assert sorted(hashed) == ["corpus.jsonl", "queries.jsonl"] and first["data"]["absent.tsv"] is None
     hashed.clear()
-    queries.write_text('{"_id": "q2"}\n')  # same size, a later mtime
-    os.utime(queries, ns=(queries.stat().st_mtime_ns + 10**9,) * 2)
+    written = queries.stat().st_mtime_ns
+    queries.write_text('{"_id": "q2"}\n')  # same size, and the mtime set back as `cp -p` does: a new ctime only
+    os.utime(queries, ns=(written, written))
     second = provenance.record(0, out, 4, config={}, deepspeed=None, data_files=files, world_size=1)
     assert hashed == ["queries.jsonl"]  # the corpus's hash came from step-0.json
     assert second["data"] == {name: hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
