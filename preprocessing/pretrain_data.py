@@ -220,6 +220,16 @@ def build_pipeline(
     )
 
 
+def choose_num_shards(cfg: PretrainDataConfig, files) -> int:
+    """--num_shards, else from the inputs' size: measured only then, as it opens every compressed or Parquet
+    input (many remote reads at launch)."""
+    if cfg.num_shards:
+        return cfg.num_shards
+    columns = [*cfg.text_fields, cfg.id_field] if cfg.id_field else cfg.text_fields
+    input_bytes = sum(content_bytes(f, cfg.input_format, columns) for f in files)
+    return estimate_num_shards(input_bytes, cfg.shard_size_mb)
+
+
 def run(argv: Sequence[str] | None = None) -> Manifest:
     """Parse flags, check inputs, tokenizer and output folder (one-line errors), run the job, return its manifest."""
     cfg, pipeline_args = parse_config(PretrainDataConfig, argv, __doc__.split("\n")[0])
@@ -227,9 +237,7 @@ def run(argv: Sequence[str] | None = None) -> Manifest:
     files = expand_inputs(cfg.input)
     tokenizer = load_tokenizer(cfg.tokenizer)
     prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    columns = [*cfg.text_fields, cfg.id_field] if cfg.id_field else cfg.text_fields
-    input_bytes = sum(content_bytes(f, cfg.input_format, columns) for f in files)
-    num_shards = cfg.num_shards or estimate_num_shards(input_bytes, cfg.shard_size_mb)
+    num_shards = choose_num_shards(cfg, files)
     logger.info("pretrain_data: %d input files, %d shards -> %s", len(files), num_shards, cfg.output_dir)
     output = OutputDir(cfg.output_dir)
     start = time.monotonic()

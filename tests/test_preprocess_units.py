@@ -256,6 +256,27 @@ def test_expand_inputs_sorts_names_and_refuses_bad_globs(tmp_path):
         expand_inputs([str(tmp_path / "*.parquet")])
 
 
+def test_num_shards_given_opens_no_input_else_every_input_is_measured(monkeypatch):
+    """--num_shards fixes the count without content_bytes (which opens every compressed or Parquet input, remote
+    ones at launch); without it every input is measured, with the columns read."""
+    from preprocessing import pretrain_data
+    from preprocessing.shards import estimate_num_shards
+
+    files = [InputFile(i, f"gs://b/{i}.jsonl.gz", f"{i}.jsonl.gz", 10) for i in range(3)]
+    measured = []
+
+    def content_bytes(file, declared_format, columns):
+        measured.append((file.path, declared_format, list(columns)))
+        return 300 * 2**20
+
+    monkeypatch.setattr(pretrain_data, "content_bytes", content_bytes)
+    given = pretrain_data.PretrainDataConfig(input=["x"], output_dir="out", num_shards=5)
+    assert pretrain_data.choose_num_shards(given, files) == 5 and measured == []
+    sized = pretrain_data.PretrainDataConfig(input=["x"], output_dir="out", id_field="id", shard_size_mb=100)
+    assert pretrain_data.choose_num_shards(sized, files) == estimate_num_shards(3 * 300 * 2**20, 100) > 1
+    assert measured == [(f.path, "auto", ["text", "id"]) for f in files]
+
+
 def test_list_offsets_past_int32_are_refused_not_wrapped():
     """2^31 values or more in one list column: an int32 running sum wraps and Arrow takes offsets that go
     backwards, so the shard would be written and read back with wrong rows. Refused with one line instead (the
