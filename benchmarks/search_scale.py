@@ -114,15 +114,16 @@ def real_sets(args) -> list[tuple[str, Path, Path, object]]:
 
 def synthesize(bases: list[Path], n: int, out: Path, seed: int = 0, chunk: int = 20000) -> Path:
     """A cache entry of n synthetic documents, each two real documents mixed (see the module docstring); one
-    already at `out` is reused only when it was built from the same real entries (their cache keys: the model and
-    the data they were encoded from), size and seed."""
-    built_from = {"synthetic": n, "bases": [b.name for b in bases], "seed": seed}
+    already at `out` is reused only when it was built from the same real entries (their content digests: a base
+    replaced in place keeps its folder name, not its digest), size and seed. Its digest.json is written with it, so
+    no worker hashes it on load."""
+    base = [cache.load(b.parent, b.name) for b in bases]  # memory-mapped; each digest read from its digest.json
+    built_from = {"synthetic": n, "bases": [b.digest for b in base], "seed": seed}
     if (out / "ids.json").is_file():
         if (out / "key.json").is_file() and json.loads((out / "key.json").read_text()) == built_from:
             return out
         print(f"{out}: built from other real sets or another model; building it again", file=sys.stderr)
         shutil.rmtree(out)
-    base = [cache.load(b.parent, b.name) for b in bases]
     idx = np.concatenate([np.asarray(b.sparse_indices) for b in base])  # [B, k]
     val = np.concatenate([np.asarray(b.sparse_values) for b in base])
     dense = np.concatenate([np.asarray(b.dense) for b in base])
@@ -150,8 +151,10 @@ def synthesize(bases: list[Path], n: int, out: Path, seed: int = 0, chunk: int =
         arrays["dense"][start:start + m] = mix / np.linalg.norm(mix, axis=1, keepdims=True)
     for array in arrays.values():
         array.flush()
-    (tmp / "ids.json").write_text(json.dumps([f"s{i}" for i in range(n)]))
+    ids = [f"s{i}" for i in range(n)]
+    (tmp / "ids.json").write_text(json.dumps(ids))
     (tmp / "key.json").write_text(json.dumps(built_from))
+    cache.record_digest(tmp / "digest.json", cache.content_digest(ids, arrays))  # what cache.load would compute
     tmp.rename(out)
     return out
 

@@ -264,6 +264,30 @@ def test_a_synthetic_corpus_is_rebuilt_from_other_real_sets(tmp_path):
     assert not np.array_equal(other.sparse_indices, first)
 
 
+def test_a_synthetic_corpus_is_rebuilt_from_a_base_replaced_in_place(tmp_path):
+    """Keyed on its bases' folder names, a synthetic corpus outlived a base replaced in place (same name, other
+    ids and rows); keyed on their content digests it is built again. Its digest.json is written with it, equal to
+    the digest of what a load reads."""
+    from benchmarks.search_scale import synthesize
+
+    corpus, _ = corpus_and_queries(40, 1, seed=4)
+    cache.save(tmp_path, "base", corpus, {"documents": True})
+    out = tmp_path / "synthetic" / "n200"
+    synthesize([tmp_path / "base"], 200, out)
+    first = cache.load(out.parent, out.name)
+    assert json.loads((out / "key.json").read_text())["bases"] == [cache.load(tmp_path, "base").digest]
+    assert first.digest == cache.content_digest(first.ids, cache.load_arrays(out, Encoded.ARRAYS))
+    replaced, _ = corpus_and_queries(40, 1, seed=6)
+    replaced.ids = [f"r{i}" for i in range(40)]
+    cache.save(tmp_path, "base", replaced, {"documents": True}, replace=True)  # the same folder name
+    synthesize([tmp_path / "base"], 200, out)
+    assert json.loads((out / "key.json").read_text())["bases"] == [cache.load(tmp_path, "base").digest]  # again
+    again = cache.load(out.parent, out.name)
+    assert set(np.unique(again.sparse_indices)) <= set(np.unique(replaced.sparse_indices))
+    assert not np.array_equal(np.asarray(again.sparse_indices), np.asarray(first.sparse_indices))
+    assert again.digest == cache.content_digest(again.ids, cache.load_arrays(out, Encoded.ARRAYS)) != first.digest
+
+
 def test_the_benchmark_worker_keys_its_index_as_the_pipeline_does(tmp_path, caplog, capsys):
     """benchmarks/search_scale.py's worker keyed a corpus's Seismic index on the entry's folder name: an entry
     replaced in place (same name, other ids) reused an index of the old rows. Keyed on the content digest with the
