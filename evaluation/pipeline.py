@@ -106,13 +106,16 @@ class Evaluator:
         method = options.method(total) if dupmae else "dense"
         weight = self.encoder.config.sparse_weight
         parts, offsets, ids = [], [], []
+        queries_cached = cfg.cache_path is not None and queries.digest is not None
+        query_ids = cache.content_digest(queries.ids, {}) if queries_cached else None  # hashed once, not per shard
         for shard in shards:
             key = cache.cache_key(hits=HITS_FORMAT, shard=shard.digest, queries=queries.digest, method=method,
                                   depth=cfg.depth, options=options, index_factory=cfg.index_factory, weight=weight)
-            cached = cfg.cache_path is not None and shard.digest is not None and queries.digest is not None
-            searched_for = {"shard_ids": cache.content_digest(shard.ids, {}),
-                            "query_ids": cache.content_digest(queries.ids, {})}
-            hit = _cached_hits(cfg.cache_path / f"{key}.hits", searched_for) if cached else None
+            cached = queries_cached and shard.digest is not None
+            hit = searched_for = None
+            if cached:  # a shard's ids are hashed only where its hits are cached (read or written)
+                searched_for = {"shard_ids": cache.content_digest(shard.ids, {}), "query_ids": query_ids}
+                hit = _cached_hits(cfg.cache_path / f"{key}.hits", searched_for)
             if hit is None:
                 logger.info("searching shard %s (%d documents, %s)", shard.source, len(shard.ids), method)
                 scores, rows = search_shard(queries, shard, cfg.depth + 1, cfg.index_factory, weight, method,

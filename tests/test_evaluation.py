@@ -411,6 +411,33 @@ def test_a_stale_cache_entry_is_replaced_and_its_hits_are_not_reused(tiny_model,
     assert again == fresh and (tmp_path / "again" / "seven.run").read_text() == (tmp_path / "fresh" / "seven.run").read_text()
 
 
+def test_ids_are_hashed_for_the_hits_cache_only_and_the_queries_once(tiny_model, tiny_beir, tmp_path, monkeypatch):
+    """The searched_for check hashed every shard's ids, and the queries' again per shard, on every search, the
+    hits cache off too: now each shard's ids once where its hits are cached, the query ids once a search."""
+    from evaluation import cache
+
+    hashed = []
+    digest = cache.content_digest
+
+    def counting(ids, arrays):
+        if not arrays:  # an ids-only digest: the searched_for check's
+            hashed.append(tuple(ids))
+        return digest(ids, arrays)
+
+    monkeypatch.setattr(cache, "content_digest", counting)
+    fresh = run(config(tiny_model, tiny_beir, tmp_path / "fresh", no_cache=True, num_shards=3))
+    assert hashed == []
+    cached = run(config(tiny_model, tiny_beir, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), num_shards=3))
+    data = load_beir(tiny_beir, "test")
+    n = len(data.doc_ids)
+    shards = [tuple(data.doc_ids[s * n // 3:(s + 1) * n // 3]) for s in range(3)]
+    assert sorted(hashed) == sorted([tuple(data.query_ids), *shards])
+    hashed.clear()
+    again = run(config(tiny_model, tiny_beir, tmp_path / "again", cache_dir=str(tmp_path / "cache"), num_shards=3))
+    assert sorted(hashed) == sorted([tuple(data.query_ids), *shards])  # read back: checked once each
+    assert len(list((tmp_path / "cache").glob("*.hits"))) == 3 and fresh == cached == again
+
+
 def test_a_hub_name_is_fingerprinted_by_its_cached_revision_and_blobs(tmp_path, monkeypatch):
     """A new revision under the same hub name (or new weights) is another cache key; only the name was before."""
     import huggingface_hub.constants
