@@ -104,9 +104,12 @@ def write_bytes(output: OutputDir, name: str, data: bytes) -> str:
 
 
 def _make_parent(path: str) -> None:
-    """A local rename needs the target's folder; object stores have no folders (mkdirs does nothing there)."""
+    """A rename needs the target's folder where folders are real (local disk, HDFS: has_dirs); object stores
+    have none, and a "folder" there never exists."""
+    if not FileSystems.get_filesystem(path).has_dirs():
+        return
     parent = FileSystems.split(path)[0]
-    if FileSystems.get_scheme(path) in (None, "file") and not FileSystems.exists(parent):
+    if not FileSystems.exists(parent):
         try:
             FileSystems.mkdirs(parent)
         except OSError:  # another worker made it first

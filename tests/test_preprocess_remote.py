@@ -107,13 +107,53 @@ class _Upload(io.BytesIO):
         super().close()
 
 
+class FolderStore(ObjectStore):
+    """folderstore://: ObjectStore's objects, but with real folders, as on HDFS (has_dirs): creating a file makes
+    its folders, a rename fails unless the target's folder exists, and mkdirs refuses a folder that exists."""
+
+    folders: set[str] = set()
+
+    @classmethod
+    def scheme(cls):
+        return "folderstore"
+
+    def has_dirs(self):
+        return True
+
+    def mkdirs(self, path):
+        if self.exists(path):
+            raise BeamIOError(f"Path already exists: {path}")
+        self._add_folders(path)
+
+    def _add_folders(self, path):
+        while "/" in path.partition("://")[2]:
+            self.folders.add(path)
+            path = self.split(path)[0]
+        self.folders.add(path)  # the bucket
+
+    def create(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
+        self._add_folders(self.split(path)[0])
+        return super().create(path, mime_type, compression_type)
+
+    def rename(self, sources, destinations):
+        missing = {d: FileNotFoundError(self.split(d)[0]) for d in destinations if self.split(d)[0] not in self.folders}
+        if missing:
+            raise BeamIOError("Rename operation failed", missing)
+        super().rename(sources, destinations)
+
+    def exists(self, path):
+        return path in self.objects or path in self.folders
+
+
 @pytest.fixture
 def store():
     ObjectStore.objects.clear()
     ObjectStore.fail_arrow_files = False
+    FolderStore.folders.clear()
     yield ObjectStore.objects
     ObjectStore.objects.clear()
     ObjectStore.fail_arrow_files = False
+    FolderStore.folders.clear()
 
 
 def put_beir(store: dict, corpus_rows: int = 6) -> str:
@@ -168,6 +208,19 @@ def test_object_store_folder_refused_then_overwritten(job, store):
     assert_manifest_is_the_folder(store, output, manifest, others={"notes.txt"})  # not ours: kept
     assert json.loads(store[f"{output}/{MANIFEST_NAME}"]) == json.loads(json.dumps(_asdict(manifest)))
     assert manifest.counts["dead_letter"] == 1 if job == "pretrain" else manifest.counts["dead_letter"] == 2
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune"])
+def test_writes_make_their_folders_where_folders_are_real(job, store):
+    """On a filesystem with folders (HDFS) a rename into a missing folder fails: writes make the folder first,
+    decided by the filesystem's has_dirs, not by its scheme; object stores (has_dirs False) get none."""
+    from apache_beam.io.filesystems import FileSystems
+
+    assert not FileSystems.get_filesystem(f"{BUCKET}/x").has_dirs()
+    output = "folderstore://bucket/out"
+    manifest = run_job(job, store, output)
+    assert_manifest_is_the_folder(store, output, manifest)
+    assert f"{output}/dead_letter" in FolderStore.folders
 
 
 def _asdict(manifest: Manifest) -> dict:
