@@ -356,6 +356,26 @@ def test_seismic_alone_files_each_query_its_own_brute_force_hits(tmp_path, threa
         np.testing.assert_allclose(found, np.sort(exact[q])[::-1][:10], rtol=1e-3)  # each query's own top 10
 
 
+@pytest.mark.parametrize("widths", [(5, 5), (3, 11), (12, 1)])
+def test_candidate_union_alone_equals_the_sorted_set_union(widths):
+    """candidate_union against a set union per row: the row's non-negative entries are the sorted union of both
+    parts' non-negative ids, every other entry -1 (misses, and repeats within and across the parts), for unsorted
+    parts of different widths with -1 in both."""
+    g = np.random.default_rng(sum(widths))
+    b = 40
+    dense, sparse = g.integers(0, 12, (b, widths[0])), g.integers(0, 12, (b, widths[1]))  # many repeats
+    dense[g.random(dense.shape) < 0.2] = -1
+    sparse[g.random(sparse.shape) < 0.2] = -1
+    dense[0], sparse[0] = -1, -1  # nothing found by either half
+    dense[1, 0] = sparse[1] = 5  # one id, in both halves and repeated
+    rows = search_mod.candidate_union(dense.copy(), sparse.copy())
+    assert rows.shape == (b, sum(widths))
+    for row, d, s in zip(rows, dense, sparse):
+        union = sorted({int(i) for i in np.concatenate([d, s]) if i >= 0})
+        assert row[row >= 0].tolist() == union
+        assert (row[row < 0] == -1).all() and (row < 0).sum() == sum(widths) - len(union)
+
+
 @pytest.mark.parametrize("vocab_size", [300, 1 << 16, 70_000])  # uint16 ids up to the last one that fits, int32 past
 def test_row_store_scores_equal_the_float32_formula(vocab_size):
     """RowStore alone against the dupmae formula in float32 on the original rows: candidates in any order, with
