@@ -377,21 +377,30 @@ def test_candidate_union_alone_equals_the_sorted_set_union(widths):
 
 
 @pytest.mark.parametrize("vocab_size", [300, 1 << 16, 70_000])  # uint16 ids up to the last one that fits, int32 past
-def test_row_store_scores_equal_the_float32_formula(vocab_size):
+def test_row_store_scores_equal_the_float32_formula(vocab_size, tmp_path, monkeypatch):
     """RowStore alone against the dupmae formula in float32 on the original rows: candidates in any order, with
-    gaps (-1, scored -inf), repeated rows and the vocabulary's last id."""
+    gaps (-1, scored -inf), repeated rows and the vocabulary's last id. The store is copied from the corpus as the
+    cache reads it back (memory-mapped) in chunks of 7 rows, 50 not a multiple: every chunk boundary is crossed."""
+    monkeypatch.setattr(search_mod, "ADD_ROWS", 7)
     g = np.random.default_rng(vocab_size)
     n, k, b, c = 50, 6, 5, 30
     idx = np.stack([g.choice(vocab_size, k, replace=False) for _ in range(n)]).astype(np.int32)
     idx[7, 0] = vocab_size - 1
     corpus = Encoded([f"d{i}" for i in range(n)], g.normal(size=(n, DIM)).astype(np.float32), idx,
                      g.gamma(1.0, 1.0, (n, k)).astype(np.float32))
+    cache.save(tmp_path, "corpus", corpus, {})
+    mapped = cache.load(tmp_path, "corpus")
+    assert isinstance(mapped.dense, np.memmap) and isinstance(mapped.sparse_indices, np.memmap)
     q_dense = g.normal(size=(b, DIM)).astype(np.float32)
     q_vocab = g.gamma(0.5, 1.0, (b, vocab_size)).astype(np.float32)
     rows = g.integers(0, n, (b, c))
     rows[:, 0] = 7
     rows[g.random((b, c)) < 0.2] = -1
-    scores = search_mod.RowStore(corpus, vocab_size).scores(q_dense, q_vocab, rows, 0.7)
+    store = search_mod.RowStore(mapped, vocab_size)
+    np.testing.assert_array_equal(store.dense, corpus.dense.astype(np.float16))  # every row copied, once
+    np.testing.assert_array_equal(store.ids, idx)
+    np.testing.assert_array_equal(store.values, corpus.sparse_values.astype(np.float16))
+    scores = store.scores(q_dense, q_vocab, rows, 0.7)
     safe = np.where(rows >= 0, rows, 0)
     exact = (np.einsum("bcd,bd->bc", corpus.dense[safe], q_dense)
              + 0.7 * (q_vocab[np.arange(b)[:, None, None], idx[safe]] * corpus.sparse_values[safe]).sum(-1))
