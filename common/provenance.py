@@ -103,7 +103,8 @@ def git_state(repo: Path) -> dict:
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
+    top = git("rev-parse", "--show-toplevel")  # an install inside some other checkout is not that checkout's code
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == repo.resolve() else None
     if commit is None:
         return {"commit": None, "dirty": None}
     changed = git("status", "--porcelain", "--untracked-files=no")

@@ -314,3 +314,21 @@ def test_a_resume_reuses_the_data_hashes_of_files_unchanged_since(tmp_path, monk
                               for name, path in files.items()}
     assert json.loads((out / "provenance" / "step-4.json").read_text())["data"] == second["data"]
     assert provenance.record(1, out, 4, config={}, deepspeed=None, data_files=files, world_size=2) == {}
+
+
+def test_git_state_names_a_commit_only_for_the_checkout_that_holds_the_code(tmp_path):
+    """Code installed into a virtual environment that lies inside some other checkout is not that checkout's code:
+    git run from site-packages would find the enclosing repository and record its commit."""
+    from common.provenance import git_state
+
+    inside = tmp_path / "repo" / "venv" / "site-packages"
+    inside.mkdir(parents=True)
+    git = ["git", "-C", str(tmp_path / "repo")]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "repo" / "a.txt").write_text("a\n")
+    subprocess.run(git + ["add", "a.txt"], check=True)
+    subprocess.run(git + ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_state(tmp_path / "repo") == {"commit": head, "dirty": False}
+    assert git_state(inside) == {"commit": None, "dirty": None}
+    assert git_state(tmp_path) == {"commit": None, "dirty": None}  # no checkout at all
