@@ -33,7 +33,6 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 _MLFLOW_NAME = re.compile(r"[^0-9A-Za-z_\-. :/]")
 _MLFLOW_BATCH = 100  # MLflow's most params per log_batch
 
@@ -55,7 +54,7 @@ def report_to_field(where: str):
 
 
 def installed(name: str) -> bool:
-    return importlib.util.find_spec(_PACKAGES[name]) is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def resolve_report_to(value) -> list[str]:
@@ -74,7 +73,7 @@ def resolve_report_to(value) -> list[str]:
     if missing:
         extras = " ".join(f"'.[{name}]'" for name in missing)
         raise TrackerError(f"--report_to {' '.join(missing)}: not installed; pip install -e {extras} "
-                           f"(or pip install {' '.join(_PACKAGES[name] for name in missing)})")
+                           f"(or pip install {' '.join(missing)})")
     return [name for name in TRACKERS if name in names]
 
 

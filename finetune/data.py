@@ -20,6 +20,7 @@ from torch import Tensor
 from common.shard_format import (FINETUNE_CORPUS_FILE, FINETUNE_GROUPS_FILE, FINETUNE_QUERIES_FILE, MANIFEST_NAME,
                                  Manifest)
 from common.tokenizer import TokenizerError, vocab_hash
+from finetune.teacher import teacher_paths
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def input_files(data_dir: str, split: str, negatives: str | None, teacher_scores
     else:
         files = {name: folder / name for name in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")}
     extra = [negatives] if negatives else []
-    extra += teacher_scores.split(",") if teacher_scores else []
+    extra += teacher_paths(teacher_scores) if teacher_scores else []
     return {**files, **{path: Path(path) for path in extra}}
 
 

@@ -34,9 +34,14 @@ class TeacherScoreError(ValueError):
     """A malformed score file line (names file:line), or a training pair without a teacher score (names both ids)."""
 
 
+def teacher_paths(spec: str) -> list[str]:
+    """The files of --teacher_scores: one path or a comma-separated list (empty entries dropped)."""
+    return [path for path in spec.split(",") if path]
+
+
 def read_teacher_scores(files: str | Path | list[str | Path]) -> TeacherScores:
     """{query id: {doc id: score}} from one path, a comma-separated list, or a list of paths."""
-    paths = [p for p in str(files).split(",") if p] if isinstance(files, (str, Path)) else list(files)
+    paths = teacher_paths(str(files)) if isinstance(files, (str, Path)) else list(files)
     scores: TeacherScores = {}
     for path in map(Path, paths):
         if not path.is_file():

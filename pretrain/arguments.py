@@ -80,7 +80,7 @@ class TrainingArguments:
     adam_epsilon: float = _arg(1e-8, "AdamW epsilon")
     max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)")
     num_train_epochs: float = _arg(1.0, "epochs over the shards when --max_steps is not set (an epoch: its whole "
-                                        "optimizer steps; leftover micro-batches are skipped, as HF Trainer)")
+                                        "optimizer steps, as HF Trainer; the run's last micro-batches go unread)")
     max_steps: int = _arg(-1, "optimizer steps in total (overrides --num_train_epochs when > 0)")
     lr_scheduler_type: Literal["linear", "cosine"] = _arg("linear", "decay after warm-up")
     warmup_ratio: float = _arg(0.1, "warm-up steps as a fraction of all steps (when --warmup_steps is 0)")
@@ -138,10 +138,11 @@ class TrainingArguments:
 
     def total_steps(self, steps_per_epoch: float) -> int:
         """Optimizer steps of the whole schedule (what --stop_at_step never changes). `steps_per_epoch`: micro-batches
-        per epoch over --gradient_accumulation_steps. As HF Trainer, an epoch is its whole optimizer steps (floor):
-        the micro-batches left over when accumulation does not divide them are not trained on, so N epochs never
-        read into epoch N + 1's order (a fraction of an epoch rounds up to a whole step). An epoch shorter than one
-        optimizer step still makes one."""
+        per epoch over --gradient_accumulation_steps. As HF Trainer, an epoch is its whole optimizer steps (floor),
+        so N epochs never read into epoch N + 1's order (a fraction of an epoch rounds up to a whole step). The
+        loader counts micro-batches across epochs, so a step may span two epochs, and the micro-batches not
+        trained on are the last epoch's final ones (N x the remainder). An epoch shorter than one optimizer step
+        still makes one."""
         if self.max_steps > 0:
             return self.max_steps
         return max(1, math.ceil(self.num_train_epochs * math.floor(steps_per_epoch)))

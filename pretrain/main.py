@@ -41,6 +41,7 @@ from common.nonfinite import require_skipping_engine
 from common.logging_setup import setup_logging
 from common.provenance import record
 from common.tracking import Tracking
+from common.shard_format import MANIFEST_NAME
 from common.tokenizer import load_tokenizer, vocab_hash
 from pretrain.arguments import ConfigError, parse_args
 from common.checkpoint import read_latest
@@ -90,7 +91,7 @@ def build(argv: list[str] | None):
                       rank=rank, world_size=world_size, total_steps=total_steps, probe=probe)
     trainer.resume()
     provenance = record(rank, training.output_dir, trainer.step, config=asdict(args), deepspeed=engine.config,
-                        data_files={"manifest.json": Path(args.data.data_dir) / "manifest.json"},
+                        data_files={MANIFEST_NAME: Path(args.data.data_dir) / MANIFEST_NAME},
                         world_size=world_size)
     trainer.tracking = Tracking.start(training.report_to, rank=rank, output_dir=training.output_dir,
                                       tensorboard_dir=Path(training.output_dir) / "tensorboard",
