@@ -103,15 +103,11 @@ class _Concatenate(beam.DoFn):
         yield ShardInfo(self.name, sum(p.rows for p in parts), handle.sha256.hexdigest()), stats
 
 
-def no_stats(rows: list) -> dict[str, int]:
-    return {}
-
-
 class WriteInOrder(beam.PTransform):
     """(sort key, row) -> DIR/`name` with every row in sort-key order; outputs one (ShardInfo, summed stats),
     also when there are no rows (the file is then written empty)."""
 
-    def __init__(self, output: OutputDir, name: str, fmt, stats: Callable[[list], dict[str, Any]] = no_stats):
+    def __init__(self, output: OutputDir, name: str, fmt, stats: Callable[[list], dict[str, Any]]):
         super().__init__()
         self.output, self.name, self.fmt, self.stats = output, name, fmt, stats
         self.lines_per_part = LINES_PER_PART
