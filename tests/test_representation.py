@@ -136,6 +136,35 @@ def test_a_projection_file_asked_for_and_absent_is_an_error(minilm_path, tmp_pat
     assert Encoder.from_pretrained(minilm_path, cfg).projection is not None  # the folder's own absence: identity
 
 
+@pytest.mark.parametrize("source", ["save_file", "export"])
+@pytest.mark.parametrize("dense_dim", [32, 16])  # square (the identity start) and not (a seeded Gaussian start)
+def test_a_projection_file_is_loaded_exactly(tiny_mlm_dir, tokenizer, tmp_path, dense_dim, source):
+    """`projection_file` names W's weights from elsewhere (a folder without its own): the encoder's projection is
+    that file's tensors, bit for bit, not the initial W. Written by safetensors with the projection's own keys, or
+    as a dupmae export's projection.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = RepresentationConfig(kind="dupmae", dense_dim=dense_dim, top_k=5)
+    initial = rep.new_projection(32, dense_dim).state_dict()
+    g = torch.Generator().manual_seed(dense_dim)
+    trained = {name: torch.randn(tensor.shape, generator=g) for name, tensor in initial.items()}
+    if source == "save_file":
+        path = tmp_path / "w.safetensors"
+        save_file(trained, str(path))
+    else:
+        export = Encoder.from_pretrained(str(tiny_mlm_dir), cfg)
+        export.projection.load_state_dict(trained)
+        export.save_pretrained(tmp_path / "export", tokenizer)
+        path = tmp_path / "export" / rep.PROJECTION_NAME
+    expected = load_file(str(path))
+    assert expected.keys() == initial.keys() and not torch.equal(expected["weight"], initial["weight"])
+    loaded = Encoder.from_pretrained(str(tiny_mlm_dir), cfg, projection_file=path).projection.state_dict()
+    assert loaded.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype == torch.float32 and torch.equal(loaded[name], tensor)
+        assert torch.equal(loaded[name], trained[name])
+
+
 def test_sentence_transformers_folder_config(minilm_path):
     enc = Encoder.from_pretrained(minilm_path)
     assert enc.config.kind == "mean" and enc.config.normalize and enc.max_seq_length == 256
