@@ -19,6 +19,7 @@ References: RetroMAE `src/bi_encoder/modeling.py` (`kl_loss`, `contrastive_loss_
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -96,19 +97,19 @@ def group_scores(table: TeacherScores, batch: list[tuple[str, list[str]]]) -> Te
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def check_coverage(table: TeacherScores, groups, corpus_ids) -> None:
+def check_coverage(table: TeacherScores, groups, corpus_ids: Iterable[str]) -> None:
     """Fail before training when a document the sampler can draw for a query has no teacher score (the first one
     named): a group's positives and mined negatives, and for a query without mined negatives, whose group
     `GroupSampler` fills with random corpus documents, every corpus document (else the run would stop at the first
-    batch holding one, possibly hours in)."""
+    batch holding one, possibly hours in). `corpus_ids` is iterated once per query without mined negatives (a
+    dict's keys: not copied)."""
     for group in groups:
         group_scores(table, [(group.query_id, group.positives + group.negatives)])
-    corpus = list(corpus_ids)
     for group in groups:
         if group.negatives:
             continue
         row = table.get(group.query_id, {})
-        missing = next((d for d in corpus if d not in row), None)
+        missing = next((d for d in corpus_ids if d not in row), None)
         if missing is not None:
             raise TeacherScoreError(f"query {group.query_id!r} has no mined negatives, so its group is drawn from the "
                                     f"whole corpus, and document {missing!r} has no teacher score: mine negatives "
