@@ -374,7 +374,7 @@ def _write_manifest(infos, output: OutputDir, manifest_fields: dict, reasons: di
     corpus, queries, groups = (rows[f] for f in (FINETUNE_CORPUS_FILE, FINETUNE_QUERIES_FILE, FINETUNE_GROUPS_FILE))
     counts = {
         "documents": corpus[0].rows, "queries": queries[0].rows, "groups": groups[0].rows,
-        "tokens": corpus[1].get("tokens", 0) + queries[1].get("tokens", 0), "group_doc_ids": groups[1].get("doc_ids", 0),
+        "tokens": corpus[1]["tokens"] + queries[1]["tokens"], "group_doc_ids": groups[1]["doc_ids"],
         "dead_letter": sum(reasons.values()),
     }
     extra = {

@@ -89,14 +89,14 @@ class _WritePart(beam.DoFn):
 
 
 class _Concatenate(beam.DoFn):
-    def __init__(self, output: OutputDir, name: str, fmt):
-        self.output, self.name, self.fmt = output, name, fmt
+    def __init__(self, output: OutputDir, name: str, fmt, stats: Callable[[list], dict[str, int]]):
+        self.output, self.name, self.fmt, self.stats = output, name, fmt, stats
 
     def process(self, keyed):
         parts = sorted(keyed[1], key=lambda p: p.key)
         with atomic_create(self.output, self.output.final(self.name)) as handle:
             self.fmt.concatenate([p.path for p in parts], handle)
-        stats: dict[str, int] = {}
+        stats = self.stats([])  # no parts (no rows) still gives every key
         for part in parts:
             for name, value in part.stats.items():
                 stats[name] = stats.get(name, 0) + value
@@ -119,5 +119,5 @@ class WriteInOrder(beam.PTransform):
             | "GroupByPart" >> beam.GroupByKey()
             | "WritePart" >> beam.ParDo(_WritePart(self.output, self.name, self.fmt, self.stats))
             | "GatherParts" >> GatherAll()
-            | "Concatenate" >> beam.ParDo(_Concatenate(self.output, self.name, self.fmt))
+            | "Concatenate" >> beam.ParDo(_Concatenate(self.output, self.name, self.fmt, self.stats))
         )

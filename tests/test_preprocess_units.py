@@ -375,7 +375,7 @@ def test_write_in_order_joins_arrow_parts_as_one_plain_sort(tmp_path, monkeypatc
     assert table.schema == schema and [tuple(r.values()) for r in table.to_pylist()] == sorted(rows_)
     [(info, stats)] = got
     assert (info.file, info.rows, info.sha256) == ("values.arrow", len(rows_), hashlib.sha256(data).hexdigest())
-    assert stats == ({"rows": len(rows_), "value": sum(r[2] for r in rows_)} if rows_ else {})
+    assert stats == {"rows": len(rows_), "value": sum(r[2] for r in rows_)}
     assert len(parts) == len({(f, line // lines_per_part) for f, line, _ in rows_})
 
 
