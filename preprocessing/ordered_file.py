@@ -13,6 +13,7 @@ tie must be identical, or their order (and the file's bytes) would depend on the
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -96,11 +97,10 @@ class _Concatenate(beam.DoFn):
         parts = sorted(keyed[1], key=lambda p: p.key)
         with atomic_create(self.output, self.output.final(self.name)) as handle:
             self.fmt.concatenate([p.path for p in parts], handle)
-        stats = self.stats([])  # no parts (no rows) still gives every key
+        stats = Counter(self.stats([]))  # no parts (no rows) still gives every key
         for part in parts:
-            for name, value in part.stats.items():
-                stats[name] = stats.get(name, 0) + value
-        yield ShardInfo(self.name, sum(p.rows for p in parts), handle.sha256.hexdigest()), stats
+            stats.update(part.stats)  # adds, keeping zero and negative sums (Counter's + would drop them)
+        yield ShardInfo(self.name, sum(p.rows for p in parts), handle.sha256.hexdigest()), dict(stats)
 
 
 class WriteInOrder(beam.PTransform):

@@ -12,6 +12,7 @@ import logging
 import lzma
 import os
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -285,10 +286,7 @@ class ParseRecords(beam.DoFn):
 
 
 def _dead_letter_reasons(letters: list[DeadLetter]) -> dict[str, int]:
-    reasons: dict[str, int] = {}
-    for letter in letters:
-        reasons[letter.reason] = reasons.get(letter.reason, 0) + 1
-    return reasons
+    return dict(Counter(letter.reason for letter in letters))
 
 
 class WriteDeadLetters(beam.PTransform):
