@@ -63,6 +63,16 @@ def init_distributed(timeout_s: int = 1800) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
+def end_distributed() -> None:
+    """Destroys the process group if this process joined one; every entry point calls it on every return. A gloo
+    group left to interpreter shutdown can abort the process there (SIGABRT: "terminate called without an active
+    exception"), and the run's own exit code (2, 3, 4, 5) becomes 134 or srun's "Aborted"."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def interface_addresses() -> dict[str, str]:
     """{interface name: IPv4 address} of the interfaces that have one."""
     found = {}

@@ -24,6 +24,16 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.distributed import end_distributed
+
+    try:
+        return train(argv)
+    finally:
+        end_distributed()
+
+
+def train(argv: list[str] | None) -> int:
+    """Parse, build, train; the exit code for the faults a run ends on by design (see the module's docstring)."""
     from transformers import HfArgumentParser
 
     from common.checkpoint import ResumeWorldSizeError
@@ -84,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", ending[1])
         return ending[0]
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed
 from transformers import set_seed
 
-from common.distributed import init_distributed
+from common.distributed import end_distributed, init_distributed
 from common.shared_folder import check_shared_folder
 from common.failures import exit_code
 from common.nonfinite import require_skipping_engine
@@ -103,6 +103,14 @@ def build(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     setup_logging(int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))))
     try:
+        return train(argv)
+    finally:
+        end_distributed()
+
+
+def train(argv: list[str] | None) -> int:
+    """Build, train, export; the exit code for the faults a run ends on by design (see the module's docstring)."""
+    try:
         trainer, model, tokenizer = build(argv)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError, DataError, TokenizerError and model config errors
         logger.error("%s", exc)
@@ -116,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         logger.error("%s", ending[1])
         return ending[0]
-    torch.distributed.destroy_process_group()
     return 0
 
 
