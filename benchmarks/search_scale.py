@@ -10,13 +10,14 @@ entries, values jittered by a log-normal factor, its top k kept; dense = a rando
 normalized), so vocabulary ids, values and their co-occurrence follow real documents, not a uniform draw. Queries:
 SciFact's real test queries (whole vocabulary vectors). Corpora are written as memory-mapped cache entries.
 Each method runs in a subprocess of its own (peak RSS = that process's own VmHWM, `common.memory`): exact
-(`dupmae_search`) and indexed (`--sparse_index seismic`: dense candidates from faiss, `--dense_index hnsw`
-(HNSW32,SQ8) and/or ivf (IVF√N,SQ8); at DEFAULT and along CURVE, the candidates M, the query cut and faiss's
-efSearch or nprobe; the union rescored from an in-memory float16 copy of the rows, `RowStore`). The index builds
+(`dupmae_search`) and indexed (`--sparse_index seismic`: dense candidates from `--dense_index` scan (the
+RowStore's scan of bfloat16 dense halves, no faiss index), hnsw (faiss HNSW32,SQ8) and/or ivf (IVF√N,SQ8); at
+DEFAULT and along CURVE, the candidates M, the query cut and the scan's dense candidates or faiss's efSearch or
+nprobe; the union rescored from an in-memory float16 copy of the rows, `RowStore`). The faiss and Seismic builds
 run and are timed apart, each in a process of its own (Seismic's cached beside the corpus). Each synthetic size is
 measured twice: `synthetic` at the model's sparse weight and `synthetic-sparse` at SPARSE_HEAVY_WEIGHT; every
 line carries `sparse_share`, the share of the exact top-10's scores the sparse half carries. `--from_jsonl
-RUN.jsonl` prints an IVF run's lines again under DEFAULT and extrapolates them. Prints one JSON line per
+RUN.jsonl` prints a previous run's lines again under DEFAULT and extrapolates them. Prints one JSON line per
 figure: sec_per_query, peak_rss_mb, recall@10_of_exact, recall@100_of_exact (ours: indexed, baseline: exact), ndcg@10 on the real sets;
 "curve" lines for the other settings; and lines extrapolated to MS MARCO and the large BEIR corpora from the
 measured growth, written as a table to OUTPUT_DIR/extrapolation.md too.
@@ -52,12 +53,15 @@ from evaluation.sparse_index import SeismicConfig, index_record, load_or_build  
 BENCH = "search_scale"
 SHARED = REPO.parent / "shared" / "data"
 DEPTH = 100
-#: The dense candidates' faiss index (--dense_index) and the search parameter its curve varies.
-DENSE_PARAM = {"hnsw": "efSearch", "ivf": "nprobe"}
+#: The dense candidates' source (--dense_index) and the parameter its curve varies: the scan's number of dense
+#: candidates (SearchOptions.dense_candidates), faiss's efSearch or nprobe.
+DENSE_PARAM = {"scan": "dense_candidates", "hnsw": "efSearch", "ivf": "nprobe"}
 #: (candidates M, query_cut, nprobe or efSearch) along the trade-off curve; DEFAULT is where it sits by default.
-CURVE = {"ivf": [(100, 32, 64), (300, 16, 64), (300, 32, 16), (300, 32, 64), (300, 32, 256), (1000, 32, 64)],
+CURVE = {"scan": [(300, 32, 300), (300, 32, 600), (300, 32, 800), (300, 32, 1000), (1000, 32, 1000)],
+         "ivf": [(100, 32, 64), (300, 16, 64), (300, 32, 16), (300, 32, 64), (300, 32, 256), (1000, 32, 64)],
          "hnsw": [(100, 32, 128), (300, 16, 384), (300, 32, 300), (300, 32, 384), (300, 32, 768), (1000, 32, 1000)]}
-DEFAULT = {"ivf": (SearchOptions().candidates, SearchOptions().query_cut, 256),
+DEFAULT = {"scan": (SearchOptions().candidates, SearchOptions().query_cut, 800),
+           "ivf": (SearchOptions().candidates, SearchOptions().query_cut, 256),
            "hnsw": (SearchOptions().candidates, SearchOptions().query_cut, 384)}
 #: synthetic-sparse: the synthetic corpus scored at this sparse weight, so the sparse half moves the ranking and
 #: Seismic's recall is tested (the model's own weight, 0.2 for the packaged MiniLM, leaves it to the dense half).
@@ -188,16 +192,19 @@ def worker(args) -> None:
         result["seconds"] = time.perf_counter() - start
     else:
         index = load_or_build(index_folder, record, corpus.sparse_indices, corpus.sparse_values, config)
-        dense = faiss.read_index(f"{args.rows}.faiss")
+        dense = None if args.dense_index == "scan" else faiss.read_index(f"{args.rows}.faiss")
         start = time.perf_counter()
         store = RowStore(corpus, queries.vocab.shape[1])
         result["store_seconds"] = time.perf_counter() - start
         result["settings"] = {}
         for m, cut, value in CURVE[args.dense_index] if args.curve else [DEFAULT[args.dense_index]]:
             used = min(value, dense.nlist) if args.dense_index == "ivf" else value  # nprobe: at most all lists
-            options = SearchOptions("seismic", candidates=m, query_cut=cut,
-                                    faiss_params=f"{DENSE_PARAM[args.dense_index]}={used}")
-            faiss.ParameterSpace().set_index_parameters(dense, options.faiss_params)
+            if dense is None:
+                options = SearchOptions("seismic", candidates=m, dense_candidates=used, query_cut=cut)
+            else:
+                options = SearchOptions("seismic", candidates=m, query_cut=cut,
+                                        faiss_params=f"{DENSE_PARAM[args.dense_index]}={used}")
+                faiss.ParameterSpace().set_index_parameters(dense, options.faiss_params)
             timings: dict[str, float] = {}
             start = time.perf_counter()
             _, rows = indexed_dupmae_search(queries, corpus, DEPTH, args.sparse_weight, index, options,
@@ -211,8 +218,9 @@ def worker(args) -> None:
 
 def dense_factory(n: int, kind: str) -> str:
     """The dense candidates' faiss index over 8-bit scalar codes (the candidates are rescored, so the index may be
-    approximate and small): hnsw, a graph of 32 links a node; ivf, about sqrt(N) inverted lists."""
-    return "HNSW32,SQ8" if kind == "hnsw" else f"IVF{max(1, int(np.sqrt(n)))},SQ8"
+    approximate and small): hnsw, a graph of 32 links a node; ivf, about sqrt(N) inverted lists; "scan,bf16" names
+    the RowStore's scan, which has no index."""
+    return {"scan": "scan,bf16", "hnsw": "HNSW32,SQ8"}.get(kind, f"IVF{max(1, int(np.sqrt(n)))},SQ8")
 
 
 def run_worker(method: str, corpus: Path, queries: Path, rows: Path, sparse_weight: float, curve: bool,
@@ -252,13 +260,14 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
     share = sparse_share(corpus, queries, np.load(out / f"{name}.exact.npy"), weight)
     for kind in dense_kinds:
         faiss_file = out / f"{corpus.name}.{kind}.faiss"  # one build per corpus and kind (synthetic-sparse reuses it)
-        if (str(faiss_file), kind) not in DENSE_BUILT:
+        if kind != "scan" and (str(faiss_file), kind) not in DENSE_BUILT:
             DENSE_BUILT[str(faiss_file), kind] = run_worker("dense_build", corpus, queries, faiss_file, weight, curve,
                                                            kind)
-        (out / f"{name}.{kind}.faiss").unlink(missing_ok=True)
-        (out / f"{name}.{kind}.faiss").symlink_to(faiss_file.name)
+        if kind != "scan":
+            (out / f"{name}.{kind}.faiss").unlink(missing_ok=True)
+            (out / f"{name}.{kind}.faiss").symlink_to(faiss_file.name)
         indexed = run_worker("indexed", corpus, queries, out / f"{name}.{kind}", weight, curve, kind)
-        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build, DENSE_BUILT[str(faiss_file), kind],
+        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build, DENSE_BUILT.get((str(faiss_file), kind)),
                         indexed, kind, primary=kind == dense_kinds[0], sparse_weight=weight, sparse_share=share)
 
 
@@ -278,9 +287,10 @@ def sparse_share(corpus: Path, queries: Path, exact_rows: np.ndarray, weight: fl
 
 
 def measure_indexed(name: str, corpus: Path, queries: Path, out: Path, data, smoke_run: bool, exact: dict,
-                    build: dict | None, dense_build: dict, indexed: dict, kind: str, primary: bool,
+                    build: dict | None, dense_build: dict | None, indexed: dict, kind: str, primary: bool,
                     **corpus_fields) -> None:
-    """The lines of one indexed worker against the exact one (corpus_fields: added to each line)."""
+    """The lines of one indexed worker against the exact one (corpus_fields: added to each line; dense_build: the
+    faiss build's worker, None for the scan)."""
     exact_rows = np.load(out / f"{name}.exact.npy")
     n, q = exact["docs"], exact["queries"]
     default = ",".join(map(str, DEFAULT[kind])) if primary else None
@@ -302,8 +312,8 @@ def measure_indexed(name: str, corpus: Path, queries: Path, out: Path, data, smo
          "lower", "MB", smoke_run, dense_index=dense_factory(n, kind),
          **({"index_build_seconds": round(build["seconds"], 2),
              "index_build_peak_rss_mb": round(build["peak_rss_mb"], 1)} if build else {}),
-         dense_index_seconds=round(dense_build["seconds"], 2),
-         dense_index_build_peak_rss_mb=round(dense_build["peak_rss_mb"], 1),
+         **({"dense_index_seconds": round(dense_build["seconds"], 2),
+             "dense_index_build_peak_rss_mb": round(dense_build["peak_rss_mb"], 1)} if dense_build else {}),
          store_seconds=round(indexed["store_seconds"], 2), **corpus_fields)
 
 
@@ -323,7 +333,10 @@ def extrapolate(printed: list[dict], out: Path, smoke_run: bool) -> None:
     n = np.array([p["docs"] for p in speed], dtype=float)
     exact_rate = float(np.dot(n, [p["baseline"] for p in speed]) / np.dot(n, n))
     top = speed[-1]
-    if top["dense_index"].startswith("IVF"):
+    if top["dense_index"].startswith("scan"):
+        dense_time, dense_growth = (lambda size: top["dense_sec_per_query"] * size / top["docs"]), (
+            f"the dense scan linear in N at {top['dense_candidates']} dense candidates")
+    elif top["dense_index"].startswith("IVF"):
         fraction = top["nprobe"] / int(top["dense_index"][3:].split(",")[0])  # scanned share of the largest run
         scanned = n * np.array([p["nprobe"] / int(p["dense_index"][3:].split(",")[0]) for p in speed])
         dense_rate = float(np.dot(scanned, [p["dense_sec_per_query"] for p in speed]) / np.dot(scanned, scanned))
@@ -365,7 +378,7 @@ def relabel(path: Path, smoke_run: bool) -> list[dict]:
                 printed.append(old)
                 print(json.dumps(old))
             continue
-        kind = "ivf" if old["dense_index"].startswith("IVF") else "hnsw"
+        kind = next((k for k in ("scan", "ivf") if old["dense_index"].lower().startswith(k)), "hnsw")
         value = DEFAULT[kind][2]
         if kind == "ivf":  # nprobe is capped at the number of lists
             value = min(value, int(old["dense_index"][3:].split(",")[0]))
@@ -387,15 +400,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--from_jsonl", type=Path, default=None,
                         help="print a previous run's lines again under this DEFAULT and extrapolate them (no search)")
-    parser.add_argument("--dense_index", nargs="+", choices=list(DENSE_PARAM), default=["hnsw", "ivf"],
-                        help="faiss index kinds for the dense candidates; the first gives the default lines")
+    parser.add_argument("--dense_index", nargs="+", choices=list(DENSE_PARAM), default=["scan", "hnsw"],
+                        help="the dense candidates' sources (the RowStore's scan, faiss indexes); the first gives the "
+                             "default lines")
     parser.add_argument("--worker", choices=["exact", "build", "dense_build", "indexed"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sparse_weight", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--curve", action="store_true", help=argparse.SUPPRESS)
-    args = smoke.parse_args(parser, argv, sizes=[1000], dense_index=["hnsw"])
+    args = smoke.parse_args(parser, argv, sizes=[1000], dense_index=["scan", "hnsw"])
     if args.worker:
         args.dense_index = args.dense_index[0]
         return worker(args)

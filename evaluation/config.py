@@ -39,12 +39,15 @@ class EvalConfig:
                                      aliases=["--max_seq_length"]))
     depth: int = field(default=1000, metadata=_help("documents retrieved per query"))
     index_factory: str | None = field(default=None, metadata=_help(
-        "faiss index factory (e.g. HNSW32) for the dense search, or dupmae's dense candidates; None: exact"))
+        "faiss index factory (e.g. HNSW32) for the dense search, or dupmae's dense candidates; None: exact (the "
+        "candidates: a scan of bfloat16 copies of the dense halves)"))
     sparse_index: str = field(default="auto", metadata=_help(
         "dupmae search: exact, seismic (candidates of a Seismic index and faiss, rescored from float16 rows), or "
         f"auto (exact below {EXACT_BELOW} documents)", choices=list(SPARSE_INDEXES)))
     candidates: int = field(default=300, metadata=_help(
         "--sparse_index seismic: candidates per half rescored (at least --depth)"))
+    dense_candidates: int | None = field(default=None, metadata=_help(
+        "--sparse_index seismic: the dense half's candidates rescored, when not --candidates"))
     query_cut: int = field(default=32, metadata=_help("--sparse_index seismic: query entries the index reads"))
     heap_factor: float = field(default=0.9, metadata=_help("--sparse_index seismic: Seismic's heap factor (0, 1]"))
     faiss_params: str | None = field(default=None, metadata=_help(
@@ -91,7 +94,8 @@ class EvalConfig:
         self.search_options()  # validates the search options
 
     def search_options(self) -> SearchOptions:
-        return SearchOptions(self.sparse_index, self.candidates, self.query_cut, self.heap_factor, self.faiss_params)
+        return SearchOptions(self.sparse_index, self.candidates, self.dense_candidates, self.query_cut,
+                             self.heap_factor, self.faiss_params)
 
     def representation_config(self) -> RepresentationConfig:
         """The model's saved representation with the options given here applied (`resolve_config`)."""

@@ -5,9 +5,10 @@ The dupmae score is <q,d> = q_dense·d_dense + w_s Σ_{i ∈ kept(d)} q_vocab[i]
   matmul plus D @ q_vocabᵀ (N·k per query), linear in the corpus.
 - indexed (`indexed_dupmae_search`, `--sparse_index seismic`): the top M candidates of each half, the sparse ones
   from a Seismic index (`evaluation.sparse_index`) read with the query's `query_cut` largest entries, the dense
-  ones from faiss (`--index_factory`, default flat); their union is rescored by the formula above (the query's
-  whole vocabulary vector at the document's kept entries) from a compact in-memory copy of the rows (`RowStore`,
-  float16). Cost per query: the two index lookups plus 2M·k for the rescoring, instead of N·k.
+  ones (`dense_candidates` of them, default M) from faiss (`--index_factory`) or, without one, from a scan of a
+  bfloat16 copy of the dense halves; their union is rescored by the formula above (the query's whole vocabulary
+  vector at the document's kept entries) from a compact in-memory copy of the rows (`RowStore`, float16). Cost per
+  query: the two lookups (the scan: N·D) plus the union's size x k for the rescoring, instead of N·k.
 A corpus may come as shards (the embedding cache's memory-mapped entries): each is searched on its own and the
 top-k are merged, so the corpus is never concatenated in memory. Searches fetch one extra hit so a document with
 the query's own id can be dropped (BEIR's convention).
@@ -31,11 +32,13 @@ from evaluation.sparse_index import SeismicConfig, SeismicIndex
 logger = logging.getLogger(__name__)
 
 QUERY_BATCH = 256  # queries scored at once
+SCAN_ROWS = 1 << 18  # corpus rows scored at once by the dense scan (its bfloat16 [b, rows] block: 128 MiB)
 DOC_CHUNK = 1 << 20  # corpus rows scored at once in the exact sparse search (bounds the [Q, N] score block)
 SPARSE_INDEXES = ("auto", "exact", "seismic")
 #: Part of the search-hits cache's key: raised when a search's hits change for the same inputs, so that hits cached
-#: before are not reused (2: Seismic's hits filed by their query id, not by position; issue 36).
-HITS_FORMAT = 2
+#: before are not reused (2: Seismic's hits filed by their query id, not by position; 3: without --index_factory,
+#: the dense candidates of --sparse_index seismic come from a bfloat16 scan, not faiss's IndexFlatIP).
+HITS_FORMAT = 3
 #: --sparse_index auto searches exactly below this many corpus documents (all shards), with Seismic from it on.
 EXACT_BELOW = 100_000
 
@@ -46,6 +49,7 @@ class SearchOptions:
 
     sparse_index: str = "exact"  # exact, seismic, or auto (exact below EXACT_BELOW documents)
     candidates: int = 300  # indexed: candidates per half (sparse index, faiss) rescored (at least depth)
+    dense_candidates: int | None = None  # indexed: the dense half's candidates, when not `candidates`
     query_cut: int = 32  # indexed: the query's largest vocabulary entries the sparse index reads
     heap_factor: float = 0.9  # indexed: Seismic skips a block whose summary score is below this x the M-th best
     faiss_params: str | None = None  # faiss ParameterSpace settings for the dense index, e.g. "nprobe=16"
@@ -54,8 +58,8 @@ class SearchOptions:
     def __post_init__(self) -> None:
         if self.sparse_index not in SPARSE_INDEXES:
             raise ValueError(f"SearchOptions.sparse_index must be one of {SPARSE_INDEXES}, got {self.sparse_index!r}")
-        if self.candidates <= 0 or self.query_cut <= 0:
-            raise ValueError(f"SearchOptions: candidates and query_cut must be positive, got {self}")
+        if min(self.candidates, self.query_cut, 1 if self.dense_candidates is None else self.dense_candidates) <= 0:
+            raise ValueError(f"SearchOptions: candidates, dense_candidates and query_cut must be positive, got {self}")
         if not 0 < self.heap_factor <= 1:
             raise ValueError(f"SearchOptions.heap_factor must be in (0, 1], got {self.heap_factor}")
 
@@ -157,6 +161,29 @@ class RowStore:
             self.ids[start:stop] = corpus.sparse_indices[start:stop]
             self.values[start:stop] = corpus.sparse_values[start:stop]
             drop_pages(corpus.dense, corpus.sparse_indices, corpus.sparse_values)
+        self.scan: torch.Tensor | None = None  # bfloat16 dense halves, made by the first dense_top
+
+    def dense_top(self, q_dense: np.ndarray, m: int) -> np.ndarray:
+        """Rows [b, m] of each query's top m by the dense half, in no order: the dense candidates when no faiss
+        index is given. A scan of a bfloat16 copy of the dense halves (2 D bytes a document, made on first use), a
+        chunk at a time with a running top m: at 1M documents and m = 1,000, 2.6 ms a query (256 at once) on a
+        2-core Intel Xeon with AMX, where faiss's IndexFlatIP (a float32 copy, a heap per query) took 46-71 ms;
+        torch.topk, not the matmul (0.9 ms), takes most of it, less in larger chunks. A CPU without bfloat16
+        instructions computes the matmul slower. Exact but for bfloat16's rounding, which may swap near-ties at the
+        m-th place: the candidates are rescored from the float16 rows."""
+        if self.scan is None:
+            self.scan = torch.empty(self.dense.shape, dtype=torch.bfloat16)
+            for start in range(0, len(self.dense), SCAN_ROWS):
+                self.scan[start:start + SCAN_ROWS] = torch.from_numpy(self.dense[start:start + SCAN_ROWS])
+        q = torch.from_numpy(np.ascontiguousarray(q_dense, dtype=np.float32)).bfloat16()
+        best_scores, best_rows = torch.empty(len(q), 0, dtype=torch.bfloat16), torch.empty(len(q), 0, dtype=torch.int64)
+        for start in range(0, len(self.scan), SCAN_ROWS):
+            scores = q @ self.scan[start:start + SCAN_ROWS].T  # [b, rows]
+            top = torch.topk(scores, min(m, scores.shape[1]), dim=1)
+            scores, rows = torch.cat([best_scores, top.values], 1), torch.cat([best_rows, top.indices + start], 1)
+            keep = torch.topk(scores, min(m, scores.shape[1]), dim=1).indices
+            best_scores, best_rows = scores.gather(1, keep), rows.gather(1, keep)
+        return best_rows.numpy()
 
     def scores(self, q_dense: np.ndarray, q_vocab: np.ndarray, rows: np.ndarray, sparse_weight: float) -> np.ndarray:
         """dupmae scores [b, C] of rows [b, C] (-1: no candidate, scored -inf) for b queries, one query at a time
@@ -189,16 +216,19 @@ def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_
                           sparse_index: SeismicIndex, options: SearchOptions, index_factory: str | None = None,
                           timings: dict[str, float] | None = None, dense_index=None, store: RowStore | None = None
                           ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-depth of the union of each half's top `options.candidates`, rescored by the dupmae formula from a
-    RowStore; (scores, corpus rows) [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than
-    depth' documents). `timings`, when given, accumulates the seconds of each part: dense_index (faiss add),
-    store (the RowStore copy), dense, sparse, rescore; `dense_index`, `store`: built before (else built here)."""
+    """Top-depth of the union of the sparse half's top `options.candidates` and the dense half's top
+    `options.dense_candidates` (default the same), rescored by the dupmae formula from a RowStore; (scores, corpus
+    rows) [Q, depth'] best first (-1 rows, -inf scores where the union holds fewer than depth' documents). The
+    dense candidates come from `dense_index`, else a faiss index of `index_factory` built here, else (neither
+    given) the RowStore's scan. `timings`, when given, accumulates the seconds of each part: dense_index (faiss
+    add), store (the RowStore copy), dense, sparse, rescore; `store`: built before (else built here)."""
     _check_dupmae(queries, corpus)
     n = len(corpus.ids)
     depth, m = min(depth, n), min(max(options.candidates, depth), n)
+    m_dense = min(max(options.dense_candidates or options.candidates, depth), n)
     clock = _Clock(timings)
     with clock("dense_index"):
-        dense = dense_index or faiss_index(corpus.dense, index_factory, options.faiss_params)
+        dense = dense_index or (index_factory and faiss_index(corpus.dense, index_factory, options.faiss_params))
     with clock("store"):
         store = store or RowStore(corpus, queries.vocab.shape[1])
     all_scores, all_rows = [], []
@@ -206,11 +236,11 @@ def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_
         q_dense = np.ascontiguousarray(queries.dense[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, D]
         q_vocab = np.asarray(queries.vocab[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, V]
         with clock("dense"):
-            _, dense_rows = dense.search(q_dense, m)  # [b, M]
+            dense_rows = dense.search(q_dense, m_dense)[1] if dense else store.dense_top(q_dense, m_dense)
         with clock("sparse"):
             sparse_rows = sparse_index.search(q_vocab, m, options.query_cut, options.heap_factor)  # [b, M]
         with clock("rescore"):
-            rows = candidate_union(dense_rows, sparse_rows)  # [b, 2M]
+            rows = candidate_union(dense_rows, sparse_rows)  # [b, M + M_dense]
             scores = store.scores(q_dense, q_vocab, rows, sparse_weight)
         top_scores, pick = torch.topk(torch.from_numpy(scores), min(depth, rows.shape[1]), dim=1)
         top_rows = np.take_along_axis(rows, pick.numpy(), 1)

@@ -91,6 +91,43 @@ def test_sparse_only_candidates_reach_the_exact_sparse_ranking():
     np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-3)  # every query's best document found
 
 
+@pytest.mark.parametrize("m", [3, 7, 10, 50])  # within a chunk, a chunk's size, across chunks, the whole corpus
+def test_dense_scan_returns_the_exact_dense_top_m(m, monkeypatch):
+    """RowStore.dense_top alone, in chunks of 7 rows over 50 (the running top m merged across chunk boundaries, a
+    chunk smaller than m): the rows' dense scores are the exact top m's. Small integer vectors, so that bfloat16
+    holds them and their dot products exactly; ties compare by score, not by row."""
+    monkeypatch.setattr(search_mod, "SCAN_ROWS", 7)
+    g = np.random.default_rng(m)
+    n, b = 50, 6
+    corpus = Encoded([f"d{i}" for i in range(n)], g.integers(-4, 5, (n, DIM)).astype(np.float32),
+                     np.zeros((n, K), np.int32), np.ones((n, K), np.float32))
+    q_dense = g.integers(-4, 5, (b, DIM)).astype(np.float32)
+    rows = search_mod.RowStore(corpus, VOCAB).dense_top(q_dense, m)
+    exact = q_dense @ corpus.dense.T  # [b, n]
+    assert rows.shape == (b, m)
+    assert all(len(set(r)) == m for r in rows)  # no row twice
+    for q in range(b):
+        np.testing.assert_array_equal(np.sort(exact[q, rows[q]]), np.sort(exact[q])[-m:])
+
+
+def test_dense_candidates_over_the_whole_corpus_give_the_exact_ranking():
+    """--dense_candidates apart from --candidates: with every document a dense candidate (the scan, no faiss index)
+    the union is the corpus, so the rescored top-20 is the exact one though the sparse half gives 5 candidates."""
+    corpus, queries = corpus_and_queries(800, 10, seed=4)
+    exact_scores, exact = search_mod.dupmae_search(queries, corpus, 20, sparse_weight=1.0)
+    index = SeismicIndex.build(corpus.sparse_indices, corpus.sparse_values, SeismicConfig(doc_top=K))
+    few = SearchOptions("seismic", candidates=5, query_cut=8, heap_factor=0.9)
+    _, rows_few = search_mod.indexed_dupmae_search(queries, corpus, 20, 1.0, index, few)
+    every = SearchOptions("seismic", candidates=5, dense_candidates=800, query_cut=8, heap_factor=0.9)
+    scores, rows = search_mod.indexed_dupmae_search(queries, corpus, 20, 1.0, index, every)
+    recall = np.mean([len(set(r) & set(e)) / 20 for r, e in zip(rows, exact)])
+    assert recall >= 0.99, recall  # float16 rescoring: a near-tie at the 20th place may swap
+    assert np.mean([len(set(r) & set(e)) / 20 for r, e in zip(rows_few, exact)]) < recall  # the option counts
+    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], rtol=1e-3)
+    with pytest.raises(ValueError, match="dense_candidates"):
+        SearchOptions("seismic", dense_candidates=0)
+
+
 def test_shards_merge_to_the_unsharded_ranking(tmp_path):
     corpus, queries = corpus_and_queries(900, 6, seed=2)
     for i, (lo, hi) in enumerate([(0, 300), (300, 301), (301, 900)]):  # a one-document shard too
@@ -433,6 +470,34 @@ def test_hashing_an_entry_without_its_digest_keeps_the_corpus_out_of_the_residen
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout) < 25, proc.stdout  # a few 1 MB chunks, the ids (7 MB); not one 49 MB array, nor all
     assert cache.load(tmp_path, "entry").digest == entry.digest
+
+
+def test_a_previous_runs_scan_lines_are_relabeled_and_the_scan_extrapolated_linearly(tmp_path, capsys):
+    """`--from_jsonl` on lines of the dense scan: its default (by dense_candidates) is the figure, and its dense
+    time grows linearly with the corpus (it scores every document), unlike HNSW's log N."""
+    from benchmarks import search_scale
+
+    m, cut, dense_m = search_scale.DEFAULT["scan"]
+    lines = []
+    for docs, ours in ((300_000, 0.002), (1_000_000, 0.004)):
+        for dense_candidates in (dense_m, 1000):
+            lines.append({"bench": "search_scale", "corpus": "synthetic", "docs": docs, "metric": "curve_sec_per_query",
+                          "ours": ours, "baseline": ours * 25, "candidates": m, "query_cut": cut,
+                          "dense_candidates": dense_candidates, "dense_index": "scan,bf16",
+                          "dense_sec_per_query": ours / 2, "sparse_sec_per_query": ours / 4,
+                          "rescore_sec_per_query": ours / 4})
+        lines.append({"bench": "search_scale", "corpus": "synthetic", "docs": docs, "metric": "peak_rss_mb",
+                      "ours": 1000.0, "baseline": 2000.0, "dense_index": "scan,bf16"})
+    previous = tmp_path / "previous.jsonl"
+    previous.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    search_scale.main(["--from_jsonl", str(previous), "--output_dir", str(tmp_path / "out")])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(p["docs"], p["metric"], p.get("dense_candidates")) for p in printed if not p.get("extrapolated")] == [
+        (300_000, "sec_per_query", dense_m), (300_000, "curve_sec_per_query", 1000), (300_000, "peak_rss_mb", None),
+        (1_000_000, "sec_per_query", dense_m), (1_000_000, "curve_sec_per_query", 1000),
+        (1_000_000, "peak_rss_mb", None)]
+    msmarco = {p["metric"]: p for p in printed if p["corpus"] == "msmarco (extrapolated)"}
+    assert msmarco["sec_per_query"]["dense_sec_per_query"] == pytest.approx(0.002 * 8.841823, abs=1e-6)
 
 
 def test_a_previous_runs_hnsw_lines_are_relabeled_and_extrapolated(tmp_path, capsys):
