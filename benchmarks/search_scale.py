@@ -194,7 +194,7 @@ def worker(args) -> None:
         index = load_or_build(index_folder, record, corpus.sparse_indices, corpus.sparse_values, config)
         dense = None if args.dense_index == "scan" else faiss.read_index(f"{args.rows}.faiss")
         start = time.perf_counter()
-        store = RowStore(corpus, queries.vocab.shape[1])
+        store = RowStore(corpus, queries.vocab.shape[1], scan=dense is None)
         result["store_seconds"] = time.perf_counter() - start
         result["settings"] = {}
         for m, cut, value in CURVE[args.dense_index] if args.curve else [DEFAULT[args.dense_index]]:

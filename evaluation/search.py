@@ -32,7 +32,7 @@ from evaluation.sparse_index import SeismicConfig, SeismicIndex
 logger = logging.getLogger(__name__)
 
 QUERY_BATCH = 256  # queries scored at once
-SCAN_ROWS = 1 << 18  # corpus rows scored at once by the dense scan (its bfloat16 [b, rows] block: 128 MiB)
+SCAN_ROWS = 1 << 19  # corpus rows scored at once by the dense scan (its bfloat16 [b, rows] block: 256 MiB)
 DOC_CHUNK = 1 << 20  # corpus rows scored at once in the exact sparse search (bounds the [Q, N] score block)
 SPARSE_INDEXES = ("auto", "exact", "seismic")
 #: Part of the search-hits cache's key: raised when a search's hits change for the same inputs, so that hits cached
@@ -147,10 +147,11 @@ class RowStore:
     """The corpus rows the rescoring reads, held in memory compactly: the dense vectors and the kept entries' values
     as float16, their vocabulary ids as uint16 (int32 above 65,536 ids). Copied once from the (memory-mapped)
     corpus, chunk by chunk with its pages dropped, so the rescoring neither maps the corpus file nor counts its
-    page-cache pages as its own: 2 (D + 2k) bytes a document (2.3 KB at D = k = 384). float16 moves a score by
-    about 1e-3 of its size at most (unit-norm dense halves; float32 sums)."""
+    page-cache pages as its own: 2 (D + 2k) bytes a document (2.3 KB at D = k = 384), and 2 D more with `scan`
+    (the bfloat16 copy `dense_top` reads). float16 moves a score by about 1e-3 of its size at most (unit-norm dense
+    halves; float32 sums)."""
 
-    def __init__(self, corpus: Encoded, vocab_size: int):
+    def __init__(self, corpus: Encoded, vocab_size: int, scan: bool = False):
         n, k = corpus.sparse_indices.shape
         self.dense = np.empty((n, corpus.dense.shape[1]), np.float16)
         self.ids = np.empty((n, k), np.uint16 if vocab_size <= 1 << 16 else np.int32)
@@ -161,20 +162,17 @@ class RowStore:
             self.ids[start:stop] = corpus.sparse_indices[start:stop]
             self.values[start:stop] = corpus.sparse_values[start:stop]
             drop_pages(corpus.dense, corpus.sparse_indices, corpus.sparse_values)
-        self.scan: torch.Tensor | None = None  # bfloat16 dense halves, made by the first dense_top
+        self.scan = torch.from_numpy(self.dense).bfloat16() if scan else None  # [N, D]: dense_top's rows
 
     def dense_top(self, q_dense: np.ndarray, m: int) -> np.ndarray:
         """Rows [b, m] of each query's top m by the dense half, in no order: the dense candidates when no faiss
-        index is given. A scan of a bfloat16 copy of the dense halves (2 D bytes a document, made on first use), a
-        chunk at a time with a running top m: at 1M documents and m = 1,000, 2.6 ms a query (256 at once) on a
-        2-core Intel Xeon with AMX, where faiss's IndexFlatIP (a float32 copy, a heap per query) took 46-71 ms;
-        torch.topk, not the matmul (0.9 ms), takes most of it, less in larger chunks. A CPU without bfloat16
-        instructions computes the matmul slower. Exact but for bfloat16's rounding, which may swap near-ties at the
-        m-th place: the candidates are rescored from the float16 rows."""
+        index is given (a store made with `scan`). A scan of the bfloat16 copy of the dense halves a chunk at a
+        time with a running top m (benchmarks/dense_scan.py times it against faiss's IndexFlatIP, which held a
+        float32 copy and gave these candidates before); torch.topk, not the matmul, takes most of its time, less
+        in larger chunks. A CPU without bfloat16 instructions computes the matmul slower. Exact but for bfloat16's
+        rounding, which may swap near-ties at the m-th place: the candidates are rescored from the float16 rows."""
         if self.scan is None:
-            self.scan = torch.empty(self.dense.shape, dtype=torch.bfloat16)
-            for start in range(0, len(self.dense), SCAN_ROWS):
-                self.scan[start:start + SCAN_ROWS] = torch.from_numpy(self.dense[start:start + SCAN_ROWS])
+            raise ValueError("RowStore.dense_top needs a store made with scan=True")
         q = torch.from_numpy(np.ascontiguousarray(q_dense, dtype=np.float32)).bfloat16()
         best_scores, best_rows = torch.empty(len(q), 0, dtype=torch.bfloat16), torch.empty(len(q), 0, dtype=torch.int64)
         for start in range(0, len(self.scan), SCAN_ROWS):
@@ -230,7 +228,7 @@ def indexed_dupmae_search(queries: Encoded, corpus: Encoded, depth: int, sparse_
     with clock("dense_index"):
         dense = dense_index or (index_factory and faiss_index(corpus.dense, index_factory, options.faiss_params))
     with clock("store"):
-        store = store or RowStore(corpus, queries.vocab.shape[1])
+        store = store or RowStore(corpus, queries.vocab.shape[1], scan=not dense)
     all_scores, all_rows = [], []
     for qs in tqdm(range(0, len(queries.ids), QUERY_BATCH), desc="indexed dupmae search", unit="batch", mininterval=5):
         q_dense = np.ascontiguousarray(queries.dense[qs:qs + QUERY_BATCH], dtype=np.float32)  # [b, D]

@@ -102,7 +102,7 @@ def test_dense_scan_returns_the_exact_dense_top_m(m, monkeypatch):
     corpus = Encoded([f"d{i}" for i in range(n)], g.integers(-4, 5, (n, DIM)).astype(np.float32),
                      np.zeros((n, K), np.int32), np.ones((n, K), np.float32))
     q_dense = g.integers(-4, 5, (b, DIM)).astype(np.float32)
-    rows = search_mod.RowStore(corpus, VOCAB).dense_top(q_dense, m)
+    rows = search_mod.RowStore(corpus, VOCAB, scan=True).dense_top(q_dense, m)
     exact = q_dense @ corpus.dense.T  # [b, n]
     assert rows.shape == (b, m)
     assert all(len(set(r)) == m for r in rows)  # no row twice
