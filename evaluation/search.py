@@ -173,7 +173,7 @@ class RowStore:
         rounding, which may swap near-ties at the m-th place: the candidates are rescored from the float16 rows."""
         if self.scan is None:
             raise ValueError("RowStore.dense_top needs a store made with scan=True")
-        q = torch.from_numpy(np.ascontiguousarray(q_dense, dtype=np.float32)).bfloat16()
+        q = torch.from_numpy(np.array(q_dense, dtype=np.float32)).bfloat16()  # a copy: q_dense may be read-only
         best_scores, best_rows = torch.empty(len(q), 0, dtype=torch.bfloat16), torch.empty(len(q), 0, dtype=torch.int64)
         for start in range(0, len(self.scan), SCAN_ROWS):
             scores = q @ self.scan[start:start + SCAN_ROWS].T  # [b, rows]
