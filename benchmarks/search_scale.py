@@ -260,15 +260,16 @@ def measure(name: str, corpus: Path, queries: Path, out: Path, weight: float, sm
     share = sparse_share(corpus, queries, np.load(out / f"{name}.exact.npy"), weight)
     for kind in dense_kinds:
         faiss_file = out / f"{corpus.name}.{kind}.faiss"  # one build per corpus and kind (synthetic-sparse reuses it)
-        if kind != "scan" and (str(faiss_file), kind) not in DENSE_BUILT:
-            DENSE_BUILT[str(faiss_file), kind] = run_worker("dense_build", corpus, queries, faiss_file, weight, curve,
-                                                           kind)
-        if kind != "scan":
+        if kind != "scan":  # the scan reads the RowStore: no index to build
+            if (str(faiss_file), kind) not in DENSE_BUILT:
+                DENSE_BUILT[str(faiss_file), kind] = run_worker("dense_build", corpus, queries, faiss_file, weight,
+                                                               curve, kind)
             (out / f"{name}.{kind}.faiss").unlink(missing_ok=True)
             (out / f"{name}.{kind}.faiss").symlink_to(faiss_file.name)
         indexed = run_worker("indexed", corpus, queries, out / f"{name}.{kind}", weight, curve, kind)
-        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build, DENSE_BUILT.get((str(faiss_file), kind)),
-                        indexed, kind, primary=kind == dense_kinds[0], sparse_weight=weight, sparse_share=share)
+        measure_indexed(name, corpus, queries, out, data, smoke_run, exact, build,
+                        DENSE_BUILT.get((str(faiss_file), kind)), indexed, kind, primary=kind == dense_kinds[0],
+                        sparse_weight=weight, sparse_share=share)
 
 
 DENSE_BUILT: dict[tuple[str, str], dict] = {}  # (faiss file, kind) -> its build worker's result

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing
 
-from test_pretrain_train import TINY, shard_dir, tokenizer  # noqa: F401  fixtures
+from test_pretrain_train import TINY, _free_port, shard_dir, tokenizer  # noqa: F401  fixtures
 
 
 def _worker(rank: int, port: int, stage: str, argv_by_rank: list[list[str]], out: str) -> None:
@@ -33,10 +32,7 @@ def _worker(rank: int, port: int, stage: str, argv_by_rank: list[list[str]], out
 
 
 def _run(stage: str, argv_by_rank: list[list[str]], out: Path) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.multiprocessing.spawn(_worker, args=(port, stage, argv_by_rank, str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_worker, args=(_free_port(), stage, argv_by_rank, str(out)), nprocs=2, join=True)
     return [json.loads((out / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
 
 
