@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation import cache
 from evaluation import search as search_mod
@@ -102,12 +103,19 @@ def test_dense_scan_returns_the_exact_dense_top_m(m, monkeypatch):
     corpus = Encoded([f"d{i}" for i in range(n)], g.integers(-4, 5, (n, DIM)).astype(np.float32),
                      np.zeros((n, K), np.int32), np.ones((n, K), np.float32))
     q_dense = g.integers(-4, 5, (b, DIM)).astype(np.float32)
-    rows = search_mod.RowStore(corpus, VOCAB, scan=True).dense_top(q_dense, m)
+    store = search_mod.RowStore(corpus, VOCAB, scan=True)
     exact = q_dense @ corpus.dense.T  # [b, n]
-    assert rows.shape == (b, m)
-    assert all(len(set(r)) == m for r in rows)  # no row twice
-    for q in range(b):
-        np.testing.assert_array_equal(np.sort(exact[q, rows[q]]), np.sort(exact[q])[-m:])
+    threads = torch.get_num_threads()
+    try:
+        for used in (1, 2):  # torch's matmul and topk on one thread and on two
+            torch.set_num_threads(used)
+            rows = store.dense_top(q_dense, m)
+            assert rows.shape == (b, m)
+            assert all(len(set(r)) == m for r in rows)  # no row twice
+            for q in range(b):
+                np.testing.assert_array_equal(np.sort(exact[q, rows[q]]), np.sort(exact[q])[-m:])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_dense_candidates_over_the_whole_corpus_give_the_exact_ranking():
